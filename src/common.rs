@@ -1,0 +1,379 @@
+//! Pieces every loss shares: the element / accumulator traits the CPU kernels are generic over,
+//! input validation with messages that name the loss, and access to contiguous CPU slices.
+
+use crate::fastmath;
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use half::{bf16, f16};
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// Runs `$body` with `$t` bound to the Rust type of the float dtype `$dtype`; other dtypes are
+/// an error naming `$loss`.
+macro_rules! with_float_type {
+    ($loss:expr, $dtype:expr, $t:ident, $body:block) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            d => candle_core::bail!("{}: unsupported dtype {d:?}", $loss),
+        }
+    };
+}
+
+/// Calls the generic function `$f::<T>(args…)` with `T` the Rust type of the float dtype.
+#[cfg_attr(not(feature = "cuda"), allow(unused_macros))]
+macro_rules! dispatch_float {
+    ($loss:expr, $dtype:expr, $f:ident, $($args:expr),*) => {
+        match $dtype {
+            candle_core::DType::F32 => $f::<f32>($($args),*),
+            candle_core::DType::F64 => $f::<f64>($($args),*),
+            candle_core::DType::F16 => $f::<half::f16>($($args),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($args),*),
+            d => candle_core::bail!("{}: unsupported dtype {d:?}", $loss),
+        }
+    };
+}
+
+#[allow(unused_imports)]
+pub(crate) use {dispatch_float, with_float_type};
+
+/// Rows (or elements) of this many scalars form one rayon task. The chunking depends only on
+/// the problem size, never on the thread count, so chunk partial sums merged in chunk order give
+/// bitwise identical results for any `RAYON_NUM_THREADS`.
+pub(crate) const CHUNK_ELEMS: usize = 16 * 1024;
+
+/// Rows per rayon task for rows of `row_len` scalars.
+pub(crate) fn rows_per_chunk(row_len: usize) -> usize {
+    (CHUNK_ELEMS / row_len.max(1)).max(1)
+}
+
+/// The accumulator type of the CPU kernels: `f32` (for f32, f16, bf16 inputs) or `f64`.
+pub(crate) trait Acc:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn log1p(self) -> Self;
+    fn abs(self) -> Self;
+    /// `max(self, 0)`, NaN-propagating is not required (callers add a NaN-carrying term).
+    fn relu(self) -> Self;
+}
+
+impl Acc for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        fastmath::exp_f32(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        fastmath::ln_f32(self)
+    }
+    #[inline(always)]
+    fn log1p(self) -> Self {
+        fastmath::log1p_f32(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        if self > 0.0 {
+            self
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Acc for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn log1p(self) -> Self {
+        f64::ln_1p(self)
+    }
+    #[inline(always)]
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    #[inline(always)]
+    fn relu(self) -> Self {
+        if self > 0.0 {
+            self
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A floating-point element type of an input tensor, with the type it is computed in.
+pub(crate) trait Elem: WithDType + Copy + Send + Sync {
+    type A: Acc;
+    fn to_acc(self) -> Self::A;
+    fn from_acc(a: Self::A) -> Self;
+}
+
+macro_rules! impl_elem {
+    ($t:ty, $acc:ty, $to:expr, $from:expr) => {
+        impl Elem for $t {
+            type A = $acc;
+            #[inline(always)]
+            fn to_acc(self) -> $acc {
+                $to(self)
+            }
+            #[inline(always)]
+            fn from_acc(a: $acc) -> Self {
+                $from(a)
+            }
+        }
+    };
+}
+impl_elem!(f32, f32, |x| x, |a| a);
+impl_elem!(f64, f64, |x| x, |a| a);
+impl_elem!(f16, f32, f16::to_f32, f16::from_f32);
+impl_elem!(bf16, f32, bf16::to_f32, bf16::from_f32);
+
+/// The dtype the kernels accumulate in for inputs of `dtype` (f64 stays f64, the rest use f32).
+pub(crate) fn acc_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// An integer label type: `u32` (no ignore value) or `i64` (`-1` = ignore).
+pub(crate) trait Label: Copy + Send + Sync {
+    fn get(self) -> i64;
+}
+impl Label for u32 {
+    #[inline(always)]
+    fn get(self) -> i64 {
+        self as i64
+    }
+}
+impl Label for i64 {
+    #[inline(always)]
+    fn get(self) -> i64 {
+        self
+    }
+}
+
+/// Decoded integer label of one row, for losses whose label `c == num_classes` is background.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum RowLabel {
+    /// `-1`: the row contributes nothing and gets a zero gradient.
+    Ignored,
+    /// `0..C` a class, `C` background (every column negative).
+    Class(usize),
+}
+
+/// Decodes `label` against `max_label` (inclusive): `-1` is ignored, anything else outside
+/// `0..=max_label` is an error naming the loss.
+#[inline(always)]
+pub(crate) fn decode_label(loss: &str, label: i64, max_label: usize) -> Result<RowLabel> {
+    if label == -1 {
+        Ok(RowLabel::Ignored)
+    } else if label >= 0 && (label as u64) <= max_label as u64 {
+        Ok(RowLabel::Class(label as usize))
+    } else {
+        bail!("{loss}: label {label} out of range 0..={max_label} (or -1 to ignore)")
+    }
+}
+
+/// The contiguous slice of `T` behind a CPU storage and its layout.
+pub(crate) fn cpu_slice<'a, T: WithDType>(
+    loss: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!("{loss}: internal error, kernel input is not contiguous"),
+    }
+}
+
+/// Checks that `t` is a float tensor of rank 2 and returns `(rows, cols)`.
+pub(crate) fn check_float_2d(loss: &str, what: &str, t: &Tensor) -> Result<(usize, usize)> {
+    check_float(loss, what, t)?;
+    match t.dims() {
+        [n, c] => Ok((*n, *c)),
+        d => bail!("{loss}: {what} must have shape [N, C], got {d:?}"),
+    }
+}
+
+/// Checks that `t` has one of the float dtypes the kernels support.
+pub(crate) fn check_float(loss: &str, what: &str, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
+        d => bail!("{loss}: {what} must be f32, f64, f16 or bf16, got {d:?}"),
+    }
+}
+
+/// Checks that `b` lives on the same device as `a`.
+pub(crate) fn check_same_device(loss: &str, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if !a.device().same_device(b.device()) {
+        bail!(
+            "{loss}: {what} is on {:?} but the logits are on {:?}",
+            b.device().location(),
+            a.device().location()
+        )
+    }
+    Ok(())
+}
+
+/// Checks that a non-negative hyper-parameter is finite and >= 0.
+pub(crate) fn check_non_negative(loss: &str, name: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("{loss}: {name} must be finite and >= 0, got {v}")
+    }
+    Ok(())
+}
+
+/// Builds the per-label row-weight vector of length `c + 1` in the accumulator dtype of
+/// `logits`: `w[0..c]` the class weights (1 when absent), `w[c]` the background row weight
+/// (the `c+1`-th given weight, else 1).
+pub(crate) fn row_weights(
+    loss: &str,
+    logits: &Tensor,
+    c: usize,
+    class_weights: Option<&Tensor>,
+) -> Result<Tensor> {
+    let acc = acc_dtype(logits.dtype());
+    let dev = logits.device();
+    let Some(w) = class_weights else {
+        return Tensor::ones(c + 1, acc, dev);
+    };
+    check_same_device(loss, "class_weights", logits, w)?;
+    if w.dtype() != logits.dtype() {
+        bail!(
+            "{loss}: class_weights dtype {:?} differs from the logits dtype {:?}",
+            w.dtype(),
+            logits.dtype()
+        )
+    }
+    let len = match w.dims() {
+        [len] => *len,
+        d => bail!("{loss}: class_weights must have shape [C] or [C+1] (C = {c}), got {d:?}"),
+    };
+    let w = w.to_dtype(acc)?;
+    if len == c {
+        Tensor::cat(&[&w, &Tensor::ones(1, acc, dev)?], 0)
+    } else if len == c + 1 {
+        w.contiguous()
+    } else {
+        bail!(
+            "{loss}: class_weights has length {len}, expected C = {c} or C+1 = {}",
+            c + 1
+        )
+    }
+}
+
+/// The kind of targets passed next to `[N, C]` logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TargetKind {
+    /// Float targets with the logits' shape and dtype.
+    Dense,
+    /// `u32` labels `[N]`.
+    LabelsU32,
+    /// `i64` labels `[N]` (`-1` = ignored).
+    LabelsI64,
+}
+
+/// Classifies and validates `targets` against logits of shape `[n, c]`.
+pub(crate) fn target_kind(
+    loss: &str,
+    logits: &Tensor,
+    targets: &Tensor,
+    n: usize,
+    c: usize,
+) -> Result<TargetKind> {
+    check_same_device(loss, "targets", logits, targets)?;
+    match targets.dtype() {
+        DType::U32 | DType::I64 => {
+            if targets.dims() != [n] {
+                bail!(
+                    "{loss}: integer labels must have shape [N] = [{n}] next to logits [{n}, {c}], got {:?}",
+                    targets.dims()
+                )
+            }
+            Ok(if targets.dtype() == DType::U32 {
+                TargetKind::LabelsU32
+            } else {
+                TargetKind::LabelsI64
+            })
+        }
+        d if d == logits.dtype() => {
+            if targets.dims() != [n, c] {
+                bail!(
+                    "{loss}: dense targets must have the logits' shape [{n}, {c}], got {:?}",
+                    targets.dims()
+                )
+            }
+            Ok(TargetKind::Dense)
+        }
+        d => bail!(
+            "{loss}: targets must be u32/i64 labels [N] or {:?} dense targets [N, C], got dtype {d:?}",
+            logits.dtype()
+        ),
+    }
+}
+
+/// Sums chunk partials in chunk order (the fixed order that makes reductions deterministic).
+pub(crate) fn ordered_sum(parts: &[f64]) -> f64 {
+    parts.iter().fold(0.0, |a, b| a + b)
+}

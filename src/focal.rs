@@ -1,0 +1,804 @@
+//! Sigmoid focal loss (Lin et al. 2017, RetinaNet) as a fused Candle custom op.
+
+use crate::common::{
+    self, check_float_2d, check_non_negative, cpu_slice, decode_label, ordered_sum, rows_per_chunk,
+    Acc, Elem, Label, RowLabel, TargetKind,
+};
+use crate::reduction::Reduction;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+const NAME: &str = "SigmoidFocalLoss";
+
+/// Sigmoid focal loss of RetinaNet (Lin et al., *Focal Loss for Dense Object Detection*, 2017),
+/// fused into one custom op with a hand-written backward.
+///
+/// # Formula
+///
+/// For a logit `x` and a target `t ∈ [0, 1]`, with `p = σ(x)`:
+///
+/// ```text
+/// ce   = -t·log p - (1-t)·log(1-p)          = t·softplus(-x) + (1-t)·softplus(x)
+/// 1-pₜ = p·(1-t) + (1-p)·t
+/// αₜ   = α·t + (1-α)·(1-t)                  (1 when alpha is None)
+/// l    = w_row · αₜ · (1-pₜ)^γ · ce
+/// ```
+///
+/// exactly as `torchvision.ops.sigmoid_focal_loss`, evaluated with stable forms (for a hard
+/// target `(1-pₜ)^γ = exp(-γ·softplus(±x))`), so logits of ±100 (f32) or ±30 (f16/bf16) give a
+/// finite loss and gradient for every `γ ≥ 0`. `w_row` is `class_weights[label]` for integer
+/// labels (background rows use `class_weights[C]` if given, else 1; ignored rows 0) and 1 for
+/// dense targets. The gradient is the closed form
+/// `∂l/∂x = w_row·αₜ·(1-pₜ)^γ · [(p - t) + γ·ce·(1-2t)·p(1-p)/(1-pₜ)]`.
+///
+/// Reductions: `None` gives `[N, C]`; `Sum`; `Mean` = sum / (number of non-ignored rows × C)
+/// (0 when every row is ignored); `AvgFactor(f)` = sum / f (RetinaNet: the number of positive
+/// anchors). Scalar reductions are computed inside the kernel.
+///
+/// # Shapes
+///
+/// - `logits`: `[N, C]`, f32 / f64 / f16 / bf16.
+/// - `targets`: either dense `[N, C]` in the logits' dtype (one-hot or soft targets), or integer
+///   labels `[N]` (`u32` or `i64`): `0..C` the class, `C` background, `-1` (i64) ignored.
+/// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype.
+/// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+///
+/// # Errors
+///
+/// Every message starts with `SigmoidFocalLoss:`. Logits not of rank 2 or not a float dtype;
+/// targets of another shape, dtype or device; a label outside `0..=C` and not `-1`; class weights
+/// of the wrong length, dtype or device, or given with dense targets; `gamma < 0` or not finite;
+/// `alpha` outside `[0, 1]`; `AvgFactor` not finite and > 0.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_detloss::{Reduction, SigmoidFocalLoss};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let logits = Var::new(&[[2.0f32, -1.0, 0.5], [-3.0, 0.0, 1.0]], &dev)?;
+/// // Row 0 is class 2; row 1 is background (label C = 3).
+/// let labels = Tensor::new(&[2i64, 3], &dev)?;
+/// let loss_fn = SigmoidFocalLoss { reduction: Reduction::AvgFactor(1.0), ..Default::default() };
+/// let loss = loss_fn.forward(logits.as_tensor(), &labels)?;
+/// let grads = loss.backward()?;
+/// assert_eq!(grads.get(&logits).unwrap().dims(), &[2, 3]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SigmoidFocalLoss {
+    /// Weight of the positive term, `Some(0.25)` in the paper; `None` disables α-balancing.
+    pub alpha: Option<f64>,
+    /// Focusing parameter γ ≥ 0 (2 in the paper); 0 gives plain (α-balanced) BCE.
+    pub gamma: f64,
+    /// How the `[N, C]` losses are reduced (default `Mean`).
+    pub reduction: Reduction,
+    /// Per-row weights indexed by the integer label: length C, or C+1 where the last entry
+    /// weights background rows (default 1). E.g. from [`crate::class_balanced_weights`].
+    pub class_weights: Option<Tensor>,
+}
+
+impl Default for SigmoidFocalLoss {
+    fn default() -> Self {
+        Self {
+            alpha: Some(0.25),
+            gamma: 2.0,
+            reduction: Reduction::Mean,
+            class_weights: None,
+        }
+    }
+}
+
+impl SigmoidFocalLoss {
+    /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
+    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.reduction.validate(NAME)?;
+        check_non_negative(NAME, "gamma", self.gamma)?;
+        if let Some(a) = self.alpha {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("{NAME}: alpha must be in [0, 1] (or None), got {a}")
+            }
+        }
+        let (n, c) = check_float_2d(NAME, "logits", logits)?;
+        let kind = common::target_kind(NAME, logits, targets, n, c)?;
+        if kind == TargetKind::Dense && self.class_weights.is_some() {
+            bail!("{NAME}: class_weights need integer labels; weight dense targets by multiplying the Reduction::None result")
+        }
+        let weights = common::row_weights(NAME, logits, c, self.class_weights.as_ref())?;
+        let op = FocalFwd(FocalOp {
+            alpha: self.alpha,
+            gamma: self.gamma,
+            reduction: self.reduction,
+            kind,
+            weights,
+        });
+        logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
+    }
+}
+
+/// Parameters shared by the forward and backward ops.
+#[derive(Clone)]
+struct FocalOp {
+    alpha: Option<f64>,
+    gamma: f64,
+    reduction: Reduction,
+    kind: TargetKind,
+    /// Row weights by label, length C+1, in the accumulator dtype (f32, or f64 for f64 logits).
+    weights: Tensor,
+}
+
+/// Forward op: `(logits, targets) -> loss`.
+struct FocalFwd(FocalOp);
+/// Backward op: `(logits, targets, upstream gradient) -> ∂loss/∂logits`.
+struct FocalBwd(FocalOp);
+
+/// Hyper-parameters in the accumulator type.
+#[derive(Clone, Copy)]
+struct Params<A> {
+    alpha: A,
+    has_alpha: bool,
+    gamma: A,
+}
+
+/// Loss and derivative of one element, `t ∈ [0, 1]`. `HARD` = the target is exactly 0 or 1
+/// (integer labels), which lets `log(1-pₜ)` come from the softplus already computed.
+#[inline(always)]
+fn focal_elem<A: Acc, const HARD: bool>(p: &Params<A>, x: A, t: A) -> (A, A) {
+    let one = A::ONE;
+    let e = (-x.abs()).exp(); // e^{-|x|} ∈ (0, 1]: never overflows
+    let lp = e.log1p(); // log(1 + e^{-|x|})
+    let sp_pos = x.relu() + lp; // softplus(x)  = -log(1-p)
+    let sp_neg = (-x).relu() + lp; // softplus(-x) = -log p
+    let inv = one / (one + e);
+    let pos = x >= A::ZERO;
+    let p_ = if pos { inv } else { e * inv }; // p = σ(x)
+    let pm = if pos { e * inv } else { inv }; // 1-p = σ(-x), no cancellation
+    let ce = t * sp_neg + (one - t) * sp_pos; // BCE with logits, both terms ≥ 0
+    let q = p_ * (one - t) + pm * t; // 1 - pₜ
+    let ln_q = if HARD {
+        -(t * sp_pos + (one - t) * sp_neg) // log σ(∓x) = -softplus(±x)
+    } else {
+        q.ln()
+    };
+    // (1-pₜ)^γ; γ = 0 gives exactly 1 even where 1-pₜ underflows to 0.
+    let m = if p.gamma == A::ZERO {
+        one
+    } else {
+        (p.gamma * ln_q).exp()
+    };
+    let a_t = if p.has_alpha {
+        p.alpha * t + (one - p.alpha) * (one - t)
+    } else {
+        one
+    };
+    // p(1-p)/(1-pₜ) ∈ [0, 1] (1-pₜ is a convex combination of p and 1-p); its limit is 1 where
+    // 1-pₜ underflows to 0 (then p(1-p) is 0 too).
+    let r = if q > A::ZERO { p_ * pm / q } else { one };
+    let loss = a_t * m * ce;
+    let p_minus_t = p_ * (one - t) - pm * t; // = p - t, without cancellation at p → t = 1
+                                             // d/dx [(1-pₜ)^γ·ce] = (1-pₜ)^γ·(p - t) + ce·γ(1-pₜ)^{γ-1}·p(1-p)(1-2t)
+    let grad = a_t * m * (p_minus_t + p.gamma * ce * r * (one - t - t));
+    (loss, grad)
+}
+
+/// The targets of one row, as the CPU kernels see them.
+enum RowTarget<'a, T> {
+    Dense(&'a [T]),
+    Label(RowLabel),
+}
+
+/// Typed CPU view of the targets.
+enum CpuTargets<'a, T> {
+    Dense(&'a [T]),
+    U32(&'a [u32]),
+    I64(&'a [i64]),
+}
+
+impl<'a, T: Elem> CpuTargets<'a, T> {
+    fn new(kind: TargetKind, s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        Ok(match kind {
+            TargetKind::Dense => Self::Dense(cpu_slice(NAME, s, l)?),
+            TargetKind::LabelsU32 => Self::U32(cpu_slice(NAME, s, l)?),
+            TargetKind::LabelsI64 => Self::I64(cpu_slice(NAME, s, l)?),
+        })
+    }
+
+    fn row(&self, i: usize, c: usize) -> Result<RowTarget<'a, T>> {
+        Ok(match self {
+            Self::Dense(d) => RowTarget::Dense(&d[i * c..(i + 1) * c]),
+            Self::U32(v) => RowTarget::Label(decode_label(NAME, v[i].get(), c)?),
+            Self::I64(v) => RowTarget::Label(decode_label(NAME, v[i].get(), c)?),
+        })
+    }
+
+    /// Number of non-ignored rows.
+    fn valid_rows(&self, n: usize, c: usize) -> Result<usize> {
+        match self {
+            Self::Dense(_) => Ok(n),
+            Self::U32(_) | Self::I64(_) => {
+                let mut k = 0;
+                for i in 0..n {
+                    if let RowTarget::Label(RowLabel::Class(_)) = self.row(i, c)? {
+                        k += 1;
+                    }
+                }
+                Ok(k)
+            }
+        }
+    }
+}
+
+/// The weight of a row: 1 for dense targets, 0 for an ignored row, `w[label]` otherwise.
+#[inline(always)]
+fn row_weight<A: Acc>(rt: &RowTarget<'_, impl Elem>, w: &[A], c: usize) -> A {
+    match rt {
+        RowTarget::Dense(_) => A::ONE,
+        RowTarget::Label(RowLabel::Ignored) => A::ZERO,
+        RowTarget::Label(RowLabel::Class(k)) => w[(*k).min(c)],
+    }
+}
+
+/// Loss of one row; writes per-element values into `out` when given. Returns the row sum
+/// (before the row weight, which the caller applies).
+#[inline(always)]
+fn row_forward<T: Elem>(
+    p: &Params<T::A>,
+    x: &[T],
+    rt: &RowTarget<'_, T>,
+    wrow: T::A,
+    out: Option<&mut [T]>,
+) -> T::A {
+    let mut sum = T::A::ZERO;
+    match rt {
+        RowTarget::Label(RowLabel::Ignored) => {
+            if let Some(o) = out {
+                o.fill(T::from_acc(T::A::ZERO));
+            }
+        }
+        RowTarget::Label(RowLabel::Class(k)) => {
+            let k = *k;
+            match out {
+                Some(o) => {
+                    for (j, (oj, xj)) in o.iter_mut().zip(x).enumerate() {
+                        let t = if j == k { T::A::ONE } else { T::A::ZERO };
+                        *oj = T::from_acc(wrow * focal_elem::<_, true>(p, xj.to_acc(), t).0);
+                    }
+                }
+                None => {
+                    for (j, xj) in x.iter().enumerate() {
+                        let t = if j == k { T::A::ONE } else { T::A::ZERO };
+                        sum += focal_elem::<_, true>(p, xj.to_acc(), t).0;
+                    }
+                }
+            }
+        }
+        RowTarget::Dense(trow) => match out {
+            Some(o) => {
+                for ((oj, xj), tj) in o.iter_mut().zip(x).zip(trow.iter()) {
+                    *oj = T::from_acc(focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).0);
+                }
+            }
+            None => {
+                for (xj, tj) in x.iter().zip(trow.iter()) {
+                    sum += focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).0;
+                }
+            }
+        },
+    }
+    sum
+}
+
+/// Gradient of one row: `g[j] = coef · up[j] · ∂l/∂x[j]`, `up` = `None` for a scalar upstream.
+#[inline(always)]
+fn row_backward<T: Elem>(
+    p: &Params<T::A>,
+    x: &[T],
+    rt: &RowTarget<'_, T>,
+    coef: T::A,
+    up: Option<&[T]>,
+    g: &mut [T],
+) {
+    let upv = |j: usize| up.map_or(T::A::ONE, |u| u[j].to_acc());
+    match rt {
+        RowTarget::Label(RowLabel::Ignored) => g.fill(T::from_acc(T::A::ZERO)),
+        RowTarget::Label(RowLabel::Class(k)) => {
+            let k = *k;
+            for (j, (gj, xj)) in g.iter_mut().zip(x).enumerate() {
+                let t = if j == k { T::A::ONE } else { T::A::ZERO };
+                *gj = T::from_acc(coef * upv(j) * focal_elem::<_, true>(p, xj.to_acc(), t).1);
+            }
+        }
+        RowTarget::Dense(trow) => {
+            for (j, ((gj, xj), tj)) in g.iter_mut().zip(x).zip(trow.iter()).enumerate() {
+                *gj = T::from_acc(
+                    coef * upv(j) * focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).1,
+                );
+            }
+        }
+    }
+}
+
+impl FocalOp {
+    fn params<A: Acc>(&self) -> Params<A> {
+        Params {
+            alpha: A::from_f64(self.alpha.unwrap_or(1.0)),
+            has_alpha: self.alpha.is_some(),
+            gamma: A::from_f64(self.gamma),
+        }
+    }
+
+    /// The row weights as a host vector (CPU storage only).
+    fn cpu_weights<A: Acc + candle_core::WithDType>(&self) -> Result<Vec<A>> {
+        let (st, l) = self.weights.storage_and_layout();
+        match &*st {
+            Storage::Cpu(s) => Ok(cpu_slice::<A>(NAME, s, l)?.to_vec()),
+            _ => bail!("{NAME}: class weights are not on the CPU"),
+        }
+    }
+
+    fn cpu_fwd_t<T: Elem>(
+        &self,
+        x: &[T],
+        tg: &CpuTargets<'_, T>,
+        n: usize,
+        c: usize,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        T::A: candle_core::WithDType,
+    {
+        let p = self.params::<T::A>();
+        let w = self.cpu_weights::<T::A>()?;
+        let rpc = rows_per_chunk(c);
+        if self.reduction == Reduction::None {
+            let mut out = vec![T::from_acc(T::A::ZERO); n * c];
+            let res: Vec<Result<()>> = out
+                .par_chunks_mut((rpc * c).max(1))
+                .enumerate()
+                .map(|(ci, o)| {
+                    for (r, orow) in o.chunks_mut(c).enumerate() {
+                        let i = ci * rpc + r;
+                        let rt = tg.row(i, c)?;
+                        let wr = row_weight(&rt, &w, c);
+                        row_forward(&p, &x[i * c..(i + 1) * c], &rt, wr, Some(orow));
+                    }
+                    Ok(())
+                })
+                .collect();
+            res.into_iter().collect::<Result<Vec<()>>>()?;
+            return Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))));
+        }
+        let chunks = n.div_ceil(rpc);
+        // (weighted sum, non-ignored rows) per chunk, merged below in chunk order.
+        let parts: Vec<Result<(f64, usize)>> = (0..chunks)
+            .into_par_iter()
+            .map(|ci| {
+                let (mut s, mut k) = (0f64, 0usize);
+                for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                    let rt = tg.row(i, c)?;
+                    if let RowTarget::Label(RowLabel::Ignored) = rt {
+                        continue;
+                    }
+                    let wr = row_weight(&rt, &w, c);
+                    s += (wr * row_forward(&p, &x[i * c..(i + 1) * c], &rt, wr, None)).to_f64();
+                    k += 1;
+                }
+                Ok((s, k))
+            })
+            .collect();
+        let mut sums = Vec::with_capacity(chunks);
+        let mut rows = 0usize;
+        for part in parts {
+            let (s, k) = part?;
+            sums.push(s);
+            rows += k;
+        }
+        let total = ordered_sum(&sums) * self.reduction.scale((rows * c) as f64);
+        let out = vec![T::from_acc(T::A::from_f64(total))];
+        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+    }
+
+    fn cpu_bwd_t<T: Elem>(
+        &self,
+        x: &[T],
+        tg: &CpuTargets<'_, T>,
+        up: &[T],
+        n: usize,
+        c: usize,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        T::A: candle_core::WithDType,
+    {
+        let p = self.params::<T::A>();
+        let w = self.cpu_weights::<T::A>()?;
+        let scalar_up = self.reduction.is_scalar();
+        if scalar_up && up.len() != 1 || !scalar_up && up.len() != n * c {
+            bail!("{NAME}: upstream gradient has {} elements", up.len())
+        }
+        let scale = match self.reduction {
+            Reduction::Mean => self.reduction.scale((tg.valid_rows(n, c)? * c) as f64),
+            r => r.scale(0.0),
+        };
+        let base = if scalar_up {
+            up[0].to_acc().to_f64()
+        } else {
+            1.0
+        } * scale;
+        let rpc = rows_per_chunk(c);
+        let mut g = vec![T::from_acc(T::A::ZERO); n * c];
+        let res: Vec<Result<()>> = g
+            .par_chunks_mut((rpc * c).max(1))
+            .enumerate()
+            .map(|(ci, gc)| {
+                for (r, grow) in gc.chunks_mut(c).enumerate() {
+                    let i = ci * rpc + r;
+                    let rt = tg.row(i, c)?;
+                    let coef = T::A::from_f64(base) * row_weight(&rt, &w, c);
+                    let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
+                    row_backward(&p, &x[i * c..(i + 1) * c], &rt, coef, u, grow);
+                }
+                Ok(())
+            })
+            .collect();
+        res.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
+    }
+}
+
+fn dims2(l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, c] => Ok((*n, *c)),
+        d => bail!("{NAME}: logits must have shape [N, C], got {d:?}"),
+    }
+}
+
+impl CustomOp2 for FocalFwd {
+    fn name(&self) -> &'static str {
+        "sigmoid-focal-fwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = dims2(l1)?;
+        crate::common::with_float_type!(NAME, s1.dtype(), T, {
+            let x = cpu_slice::<T>(NAME, s1, l1)?;
+            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            self.0.cpu_fwd_t(x, &tg, n, c)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c) = dims2(l1)?;
+        cuda::forward(&self.0, s1, l1, s2, l2, n, c)
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let up = grad_res.contiguous()?;
+        let g = logits.apply_op3_no_bwd(targets, &up, &FocalBwd(self.0.clone()))?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for FocalBwd {
+    fn name(&self) -> &'static str {
+        "sigmoid-focal-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = dims2(l1)?;
+        crate::common::with_float_type!(NAME, s1.dtype(), T, {
+            let x = cpu_slice::<T>(NAME, s1, l1)?;
+            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            let up = cpu_slice::<T>(NAME, s3, l3)?;
+            self.0.cpu_bwd_t(x, &tg, up, n, c)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c) = dims2(l1)?;
+        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{FocalOp, NAME};
+    use crate::common::{Elem, TargetKind};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_focal";
+
+    fn kind_suffix(k: TargetKind) -> &'static str {
+        match k {
+            TargetKind::Dense => "dense",
+            TargetKind::LabelsU32 => "u32",
+            TargetKind::LabelsI64 => "i64",
+        }
+    }
+
+    /// Pushes the targets view (of the type the kernel expects) as the next argument.
+    macro_rules! with_targets {
+        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
+            match $kind {
+                TargetKind::Dense => {
+                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                TargetKind::LabelsU32 => {
+                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                TargetKind::LabelsI64 => {
+                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+            }
+        };
+    }
+
+    fn fwd_t<T>(
+        op: &FocalOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let total = (n * c) as u64;
+        let (nn, cc) = (n as u64, c as u64);
+        let alpha = <T::A as crate::common::Acc>::from_f64(op.alpha.unwrap_or(1.0));
+        let has_alpha = op.alpha.is_some() as i32;
+        let gamma = <T::A as crate::common::Acc>::from_f64(op.gamma);
+        let err = dev.alloc_zeros::<u64>(2)?;
+        let out = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
+            if op.reduction == Reduction::None {
+                let out = unsafe { dev.alloc::<T>(n * c)? };
+                if total > 0 {
+                    let f = kc::func(
+                        dev,
+                        MODULE,
+                        ptx::FOCAL,
+                        &format!("sigmoid_focal_fwd_none_{sfx}"),
+                    )?;
+                    with_targets!(op.kind, T, s2, l2, tg, {
+                        let mut b = f.builder();
+                        b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
+                        b.arg(&alpha).arg(&has_alpha).arg(&gamma).arg(&err);
+                        kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+                    });
+                }
+                return Ok(out);
+            }
+            let cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
+            let nparts = cfg.grid_dim.0 as i32;
+            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            let pcnt = dev.alloc_zeros::<u64>(nparts as usize)?;
+            if total > 0 {
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::FOCAL,
+                    &format!("sigmoid_focal_fwd_partial_{sfx}"),
+                )?;
+                with_targets!(op.kind, T, s2, l2, tg, {
+                    let mut b = f.builder();
+                    b.arg(&x)
+                        .arg(&tg)
+                        .arg(w)
+                        .arg(&psum)
+                        .arg(&pcnt)
+                        .arg(&nn)
+                        .arg(&cc);
+                    b.arg(&alpha).arg(&has_alpha).arg(&gamma).arg(&err);
+                    kc::launched(unsafe { b.launch(cfg) })?;
+                });
+            }
+            let out = unsafe { dev.alloc::<T>(1)? };
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::FOCAL,
+                &format!("sigmoid_focal_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+            )?;
+            let count_mult = c as f64;
+            let red = op.reduction.code();
+            let avg = match op.reduction {
+                Reduction::AvgFactor(f) => f,
+                _ => 1.0,
+            };
+            let mut b = f.builder();
+            b.arg(&psum)
+                .arg(&pcnt)
+                .arg(&nparts)
+                .arg(&count_mult)
+                .arg(&red)
+                .arg(&avg)
+                .arg(&out);
+            kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            Ok(out)
+        })?;
+        kc::check_label_flag(NAME, dev, &err, c)?;
+        let shape = if op.reduction == Reduction::None {
+            Shape::from((n, c))
+        } else {
+            Shape::from(())
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &FocalOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
+        let total = (n * c) as u64;
+        let (nn, cc) = (n as u64, c as u64);
+        let alpha = <T::A as crate::common::Acc>::from_f64(op.alpha.unwrap_or(1.0));
+        let has_alpha = op.alpha.is_some() as i32;
+        let gamma = <T::A as crate::common::Acc>::from_f64(op.gamma);
+        let up_scalar = op.reduction.is_scalar() as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        // Mean over labels divides by the number of non-ignored rows, counted on the device.
+        let cnt: CudaSlice<u64> = dev.alloc_zeros::<u64>(1)?;
+        let use_cnt = (op.reduction == Reduction::Mean && op.kind != TargetKind::Dense) as i32;
+        let base_scale = match op.reduction {
+            Reduction::Mean if use_cnt == 0 => op.reduction.scale(total as f64),
+            Reduction::Mean => 1.0,
+            r => r.scale(0.0),
+        };
+        let g = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
+            let g = unsafe { dev.alloc::<T>(n * c)? };
+            if total == 0 {
+                return Ok(g);
+            }
+            if use_cnt == 1 {
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::FOCAL,
+                    &format!("sigmoid_focal_count_{}", kind_suffix(op.kind)),
+                )?;
+                with_targets!(op.kind, T, s2, l2, tg, {
+                    let mut b = f.builder();
+                    b.arg(&tg).arg(&nn).arg(&cc).arg(&cnt).arg(&err);
+                    kc::launched(unsafe { b.launch(kc::grid(nn, kc::MAX_PARTIAL_BLOCKS)) })?;
+                });
+            }
+            let f = kc::func(dev, MODULE, ptx::FOCAL, &format!("sigmoid_focal_bwd_{sfx}"))?;
+            with_targets!(op.kind, T, s2, l2, tg, {
+                let mut b = f.builder();
+                b.arg(&x)
+                    .arg(&tg)
+                    .arg(w)
+                    .arg(&up)
+                    .arg(&up_scalar)
+                    .arg(&g)
+                    .arg(&nn)
+                    .arg(&cc);
+                b.arg(&alpha)
+                    .arg(&has_alpha)
+                    .arg(&gamma)
+                    .arg(&base_scale)
+                    .arg(&cnt)
+                    .arg(&use_cnt);
+                b.arg(&err);
+                kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+            });
+            Ok(g)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            Shape::from((n, c)),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &FocalOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(NAME, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        op: &FocalOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            NAME,
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            n,
+            c
+        )
+    }
+}

@@ -1,0 +1,45 @@
+//! # candle-detloss
+//!
+//! Fused object-detection training losses for [Candle](https://github.com/huggingface/candle).
+//! Every loss is a Candle custom op with a hand-written forward **and** backward, a CPU kernel
+//! (rayon, bitwise deterministic for any thread count) and, under the `cuda` feature, a CUDA
+//! kernel. Call `forward`, then `backward()` on the result as with any Candle op.
+//!
+//! Conventions shared by every loss:
+//!
+//! - [`Reduction`]: `None`, `Sum`, `Mean`, `AvgFactor(f)`; scalar reductions happen inside the
+//!   kernel and return a rank-0 tensor.
+//! - Integer labels `[N]` (`u32` or `i64`) next to logits `[N, C]`: `0..C` the class, `C`
+//!   background, `-1` (i64) ignored (no loss, zero gradient, not counted by `Mean`). Any other
+//!   value is an error.
+//! - Logits in f32, f64, f16 or bf16 (half types are computed in f32); the result has the
+//!   logits' dtype. Strided inputs give the result of their contiguous copy.
+//! - Errors start with the loss's name, e.g. `SigmoidFocalLoss: label 83 out of range 0..=80`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use candle_detloss::{Reduction, SigmoidFocalLoss};
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! // 4 anchors, 3 classes: labels 0..3 are classes, 3 is background, -1 ignored.
+//! let logits = Var::randn(0f32, 1.0, (4, 3), &dev)?;
+//! let labels = Tensor::new(&[0i64, 3, 2, -1], &dev)?;
+//! let num_pos = 2.0;
+//! let focal = SigmoidFocalLoss { reduction: Reduction::AvgFactor(num_pos), ..Default::default() };
+//! let loss = focal.forward(logits.as_tensor(), &labels)?;
+//! let grads = loss.backward()?;
+//! let g = grads.get(&logits).expect("logits receive a gradient");
+//! // The ignored anchor gets a zero gradient.
+//! assert_eq!(g.get(3)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+//! # Ok(()) }
+//! ```
+
+mod common;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod fastmath;
+mod focal;
+mod reduction;
+
+pub use focal::SigmoidFocalLoss;
+pub use reduction::Reduction;

@@ -1,0 +1,839 @@
+//! SigmoidFocalLoss: against an independent f64 reference, PyTorch fixtures, finite
+//! differences, extreme logits, half precision, layouts, bad input and determinism.
+
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_detloss::{Reduction, SigmoidFocalLoss};
+use common::*;
+
+// ---------------------------------------------------------------------------------------------
+// Independent reference: torchvision's formula transcribed literally in f64, with its
+// derivative obtained by the chain rule on that formula.
+// ---------------------------------------------------------------------------------------------
+
+/// log(1 + e^z) without overflow.
+fn softplus(z: f64) -> f64 {
+    if z > 0.0 {
+        z + (-z).exp().ln_1p()
+    } else {
+        z.exp().ln_1p()
+    }
+}
+
+/// (loss, d loss / d x) of one element.
+fn ref_elem(x: f64, t: f64, alpha: Option<f64>, gamma: f64) -> (f64, f64) {
+    let p = 1.0 / (1.0 + (-x).exp());
+    let one_minus_p = 1.0 / (1.0 + x.exp());
+    let ce = t * softplus(-x) + (1.0 - t) * softplus(x); // -[t log p + (1-t) log(1-p)]
+    let p_t = p * t + one_minus_p * (1.0 - t);
+    let q = 1.0 - p_t; // computed below without cancellation
+    let q = if q < 1e-3 {
+        p * (1.0 - t) + one_minus_p * t
+    } else {
+        q
+    };
+    let modulating = q.powf(gamma);
+    let a_t = alpha.map_or(1.0, |a| a * t + (1.0 - a) * (1.0 - t));
+    let loss = a_t * modulating * ce;
+    let dce = p * (1.0 - t) - one_minus_p * t; // p - t, kept accurate where p rounds to 1
+    let dq = p * one_minus_p * (1.0 - 2.0 * t);
+    let dmod = if gamma == 0.0 {
+        0.0
+    } else {
+        gamma * q.powf(gamma - 1.0) * dq
+    };
+    (loss, a_t * (dce * modulating + ce * dmod))
+}
+
+#[derive(Clone)]
+enum Tg {
+    Dense(Vec<f64>),
+    Labels(Vec<i64>),
+}
+
+/// Reference loss (reduced as `red`) and the gradient of `sum(loss · up)`.
+fn reference(
+    x: &[f64],
+    tg: &Tg,
+    n: usize,
+    c: usize,
+    alpha: Option<f64>,
+    gamma: f64,
+    red: Reduction,
+    cw: Option<&[f64]>,
+    up: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let mut per = vec![0.0; n * c];
+    let mut dper = vec![0.0; n * c];
+    let mut valid_rows = 0usize;
+    for i in 0..n {
+        let (w, ts): (f64, Vec<f64>) = match tg {
+            Tg::Dense(t) => (1.0, t[i * c..(i + 1) * c].to_vec()),
+            Tg::Labels(l) => {
+                let k = l[i];
+                if k < 0 {
+                    continue;
+                }
+                let k = k as usize;
+                let w = match cw {
+                    Some(w) if k < w.len() => w[k],
+                    _ => 1.0,
+                };
+                (w, (0..c).map(|j| if j == k { 1.0 } else { 0.0 }).collect())
+            }
+        };
+        valid_rows += 1;
+        for j in 0..c {
+            let (l, d) = ref_elem(x[i * c + j], ts[j], alpha, gamma);
+            per[i * c + j] = w * l;
+            dper[i * c + j] = w * d;
+        }
+    }
+    let sum: f64 = per.iter().sum();
+    let scale = match red {
+        Reduction::None | Reduction::Sum => 1.0,
+        Reduction::Mean => {
+            let d = (valid_rows * c) as f64;
+            if d > 0.0 {
+                1.0 / d
+            } else {
+                0.0
+            }
+        }
+        Reduction::AvgFactor(f) => 1.0 / f,
+    };
+    match red {
+        Reduction::None => {
+            let g = dper.iter().zip(up).map(|(d, u)| d * u).collect();
+            (per, g)
+        }
+        _ => (
+            vec![sum * scale],
+            dper.iter().map(|d| d * scale * up[0]).collect(),
+        ),
+    }
+}
+
+fn make_targets(rng: &mut Rng, n: usize, c: usize, dense: bool, soft: bool) -> Tg {
+    if dense {
+        Tg::Dense(
+            (0..n * c)
+                .map(|_| {
+                    if soft {
+                        rng.uniform()
+                    } else {
+                        (rng.below(7) == 0) as u8 as f64
+                    }
+                })
+                .collect(),
+        )
+    } else {
+        // Classes, background (c) and ignored (-1) rows.
+        Tg::Labels(
+            (0..n)
+                .map(|_| match rng.below(10) {
+                    0 => -1,
+                    1..=4 => c as i64,
+                    _ => rng.below(c as u64) as i64,
+                })
+                .collect(),
+        )
+    }
+}
+
+fn targets_tensor(tg: &Tg, n: usize, c: usize, dtype: DType, dev: &Device) -> Tensor {
+    match tg {
+        Tg::Dense(t) => Tensor::from_vec(t.clone(), (n, c), dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        Tg::Labels(l) => Tensor::from_vec(l.clone(), n, dev).unwrap(),
+    }
+}
+
+fn run_ours(
+    x: &Tensor,
+    targets: &Tensor,
+    up: &Tensor,
+    loss_fn: &SigmoidFocalLoss,
+) -> (Vec<f64>, Vec<f64>) {
+    let (l, g) = loss_and_grad(x, up, |x| loss_fn.forward(x, targets)).expect("forward/backward");
+    (to_f64_vec(&l), to_f64_vec(&g))
+}
+
+const REDUCTIONS: [Reduction; 4] = [
+    Reduction::None,
+    Reduction::Sum,
+    Reduction::Mean,
+    Reduction::AvgFactor(7.5),
+];
+
+fn upstream(rng: &mut Rng, red: Reduction, n: usize, c: usize) -> Vec<f64> {
+    if red == Reduction::None {
+        rng.vec_normal(n * c, 1.0)
+    } else {
+        vec![0.7]
+    }
+}
+
+fn up_tensor(up: &[f64], red: Reduction, n: usize, c: usize, dev: &Device) -> Tensor {
+    if red == Reduction::None {
+        Tensor::from_vec(up.to_vec(), (n, c), dev).unwrap()
+    } else {
+        Tensor::new(up[0], dev).unwrap()
+    }
+}
+
+#[test]
+fn matches_f64_reference_over_shapes_reductions_targets_alpha_and_weights() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(1);
+    for &(n, c) in &[(1usize, 1usize), (3, 423), (1000, 80)] {
+        for &(dense, soft) in &[(true, false), (true, true), (false, false)] {
+            for alpha in [Some(0.25), None] {
+                for cw_len in [0usize, c, c + 1] {
+                    if dense && cw_len > 0 {
+                        continue;
+                    }
+                    for red in REDUCTIONS {
+                        let gamma = [2.0, 0.5, 0.0, 1.5][rng.below(4) as usize];
+                        let x = rng.vec_normal(n * c, 3.0);
+                        let tg = make_targets(&mut rng, n, c, dense, soft);
+                        let cw: Option<Vec<f64>> = (cw_len > 0)
+                            .then(|| (0..cw_len).map(|_| 0.2 + rng.uniform()).collect());
+                        let up = upstream(&mut rng, red, n, c);
+                        let (rl, rg) =
+                            reference(&x, &tg, n, c, alpha, gamma, red, cw.as_deref(), &up);
+                        let loss_fn = SigmoidFocalLoss {
+                            alpha,
+                            gamma,
+                            reduction: red,
+                            class_weights: cw
+                                .as_ref()
+                                .map(|w| Tensor::from_vec(w.clone(), w.len(), &dev).unwrap()),
+                        };
+                        let what = format!("{n}x{c} dense={dense} soft={soft} alpha={alpha:?} cw={cw_len} {red:?} gamma={gamma}");
+                        // f64: the kernel's own rounding only.
+                        let xt = Tensor::from_vec(x.clone(), (n, c), &dev).unwrap();
+                        let tt = targets_tensor(&tg, n, c, DType::F64, &dev);
+                        let (l, g) = run_ours(&xt, &tt, &up_tensor(&up, red, n, c, &dev), &loss_fn);
+                        assert_close(&format!("loss f64 {what}"), &l, &rl, 1e-12, 1e-10);
+                        assert_close(&format!("grad f64 {what}"), &g, &rg, 1e-13, 1e-10);
+                        // f32 with the crate's fast exp/log.
+                        let loss_fn32 = SigmoidFocalLoss {
+                            class_weights: loss_fn
+                                .class_weights
+                                .as_ref()
+                                .map(|w| w.to_dtype(DType::F32).unwrap()),
+                            ..loss_fn.clone()
+                        };
+                        let xt = xt.to_dtype(DType::F32).unwrap();
+                        let tt = targets_tensor(&tg, n, c, DType::F32, &dev);
+                        let (l, g) =
+                            run_ours(&xt, &tt, &up_tensor(&up, red, n, c, &dev), &loss_fn32);
+                        let xr: Vec<f64> = x.iter().map(|v| *v as f32 as f64).collect();
+                        let tr = match &tg {
+                            Tg::Dense(t) => Tg::Dense(t.iter().map(|v| *v as f32 as f64).collect()),
+                            l => l.clone(),
+                        };
+                        let cwr: Option<Vec<f64>> = cw
+                            .as_ref()
+                            .map(|w| w.iter().map(|v| *v as f32 as f64).collect());
+                        let (rl, rg) =
+                            reference(&xr, &tr, n, c, alpha, gamma, red, cwr.as_deref(), &up);
+                        let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+                        assert_close(&format!("loss f32 {what}"), &l, &rl, 2e-6 * lscale, 1e-5);
+                        let gscale = rg.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+                        assert_close(&format!("grad f32 {what}"), &g, &rg, 2e-6 * gscale, 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn u32_labels_equal_i64_labels() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(2);
+    let (n, c) = (50, 9);
+    let x = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (n, c), &dev).unwrap();
+    let labels: Vec<u32> = (0..n).map(|_| rng.below(c as u64 + 1) as u32).collect();
+    let l32 = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
+    let l64 = Tensor::from_vec(
+        labels.iter().map(|v| *v as i64).collect::<Vec<_>>(),
+        n,
+        &dev,
+    )
+    .unwrap();
+    for red in REDUCTIONS {
+        let f = SigmoidFocalLoss {
+            reduction: red,
+            ..Default::default()
+        };
+        let up = up_tensor(&upstream(&mut rng, red, n, c), red, n, c, &dev);
+        let a = run_ours(&x, &l32, &up, &f);
+        let b = run_ours(&x, &l64, &up, &f);
+        assert_eq!(a, b, "{red:?}");
+    }
+}
+
+#[test]
+fn matches_torchvision_fixtures() {
+    let dev = Device::Cpu;
+    let cases = fixture_cases("sigmoid_focal.json");
+    assert!(cases.len() > 50);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let x = fx_to_tensor(&case["logits"], DType::F64, &dev);
+        let (n, c) = x.dims2().unwrap();
+        let targets = if case["target_kind"] == "dense" {
+            fx_to_tensor(&case["targets"], DType::F64, &dev)
+        } else {
+            Tensor::from_vec(fx_ints(&case["targets"]), n, &dev).unwrap()
+        };
+        let reduction = match case["reduction"].as_str().unwrap() {
+            "none" => Reduction::None,
+            "sum" => Reduction::Sum,
+            "mean" => Reduction::Mean,
+            "avg_factor" => Reduction::AvgFactor(case["avg_factor"].as_f64().unwrap()),
+            r => panic!("unknown reduction {r}"),
+        };
+        let loss_fn = SigmoidFocalLoss {
+            alpha: case["alpha"].as_f64(),
+            gamma: case["gamma"].as_f64().unwrap(),
+            reduction,
+            class_weights: (!case["class_weights"].is_null())
+                .then(|| fx_to_tensor(&case["class_weights"], DType::F64, &dev)),
+        };
+        let up = fx_to_tensor(&case["upstream"], DType::F64, &dev);
+        let (l, g) = run_ours(&x, &targets, &up, &loss_fn);
+        let (lshape, lexp) = fx_tensor(&case["loss"]);
+        assert_eq!(
+            lshape.len(),
+            if reduction == Reduction::None { 2 } else { 0 },
+            "{name}"
+        );
+        assert_close(&format!("{name} loss"), &l, &lexp, 1e-12, 1e-9);
+        assert_close(
+            &format!("{name} grad"),
+            &g,
+            &fx_tensor(&case["grad"]).1,
+            1e-12,
+            1e-9,
+        );
+        assert_eq!(l.len(), lexp.len(), "{name}");
+        assert_eq!(n * c, g.len(), "{name}");
+    }
+}
+
+#[test]
+fn gradient_matches_finite_differences_f64() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(3);
+    let (n, c) = (6, 5);
+    for (dense, gamma, red) in [
+        (false, 2.0, Reduction::Sum),
+        (false, 0.5, Reduction::Mean),
+        (true, 1.5, Reduction::AvgFactor(3.0)),
+        (true, 0.0, Reduction::None),
+        (false, 5.0, Reduction::None),
+    ] {
+        let x = rng.vec_normal(n * c, 2.0);
+        let tg = make_targets(&mut rng, n, c, dense, dense);
+        let tt = targets_tensor(&tg, n, c, DType::F64, &dev);
+        let up = upstream(&mut rng, red, n, c);
+        let upt = up_tensor(&up, red, n, c, &dev);
+        let f = SigmoidFocalLoss {
+            alpha: Some(0.3),
+            gamma,
+            reduction: red,
+            class_weights: None,
+        };
+        let (_, g) = run_ours(
+            &Tensor::from_vec(x.clone(), (n, c), &dev).unwrap(),
+            &tt,
+            &upt,
+            &f,
+        );
+        let fd = finite_diff(&x, 1e-6, |xs| {
+            let xt = Tensor::from_vec(xs.to_vec(), (n, c), &dev).unwrap();
+            let l = f.forward(&xt, &tt).unwrap();
+            (l * &upt)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        });
+        assert_close(
+            &format!("fd dense={dense} gamma={gamma} {red:?}"),
+            &g,
+            &fd,
+            1e-7,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
+    let dev = Device::Cpu;
+    for (dtype, big) in [
+        (DType::F32, 100.0),
+        (DType::F16, 30.0),
+        (DType::BF16, 30.0),
+        (DType::F64, 100.0),
+    ] {
+        for gamma in [0.0, 0.5, 2.0, 5.0] {
+            // Every sign of logit against every target: saturated right and saturated wrong.
+            let xs = [big, -big, big, -big, 0.0, big / 2.0];
+            let x = Tensor::new(&xs, &dev)
+                .unwrap()
+                .reshape((3, 2))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let xr = to_f64_vec(&x); // the logits as representable in dtype
+            for red in [Reduction::None, Reduction::Sum] {
+                let labels = Tensor::new(&[0i64, 1, 2], &dev).unwrap(); // 2 = background
+                let dense_t = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0];
+                let dense = Tensor::new(&dense_t, &dev)
+                    .unwrap()
+                    .reshape((3, 2))
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                for (tt, tg) in [
+                    (labels, Tg::Labels(vec![0, 1, 2])),
+                    (dense, Tg::Dense(dense_t.to_vec())),
+                ] {
+                    let f = SigmoidFocalLoss {
+                        alpha: Some(0.25),
+                        gamma,
+                        reduction: red,
+                        class_weights: None,
+                    };
+                    let up = upstream(&mut Rng::new(4), red, 3, 2);
+                    let (l, g) = run_ours(
+                        &x,
+                        &tt,
+                        &up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap(),
+                        &f,
+                    );
+                    let upr = to_f64_vec(&up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap());
+                    let (rl, rg) = reference(&xr, &tg, 3, 2, Some(0.25), gamma, red, None, &upr);
+                    let what = format!("{dtype:?} gamma={gamma} {red:?}");
+                    assert!(
+                        l.iter().chain(&g).all(|v| v.is_finite()),
+                        "{what}: {l:?} {g:?}"
+                    );
+                    // Compared with the reference rounded to the output dtype (a half result
+                    // cannot be closer than that), to a few ulp of that dtype.
+                    // (relative tolerance, spacing of the subnormals of the dtype)
+                    let (tol, sub) = match dtype {
+                        DType::F64 => (1e-12, 5e-324),
+                        DType::F32 => (1e-6, 1.5e-45),
+                        DType::F16 => (2e-3, 6e-8),
+                        _ => (1.6e-2, 1e-40),
+                    };
+                    let round = |v: &[f64]| {
+                        to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap())
+                    };
+                    assert_close(&format!("{what} loss"), &l, &round(&rl), 4.0 * sub, tol);
+                    assert_close(&format!("{what} grad"), &g, &round(&rg), 4.0 * sub, tol);
+                }
+            }
+        }
+        // NaN in -> NaN out (loss element, sum, and gradient element).
+        let x = Tensor::new(&[f64::NAN, 1.0], &dev)
+            .unwrap()
+            .reshape((1, 2))
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let labels = Tensor::new(&[1i64], &dev).unwrap();
+        let none = SigmoidFocalLoss {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let l = to_f64_vec(&none.forward(&x, &labels).unwrap());
+        assert!(l[0].is_nan() && l[1].is_finite(), "{dtype:?} {l:?}");
+        let sum = SigmoidFocalLoss {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let up = Tensor::new(1.0f64, &dev).unwrap();
+        let (l, g) = run_ours(&x, &labels, &up, &sum);
+        assert!(l[0].is_nan(), "{dtype:?}");
+        assert!(g[0].is_nan() && g[1].is_finite(), "{dtype:?} {g:?}");
+    }
+}
+
+/// Rounds to the half type of `dtype`.
+fn rh(v: f64, dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::from_f64(v).to_f64(),
+        _ => half::bf16::from_f64(v).to_f64(),
+    }
+}
+
+/// The formula evaluated naively in the half type (every intermediate rounded), as a user
+/// composing half-precision tensor ops would get it.
+fn naive_half(x: f64, t: f64, alpha: f64, gamma: f64, d: DType) -> (f64, f64) {
+    let p = rh(1.0 / rh(1.0 + rh((-x).exp(), d), d), d);
+    let omp = rh(1.0 - p, d);
+    let ce = rh(
+        -(rh(t * rh(p.ln(), d), d) + rh((1.0 - t) * rh(omp.ln(), d), d)),
+        d,
+    );
+    let p_t = rh(rh(p * t, d) + rh(omp * (1.0 - t), d), d);
+    let q = rh(1.0 - p_t, d);
+    let m = rh(q.powf(gamma), d);
+    let a_t = rh(alpha * t + (1.0 - alpha) * (1.0 - t), d);
+    let loss = rh(a_t * rh(m * ce, d), d);
+    let dq = rh(rh(p * omp, d) * (1.0 - 2.0 * t), d);
+    let dm = rh(gamma * rh(rh(q.powf(gamma - 1.0), d) * dq, d), d);
+    let g = rh(a_t * rh(rh(rh(p - t, d) * m, d) + rh(ce * dm, d), d), d);
+    (loss, g)
+}
+
+#[test]
+fn half_precision_error_within_twice_the_naive_half_error() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(5);
+    let (n, c) = (64, 40);
+    for dtype in [DType::F16, DType::BF16] {
+        // Moderate logits, where the naive half formula is still finite.
+        let x: Vec<f64> = rng
+            .vec_normal(n * c, 2.5)
+            .iter()
+            .map(|v| rh(v.clamp(-8.0, 8.0), dtype))
+            .collect();
+        let labels: Vec<i64> = (0..n).map(|_| rng.below(c as u64 + 1) as i64).collect();
+        let tg = Tg::Labels(labels.clone());
+        let up = vec![1.0; n * c];
+        let (rl, rg) = reference(&x, &tg, n, c, Some(0.25), 2.0, Reduction::None, None, &up);
+        let f = SigmoidFocalLoss {
+            reduction: Reduction::None,
+            ..Default::default()
+        };
+        let xt = Tensor::from_vec(x.clone(), (n, c), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let lt = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
+        let upt = Tensor::ones((n, c), dtype, &dev).unwrap();
+        let (l, g) = run_ours(&xt, &lt, &upt, &f);
+        let (mut e_ours_l, mut e_naive_l, mut e_ours_g, mut e_naive_g) = (0f64, 0f64, 0f64, 0f64);
+        for i in 0..n {
+            for j in 0..c {
+                let k = i * c + j;
+                let t = (labels[i] == j as i64) as u8 as f64;
+                let (nl, ng) = naive_half(x[k], t, 0.25, 2.0, dtype);
+                e_ours_l = e_ours_l.max((l[k] - rl[k]).abs());
+                e_naive_l = e_naive_l.max((nl - rl[k]).abs());
+                e_ours_g = e_ours_g.max((g[k] - rg[k]).abs());
+                e_naive_g = e_naive_g.max((ng - rg[k]).abs());
+            }
+        }
+        assert!(e_naive_l > 0.0 && e_naive_g > 0.0);
+        assert!(
+            e_ours_l <= 2.0 * e_naive_l,
+            "{dtype:?} loss: ours {e_ours_l} naive {e_naive_l}"
+        );
+        assert!(
+            e_ours_g <= 2.0 * e_naive_g,
+            "{dtype:?} grad: ours {e_ours_g} naive {e_naive_g}"
+        );
+        // The scalar sum accumulates in f32: far better than half would allow.
+        let fs = SigmoidFocalLoss {
+            reduction: Reduction::Sum,
+            ..Default::default()
+        };
+        let s = to_f64_vec(&fs.forward(&xt, &lt).unwrap())[0];
+        let rs: f64 = rl.iter().sum();
+        assert!(
+            (s - rs).abs() <= 4e-3 * rs.abs(),
+            "{dtype:?} sum {s} vs {rs}"
+        );
+    }
+}
+
+#[test]
+fn strided_inputs_equal_their_contiguous_copies() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(6);
+    let (n, c) = (37, 11);
+    // t() of a transposed buffer.
+    let xt = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (c, n), &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let x_strided = xt.t().unwrap();
+    assert!(!x_strided.is_contiguous());
+    let x_contig = x_strided.contiguous().unwrap();
+    // Labels taken as a strided column of a [N, 2] tensor.
+    let lab2: Vec<i64> = (0..2 * n)
+        .map(|_| rng.below(c as u64 + 2) as i64 - 1)
+        .collect();
+    let lab_strided = Tensor::from_vec(lab2, (n, 2), &dev)
+        .unwrap()
+        .i((.., 1))
+        .unwrap();
+    assert!(!lab_strided.is_contiguous());
+    let lab_contig = lab_strided.contiguous().unwrap();
+    // Dense targets from a narrow of a wider buffer, and from a broadcast row.
+    let wide = Tensor::from_vec(
+        (0..n * (c + 5)).map(|_| rng.uniform()).collect::<Vec<_>>(),
+        (n, c + 5),
+        &dev,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap();
+    let t_narrow = wide.narrow(1, 3, c).unwrap();
+    let row = Tensor::from_vec(
+        (0..c).map(|_| rng.uniform()).collect::<Vec<_>>(),
+        (1, c),
+        &dev,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap();
+    let t_bcast = row.broadcast_as((n, c)).unwrap();
+    for red in REDUCTIONS {
+        let f = SigmoidFocalLoss {
+            reduction: red,
+            ..Default::default()
+        };
+        let up = up_tensor(&upstream(&mut rng, red, n, c), red, n, c, &dev)
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(
+            run_ours(&x_strided, &lab_strided, &up, &f),
+            run_ours(&x_contig, &lab_contig, &up, &f)
+        );
+        for t in [&t_narrow, &t_bcast] {
+            assert!(!t.is_contiguous());
+            assert_eq!(
+                run_ours(&x_strided, t, &up, &f),
+                run_ours(&x_contig, &t.contiguous().unwrap(), &up, &f),
+                "{red:?}"
+            );
+        }
+        // A row-narrowed (offset) logits view.
+        let xn = x_contig.narrow(0, 5, 20).unwrap();
+        let ln = lab_contig.narrow(0, 5, 20).unwrap();
+        let upn = if red == Reduction::None {
+            up.narrow(0, 5, 20).unwrap()
+        } else {
+            up.clone()
+        };
+        assert_eq!(
+            run_ours(&xn, &ln, &upn, &f),
+            run_ours(&xn.copy().unwrap(), &ln.copy().unwrap(), &upn, &f)
+        );
+    }
+}
+
+fn err_of(r: candle_core::Result<Tensor>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((4, 80), DType::F32, &dev).unwrap();
+    let ok_labels = Tensor::new(&[0i64, 80, -1, 3], &dev).unwrap();
+    let f = SigmoidFocalLoss::default();
+    let check = |r: candle_core::Result<Tensor>, needles: &[&str]| {
+        let e = err_of(r);
+        assert!(e.contains("SigmoidFocalLoss"), "{e}");
+        for nd in needles {
+            assert!(e.contains(nd), "`{e}` lacks `{nd}`");
+        }
+    };
+    assert!(f.forward(&x, &ok_labels).is_ok());
+    // Label out of range, in both integer types; -2 is not the ignore value.
+    check(
+        f.forward(&x, &Tensor::new(&[0i64, 83, 1, 2], &dev).unwrap()),
+        &["label 83 out of range 0..=80"],
+    );
+    check(
+        f.forward(&x, &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap()),
+        &["label -2"],
+    );
+    check(
+        f.forward(&x, &Tensor::new(&[0u32, 81, 1, 2], &dev).unwrap()),
+        &["label 81"],
+    );
+    // Out-of-range labels are also caught in the None reduction.
+    let fnone = SigmoidFocalLoss {
+        reduction: Reduction::None,
+        ..Default::default()
+    };
+    check(
+        fnone.forward(&x, &Tensor::new(&[0i64, 1, 2, 99], &dev).unwrap()),
+        &["label 99"],
+    );
+    // Shapes.
+    check(
+        f.forward(&x, &Tensor::new(&[0i64, 1, 2], &dev).unwrap()),
+        &["[4]", "[3]"],
+    );
+    check(
+        f.forward(&x, &Tensor::zeros((4, 79), DType::F32, &dev).unwrap()),
+        &["[4, 80]", "[4, 79]"],
+    );
+    check(
+        f.forward(&Tensor::zeros(80, DType::F32, &dev).unwrap(), &ok_labels),
+        &["[N, C]"],
+    );
+    // Dtypes: labels, logits, dense targets.
+    check(
+        f.forward(&x, &Tensor::new(&[0u8, 1, 2, 3], &dev).unwrap()),
+        &["U8"],
+    );
+    check(
+        f.forward(&x.to_dtype(DType::I64).unwrap(), &ok_labels),
+        &["I64"],
+    );
+    check(
+        f.forward(&x, &Tensor::zeros((4, 80), DType::F64, &dev).unwrap()),
+        &["F64"],
+    );
+    // Class weights: length, dtype, with dense targets.
+    let cw = |len: usize, dt: DType| Some(Tensor::ones(len, dt, &dev).unwrap());
+    let fw = |w| SigmoidFocalLoss {
+        class_weights: w,
+        ..Default::default()
+    };
+    check(
+        fw(cw(79, DType::F32)).forward(&x, &ok_labels),
+        &["length 79", "C = 80"],
+    );
+    check(
+        fw(cw(82, DType::F32)).forward(&x, &ok_labels),
+        &["length 82"],
+    );
+    check(
+        fw(cw(80, DType::F64)).forward(&x, &ok_labels),
+        &["class_weights", "F64"],
+    );
+    check(
+        fw(cw(80, DType::F32)).forward(&x, &Tensor::zeros((4, 80), DType::F32, &dev).unwrap()),
+        &["dense"],
+    );
+    assert!(fw(cw(81, DType::F32)).forward(&x, &ok_labels).is_ok());
+    // Hyper-parameters.
+    let fg = |g: f64| SigmoidFocalLoss {
+        gamma: g,
+        ..Default::default()
+    };
+    check(fg(-1.0).forward(&x, &ok_labels), &["gamma", "-1"]);
+    check(fg(f64::NAN).forward(&x, &ok_labels), &["gamma"]);
+    check(
+        SigmoidFocalLoss {
+            alpha: Some(1.5),
+            ..Default::default()
+        }
+        .forward(&x, &ok_labels),
+        &["alpha"],
+    );
+    check(
+        SigmoidFocalLoss {
+            reduction: Reduction::AvgFactor(0.0),
+            ..Default::default()
+        }
+        .forward(&x, &ok_labels),
+        &["AvgFactor"],
+    );
+}
+
+#[test]
+fn empty_and_all_ignored_batches() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((0, 5), DType::F32, &dev).unwrap();
+    let labels = Tensor::zeros(0, DType::I64, &dev).unwrap();
+    for red in REDUCTIONS {
+        let l = SigmoidFocalLoss {
+            reduction: red,
+            ..Default::default()
+        }
+        .forward(&x, &labels)
+        .unwrap();
+        if red == Reduction::None {
+            assert_eq!(l.dims(), &[0, 5]);
+        } else {
+            assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
+        }
+    }
+    let x = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
+    let ignored = Tensor::new(&[-1i64, -1, -1], &dev).unwrap();
+    let up = Tensor::new(1f32, &dev).unwrap();
+    let (l, g) = run_ours(&x, &ignored, &up, &SigmoidFocalLoss::default());
+    assert_eq!(l, vec![0.0]);
+    assert!(g.iter().all(|v| *v == 0.0));
+}
+
+#[test]
+fn bitwise_deterministic_for_any_thread_count() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(7);
+    let (n, c) = (5000, 80);
+    let x = Tensor::from_vec(rng.vec_normal(n * c, 3.0), (n, c), &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let labels = Tensor::from_vec(
+        (0..n)
+            .map(|_| rng.below(c as u64 + 2) as i64 - 1)
+            .collect::<Vec<_>>(),
+        n,
+        &dev,
+    )
+    .unwrap();
+    let dense = Tensor::from_vec(
+        (0..n * c).map(|_| rng.uniform()).collect::<Vec<_>>(),
+        (n, c),
+        &dev,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut bits = Vec::new();
+            for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
+                let f = SigmoidFocalLoss {
+                    reduction: red,
+                    ..Default::default()
+                };
+                let up = if red == Reduction::None {
+                    Tensor::ones((n, c), DType::F32, &dev).unwrap()
+                } else {
+                    Tensor::new(1f32, &dev).unwrap()
+                };
+                for t in [&labels, &dense] {
+                    let (l, g) = loss_and_grad(&x, &up, |x| f.forward(x, t)).unwrap();
+                    for v in to_f64_vec(&l).into_iter().chain(to_f64_vec(&g)) {
+                        bits.push(v.to_bits());
+                    }
+                }
+            }
+            bits
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one, run(3));
+}
