@@ -373,6 +373,25 @@ pub(crate) fn target_kind(
     }
 }
 
+/// Lanes of the vectorisable sums: enough for AVX-512 f32, a multiple of SSE/AVX widths.
+pub(crate) const LANES: usize = 16;
+
+/// `Σ v[j]` in a fixed order that LLVM can vectorise: `LANES` independent partial sums (lane
+/// `l` takes the elements `j ≡ l mod LANES`), combined in lane order, then the tail. The order
+/// depends only on `v.len()`, so the result is deterministic.
+#[inline(always)]
+pub(crate) fn lane_sum<A: Acc>(v: &[A]) -> A {
+    let mut acc = [A::ZERO; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += *x;
+        }
+    }
+    let tail = chunks.remainder().iter().fold(A::ZERO, |s, x| s + *x);
+    acc.iter().fold(A::ZERO, |s, a| s + *a) + tail
+}
+
 /// Sums chunk partials in chunk order (the fixed order that makes reductions deterministic).
 pub(crate) fn ordered_sum(parts: &[f64]) -> f64 {
     parts.iter().fold(0.0, |a, b| a + b)

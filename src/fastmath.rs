@@ -1,49 +1,60 @@
 //! Branch-free `f32` transcendentals for the CPU loss kernels.
 //!
-//! Every function is `#[inline(always)]`, uses only `f32` arithmetic, `i32` wrapping integer
-//! arithmetic on the bit patterns (`to_bits` / `from_bits`) and value selects, and has no table
-//! lookups and no `f32 -> int` conversions. Called element-wise in a loop over slices, LLVM
-//! vectorises the loop with packed SSE2 instructions (baseline x86-64, no AVX or FMA required).
+//! Every function is `#[inline(always)]`, uses only `f32` arithmetic, wrapping `i32` arithmetic
+//! on the bit patterns (`to_bits` / `from_bits`) and value selects: no branches, no table
+//! lookups and no `f32 -> int` conversions. Called element-wise in a loop over slices, the loop
+//! vectorises with packed SSE2 instructions (baseline x86-64; no AVX or FMA needed, and results
+//! do not depend on whether the loop was vectorised).
 //!
-//! Techniques: `exp` reduces `x = n ln2 + r` with a two-constant Cody-Waite split, evaluates a
-//! degree-6 minimax polynomial for `e^r` on `|r| <= ln2/2` and scales by `2^n` through the
-//! exponent field (in two halves, so that subnormal results come out gradually and correctly
-//! rounded). `ln` / `log1p` reduce to `2^k m` with `m` in `[sqrt(1/2), sqrt(2))` and evaluate
-//! `ln(1 + f) = f - f²/2 + s (f²/2 + R(s²))` with `s = f / (2 + f)` (the atanh series, written so
-//! that the exact leading term `f` is added last); `R` is a 3-term minimax polynomial. `log1p`
-//! feeds the rounding error of `1 + x` back in as a first-order correction, which keeps the
-//! relative accuracy for tiny `|x|` (`log1p(1e-30) == 1e-30`).
+//! Methods:
+//! * `exp`: `x = n ln2 + r` with a two-constant Cody-Waite split (`n` rounded by the
+//!   `1.5 * 2^23` trick), a degree-6 minimax polynomial for `e^r` on `|r| <= ln2/2` whose leading
+//!   `1 + r_hi` is summed exactly, and the scale `2^n` built in the exponent field in two halves,
+//!   so that subnormal results are rounded only once.
+//! * `ln`: `x = 2^k m` with `m` in `[sqrt(1/2), sqrt(2))` (subnormals pre-scaled by `2^23`),
+//!   `f = m - 1` exact and `ln(1 + f) = 2 atanh(s) = f - f²/2 + s (f²/2 + R(s²))` with
+//!   `s = f / (2 + f)`, `R` a 3-term minimax polynomial; the exact `f` and `k ln2_hi` are added last.
+//! * `log1p`: the same on `u = 1 + x`, plus the rounding error of `1 + x` as the first-order
+//!   correction `(x - (u - 1)) / u`, which keeps the relative accuracy for tiny `|x|`
+//!   (`log1p(1e-30) == 1e-30`).
+//! * `softplus`: `max(x, 0) + log1p(e^-|x|)`, where `log1p` of `e` in `[0, 1]` reduces without
+//!   bit tricks or corrections: `f = e` for `e < 1/2`, else `1 + e = 2 (1 + (e - 1) / 2)`.
+//! * `sigmoid`: `1 / (1 + e)` or `e / (1 + e)` with `e = e^-|x|`, with the rounding error of
+//!   `1 + e` corrected to first order.
 //!
-//! Measured accuracy, in ulps against the f64 result rounded to f32 (exhaustively over every f32
-//! input in the stated range):
+//! Measured error, in ulps against the f64 std result rounded to f32, over every f32 input
+//! (exhaustive; the ranges the losses use are included). "f64 ulp" is the error against the
+//! unrounded f64 value, in units of the f32 ulp there.
 //!
-//! | function       | range                  | max error |
-//! |----------------|------------------------|-----------|
-//! | `exp_f32`      | all f32                | 1 ulp     |
-//! | `ln_f32`       | all f32                | 1 ulp     |
-//! | `log1p_f32`    | all f32                | 1 ulp     |
-//! | `softplus_f32` | all f32                | 1 ulp     |
-//! | `sigmoid_f32`  | all f32                | 2 ulp     |
+//! | function       | max error | max f64 ulp | inputs with a 1 / 2 ulp error |
+//! |----------------|-----------|-------------|-------------------------------|
+//! | `exp_f32`      | 1 ulp     | TODO        | TODO                          |
+//! | `ln_f32`       | 1 ulp     | TODO        | TODO                          |
+//! | `log1p_f32`    | 1 ulp     | TODO        | TODO                          |
+//! | `softplus_f32` | 1 ulp     | TODO        | TODO                          |
+//! | `sigmoid_f32`  | 2 ulp     | TODO        | TODO                          |
 //!
-//! Special values and flushing:
-//! * No flush to zero anywhere: `exp_f32` returns correctly scaled subnormals for
-//!   `x` in about `[-103.97, -87.34]` and `0` below; `softplus_f32(-100) ≈ 3.7e-44` and
-//!   `sigmoid_f32(-100) ≈ 3.7e-44` are subnormal, not zero. (Subnormal results can be slow on
-//!   some CPUs; the values are right.)
-//! * `exp_f32`: `+inf` for `x > 88.72284` (`ln(f32::MAX)`), `exp(-inf) = 0`, `exp(NaN) = NaN`.
-//! * `ln_f32`: `ln(±0) = -inf`, `ln(x < 0) = NaN`, `ln(+inf) = +inf`, subnormal inputs are exact
-//!   to the same accuracy, `ln(NaN) = NaN`.
+//! Special values (no flush to zero anywhere; NaN results are quiet NaNs, not necessarily with
+//! the input's payload):
+//! * `exp_f32`: `+inf` from `x = 88.72284` up (the first f32 above `ln(f32::MAX)`); gradual
+//!   underflow, i.e. subnormal results for `x` in about `[-103.97, -87.34)`, and `+0` below
+//!   `ln(2^-150) ≈ -103.972` (where `e^x` rounds to 0); `exp(-inf) = 0`, `exp(NaN) = NaN`.
+//! * `ln_f32`: `ln(±0) = -inf`, `ln(x < 0) = NaN` (`-inf` included), `ln(+inf) = +inf`,
+//!   subnormal inputs to full accuracy, `ln(NaN) = NaN`.
 //! * `log1p_f32`: `log1p(-1) = -inf`, `log1p(x < -1) = NaN`, `log1p(+inf) = +inf`,
-//!   `log1p(±0) = ±0`, `log1p(NaN) = NaN`.
-//! * `softplus_f32(±inf) = +inf / 0`, `sigmoid_f32(±inf) = 1 / 0`; both propagate NaN.
+//!   `log1p(±0) = ±0`, subnormal inputs returned unchanged, `log1p(NaN) = NaN`.
+//! * `softplus_f32`: `softplus(100) = 100`, `softplus(-100) ≈ 3.7e-44` (subnormal, not 0),
+//!   `0` below about `-103.97`, `softplus(+inf) = +inf`, `softplus(-inf) = 0`, NaN -> NaN.
+//! * `sigmoid_f32`: `sigmoid(-100) ≈ 3.7e-44` (subnormal), `0` below about `-103.97`,
+//!   `sigmoid(±inf) = 1 / 0`, NaN -> NaN.
 //!
-//! NaN results are quiet NaNs but the payload is not guaranteed to be the input's.
+//! Subnormal results are correct but may be slow on CPUs that handle them in microcode.
 
 use std::f32::consts::LOG2_E;
 
 /// `ln 2` split for Cody-Waite reduction: `LN2_HI = 355/512` has 9 significant bits, so
 /// `n * LN2_HI` is exact for every `|n| < 2^15`; `LN2_LO = ln 2 - LN2_HI` (rounded).
-const LN2_HI: f32 = 0.693_359_375;
+const LN2_HI: f32 = 355.0 / 512.0;
 const LN2_LO: f32 = -0.000_212_194_44;
 
 /// `1.5 * 2^23`: adding it to `|v| < 2^22` rounds `v` to the nearest integer (ties to even) and
@@ -68,11 +79,11 @@ const EXP_C6: f32 = 0.001_383_889_7;
 const SQRT_HALF_BITS: i32 = 0x3f35_04f3;
 
 /// Minimax coefficients of `R(z) ≈ z (LG1 + LG2 z + LG3 z²)` approximating
-/// `(2 atanh(s) - 2 s) / s` with `z = s²`, `|s| <= 0.1716` (max abs error 1.7e-9; Taylor would be
-/// 2/3, 2/5, 2/7).
-const LG1: f32 = 0.666_667_76;
-const LG2: f32 = 0.399_775_8;
-const LG3: f32 = 0.298_709_27;
+/// `(2 atanh(s) - 2 s) / s` with `z = s²`, `|s| <= 0.2` (max abs error 5.7e-9, i.e. relative
+/// error of `ln(1 + f)` below 3e-9; Taylor would be 2/3, 2/5, 2/7).
+const LG1: f32 = 0.666_669_5;
+const LG2: f32 = 0.399_576_78;
+const LG3: f32 = 0.303_637_5;
 
 /// `1/d ≈ INV_C0 - INV_C1 d` on `[1, 2]` (24/17 and 8/17), for the sigmoid correction term.
 const INV_C0: f32 = 24.0 / 17.0;
@@ -86,7 +97,19 @@ const TWO_POW_23: f32 = 8_388_608.0;
 pub(crate) fn exp_f32(x: f32) -> f32 {
     // Clamp with comparisons, which keep NaN (`NaN < c` is false); `f32::max/min` would not.
     let x = if x < EXP_LO { EXP_LO } else { x };
-    let x = if x > EXP_HI { EXP_HI } else { x };
+    exp_clamped(if x > EXP_HI { EXP_HI } else { x })
+}
+
+/// `e^-|x|` (in `[0, 1]`, or NaN) for any `x`: only the lower clamp is needed.
+#[inline(always)]
+fn exp_neg_abs(x: f32) -> f32 {
+    let t = -x.abs();
+    exp_clamped(if t < EXP_LO { EXP_LO } else { t })
+}
+
+/// `e^x` for `x` in `[EXP_LO, EXP_HI]` or NaN.
+#[inline(always)]
+fn exp_clamped(x: f32) -> f32 {
     // n = round(x / ln 2), as an integer read straight from the bits (no float->int cast,
     // which would turn NaN into 0) and as an exact float.
     let t = x * LOG2_E + ROUND_MAGIC;
@@ -104,7 +127,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // |r_hi| < 1), so only the last addition rounds at the result's scale.
     let s = 1.0 + r_hi;
     let s_err = (1.0 - s) + r_hi;
-    let p = s + (s_err + (r_lo + r2 * q));
+    let p = s + ((s_err + r_lo) + r2 * q);
     // 2^n = 2^n1 * 2^n2 with both halves normal (n1, n2 in [-75, 65]); the first product is
     // exact, the second rounds once, also into the subnormal range or to 0 / +inf.
     let n1 = n >> 1;
@@ -115,25 +138,38 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     (p * s1) * s2
 }
 
-/// `ln(2^k' u) + corr` where `u = 2^k m` is a positive normal finite `f32`, `k_bias` is an extra
-/// power of two and `corr` a small absolute correction (`|corr| <~ 2^-24`). Other `u` give
-/// garbage (callers select the special values); a NaN `u` or `corr` gives NaN.
+/// `kf ln2 + ln(1 + f) + corr` for an exact `f` in about `[-0.3, 0.5]`, an integer-valued `kf`
+/// and a small absolute correction `corr`. NaN in any argument gives NaN.
 #[inline(always)]
-fn ln_core(u: f32, k_bias: i32, corr: f32) -> f32 {
-    let bits = u.to_bits() as i32;
-    // k such that m = u / 2^k lies in [sqrt(1/2), sqrt(2)): shift the exponent field by one
-    // where the mantissa is above sqrt(2).
-    let k = bits.wrapping_sub(SQRT_HALF_BITS) >> 23;
-    let m = f32::from_bits(bits.wrapping_sub(k << 23) as u32);
-    let kf = k.wrapping_add(k_bias) as f32;
-    let f = m - 1.0; // exact (Sterbenz), f in [-0.293, 0.415)
-    let s = f / (2.0 + f); // ln(1 + f) = 2 atanh(s)
+fn ln1p_reduced(f: f32, kf: f32, corr: f32) -> f32 {
+    let s = f / (2.0 + f); // ln(1 + f) = 2 atanh(s), |s| <= 0.2
     let z = s * s;
-    let r = z * LG1 + (z * z) * (LG2 + z * LG3);
+    // s R(z), Estrin-style for a short dependency chain.
+    let sr = (s * z) * ((LG1 + z * LG2) + (z * z) * LG3);
     let hfsq = 0.5 * f * f;
     // 2 atanh(s) = f - hfsq + s (hfsq + R): sum the small terms first, the exact f and the
     // exact k * LN2_HI last.
-    kf * LN2_HI - ((hfsq - (s * (hfsq + r) + (kf * LN2_LO + corr))) - f)
+    let tail = sr + (s * hfsq + (kf * LN2_LO + corr));
+    kf * LN2_HI - ((hfsq - tail) - f)
+}
+
+/// `ln(u) + k_bias ln2 + corr` for a positive normal finite `u`. Other `u` give garbage
+/// (callers select the special values), except that NaN in `u` or `corr` gives NaN.
+#[inline(always)]
+fn ln_core(u: f32, k_bias: i32, corr: f32) -> f32 {
+    let bits = u.to_bits() as i32;
+    // k such that m = u / 2^k lies in [sqrt(1/2), sqrt(2)): offsetting the bits by those of
+    // sqrt(1/2) carries into the exponent field exactly where the mantissa passes sqrt(2).
+    let k = bits.wrapping_sub(SQRT_HALF_BITS) >> 23;
+    let m = f32::from_bits(bits.wrapping_sub(k << 23) as u32);
+    let kf = k.wrapping_add(k_bias) as f32;
+    ln1p_reduced(m - 1.0, kf, corr) // m - 1 is exact (Sterbenz), in [-0.293, 0.415)
+}
+
+/// `v` where `bad` is false, a NaN (all bits set) where it is true: one OR instead of a select.
+#[inline(always)]
+fn nan_if(bad: bool, v: f32) -> f32 {
+    f32::from_bits(v.to_bits() | (bad as u32).wrapping_neg())
 }
 
 /// Natural logarithm `ln(x)` (see the module docs for special values).
@@ -141,18 +177,13 @@ fn ln_core(u: f32, k_bias: i32, corr: f32) -> f32 {
 pub(crate) fn ln_f32(x: f32) -> f32 {
     // Subnormals: scale by 2^23 (exact) and take 23 off the exponent.
     let sub = x < f32::MIN_POSITIVE;
-    let u = if sub { x * TWO_POW_23 } else { x };
+    let u = x * if sub { TWO_POW_23 } else { 1.0 };
     let k_bias = if sub { -23 } else { 0 };
     // `-0.0` as correction lets LLVM drop the add (`v + -0.0 == v` for every v).
     let r = ln_core(u, k_bias, -0.0);
     let r = if x == 0.0 { f32::NEG_INFINITY } else { r };
-    let r = if x < 0.0 { f32::NAN } else { r };
     let r = if x == f32::INFINITY { f32::INFINITY } else { r };
-    if x.is_nan() {
-        x
-    } else {
-        r
-    }
+    nan_if((x < 0.0) | x.is_nan(), r)
 }
 
 /// `ln(1 + x)` for finite `x > -1` (and NaN -> NaN); `-0` comes out as `+0`.
@@ -172,31 +203,38 @@ pub(crate) fn log1p_f32(x: f32) -> f32 {
     let r = log1p_core(x);
     let r = if x == 0.0 { x } else { r }; // keep the sign of zero
     let r = if x == -1.0 { f32::NEG_INFINITY } else { r };
-    let r = if x < -1.0 { f32::NAN } else { r };
-    if x == f32::INFINITY {
-        f32::INFINITY
-    } else {
-        r
-    }
+    let r = if x == f32::INFINITY { f32::INFINITY } else { r };
+    nan_if((x < -1.0) | x.is_nan(), r)
+}
+
+/// `ln(1 + e)` for `e` in `[0, 1]` (NaN -> NaN), without going through the bits: `1 + e` is
+/// either `1 + f` with `f = e`, or `2 (1 + f)` with `f = (e - 1) / 2` (exact for `e >= 1/2`,
+/// Sterbenz), so `f` stays in `[-0.25, 0.5)` and no rounding error of `1 + e` needs correcting.
+#[inline(always)]
+fn log1p_unit(e: f32) -> f32 {
+    let big = e >= 0.5;
+    let f = if big { (e - 1.0) * 0.5 } else { e };
+    let kf = if big { 1.0 } else { 0.0 };
+    ln1p_reduced(f, kf, -0.0)
 }
 
 /// `ln(1 + e^x)`, computed as `max(x, 0) + log1p(e^-|x|)`; NaN -> NaN, no flush to zero.
 #[inline(always)]
 pub(crate) fn softplus_f32(x: f32) -> f32 {
     let pos = if x > 0.0 { x } else { 0.0 };
-    // e in [0, 1] (or NaN), where log1p needs none of its special-value selects; NaN in x
-    // reaches the sum through e.
-    let e = exp_f32(-x.abs());
-    pos + log1p_core(e)
+    // e in [0, 1] (or NaN, which reaches the sum through e).
+    let e = exp_neg_abs(x);
+    pos + log1p_unit(e)
 }
 
 /// Logistic sigmoid `1 / (1 + e^-x)`, stable for both signs; NaN -> NaN.
 #[inline(always)]
 pub(crate) fn sigmoid_f32(x: f32) -> f32 {
     // e = e^-|x| <= 1 never overflows: sigmoid = 1 / (1 + e) for x >= 0, e / (1 + e) otherwise.
-    let e = exp_f32(-x.abs());
-    let num = if x >= 0.0 { 1.0 } else { e }; // NaN takes the `e` (NaN) branch
-                                              // 1 + e = d + d_lo exactly (Fast2Sum, e <= 1); rounding d alone would cost up to 1 ulp.
+    let e = exp_neg_abs(x);
+    // NaN takes the `e` (NaN) branch.
+    let num = if x >= 0.0 { 1.0 } else { e };
+    // 1 + e = d + d_lo exactly (Fast2Sum, e <= 1); rounding to d alone would cost up to 1 ulp.
     let d = 1.0 + e;
     let d_lo = (1.0 - d) + e;
     let q = num / d;
@@ -487,6 +525,9 @@ mod tests {
     #[test]
     fn softplus_special_values() {
         assert_eq!(softplus_f32(0.0), std::f32::consts::LN_2);
+        assert_eq!(softplus_f32(-0.0), std::f32::consts::LN_2);
+        assert_eq!(softplus_f32(f32::from_bits(1)), std::f32::consts::LN_2);
+        assert_eq!(softplus_f32(-f32::from_bits(1)), std::f32::consts::LN_2);
         assert_eq!(softplus_f32(100.0), 100.0);
         assert_eq!(softplus_f32(20.0), 20.0);
         assert!(ulp_diff(softplus_f32(-100.0), (-100.0f64).exp() as f32) <= 1);

@@ -1,8 +1,8 @@
 //! Sigmoid focal loss (Lin et al. 2017, RetinaNet) as a fused Candle custom op.
 
 use crate::common::{
-    self, check_float_2d, check_non_negative, cpu_slice, decode_label, ordered_sum, rows_per_chunk,
-    Acc, Elem, Label, RowLabel, TargetKind,
+    self, check_float_2d, check_non_negative, cpu_slice, decode_label, lane_sum, ordered_sum,
+    rows_per_chunk, Acc, Elem, Label, RowLabel, TargetKind,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -134,16 +134,22 @@ struct FocalFwd(FocalOp);
 /// Backward op: `(logits, targets, upstream gradient) -> ∂loss/∂logits`.
 struct FocalBwd(FocalOp);
 
-/// Hyper-parameters in the accumulator type.
+/// Hyper-parameters in the accumulator type. `α_t = a_pos·t + a_neg·(1-t)`, with
+/// `a_pos = a_neg = 1` when alpha is disabled, so the element loop has no branch.
 #[derive(Clone, Copy)]
 struct Params<A> {
-    alpha: A,
-    has_alpha: bool,
+    a_pos: A,
+    a_neg: A,
     gamma: A,
 }
 
+/// Lower bound put on `log(1-pₜ)` before it is multiplied by γ: keeps `0·log 0` at 0 (so γ = 0
+/// gives exactly 1) while `γ·bound` still underflows `exp` to 0 for any γ > 0 used in practice.
+const LN_Q_FLOOR: f64 = -1e30;
+
 /// Loss and derivative of one element, `t ∈ [0, 1]`. `HARD` = the target is exactly 0 or 1
-/// (integer labels), which lets `log(1-pₜ)` come from the softplus already computed.
+/// (integer labels), which lets `log(1-pₜ)` and `p(1-p)/(1-pₜ)` come from quantities already
+/// computed. Straight-line code (selects only) so the element loops vectorise.
 #[inline(always)]
 fn focal_elem<A: Acc, const HARD: bool>(p: &Params<A>, x: A, t: A) -> (A, A) {
     let one = A::ONE;
@@ -155,31 +161,26 @@ fn focal_elem<A: Acc, const HARD: bool>(p: &Params<A>, x: A, t: A) -> (A, A) {
     let pos = x >= A::ZERO;
     let p_ = if pos { inv } else { e * inv }; // p = σ(x)
     let pm = if pos { e * inv } else { inv }; // 1-p = σ(-x), no cancellation
-    let ce = t * sp_neg + (one - t) * sp_pos; // BCE with logits, both terms ≥ 0
-    let q = p_ * (one - t) + pm * t; // 1 - pₜ
-    let ln_q = if HARD {
-        -(t * sp_pos + (one - t) * sp_neg) // log σ(∓x) = -softplus(±x)
+    let u = one - t;
+    let ce = t * sp_neg + u * sp_pos; // BCE with logits, both terms ≥ 0
+    let q = p_ * u + pm * t; // 1 - pₜ
+    let (ln_q, r) = if HARD {
+        // log σ(∓x) = -softplus(±x); p(1-p)/(1-pₜ) = p (t = 1) or 1-p (t = 0).
+        (-(t * sp_pos + u * sp_neg), t * p_ + u * pm)
     } else {
-        q.ln()
+        // p(1-p)/(1-pₜ) ∈ [0, 1] (1-pₜ is a convex combination of p and 1-p); its limit is 1
+        // where 1-pₜ underflows to 0 (then p(1-p) is 0 too).
+        let r = p_ * pm / q;
+        (q.ln(), if q > A::ZERO { r } else { one })
     };
-    // (1-pₜ)^γ; γ = 0 gives exactly 1 even where 1-pₜ underflows to 0.
-    let m = if p.gamma == A::ZERO {
-        one
-    } else {
-        (p.gamma * ln_q).exp()
-    };
-    let a_t = if p.has_alpha {
-        p.alpha * t + (one - p.alpha) * (one - t)
-    } else {
-        one
-    };
-    // p(1-p)/(1-pₜ) ∈ [0, 1] (1-pₜ is a convex combination of p and 1-p); its limit is 1 where
-    // 1-pₜ underflows to 0 (then p(1-p) is 0 too).
-    let r = if q > A::ZERO { p_ * pm / q } else { one };
+    let floor = A::from_f64(LN_Q_FLOOR);
+    let ln_q = if ln_q < floor { floor } else { ln_q }; // NaN stays NaN
+    let m = (p.gamma * ln_q).exp(); // (1-pₜ)^γ
+    let a_t = p.a_pos * t + p.a_neg * u;
     let loss = a_t * m * ce;
-    let p_minus_t = p_ * (one - t) - pm * t; // = p - t, without cancellation at p → t = 1
-                                             // d/dx [(1-pₜ)^γ·ce] = (1-pₜ)^γ·(p - t) + ce·γ(1-pₜ)^{γ-1}·p(1-p)(1-2t)
-    let grad = a_t * m * (p_minus_t + p.gamma * ce * r * (one - t - t));
+    let p_minus_t = p_ * u - pm * t; // = p - t, without cancellation at p → t = 1
+                                     // d/dx [(1-pₜ)^γ·ce] = (1-pₜ)^γ·(p - t) + ce·γ(1-pₜ)^{γ-1}·p(1-p)(1-2t)
+    let grad = a_t * m * (p_minus_t + p.gamma * ce * r * (u - t));
     (loss, grad)
 }
 
@@ -240,81 +241,120 @@ fn row_weight<A: Acc>(rt: &RowTarget<'_, impl Elem>, w: &[A], c: usize) -> A {
     }
 }
 
-/// Loss of one row; writes per-element values into `out` when given. Returns the row sum
+/// Per-chunk scratch rows in the accumulator type: the logits, the targets (0/1 from a label,
+/// or the dense row) and the per-element results. Plain slices keep the element loops simple
+/// enough for LLVM's loop vectoriser.
+struct Scratch<A> {
+    x: Vec<A>,
+    t: Vec<A>,
+    v: Vec<A>,
+}
+
+impl<A: Acc> Scratch<A> {
+    fn new(c: usize) -> Self {
+        Self {
+            x: vec![A::ZERO; c],
+            t: vec![A::ZERO; c],
+            v: vec![A::ZERO; c],
+        }
+    }
+
+    /// Loads row `x` and its targets; returns false for an ignored row.
+    #[inline(always)]
+    fn load<T: Elem<A = A>>(&mut self, x: &[T], rt: &RowTarget<'_, T>) -> bool {
+        for (d, s) in self.x.iter_mut().zip(x) {
+            *d = s.to_acc();
+        }
+        match rt {
+            RowTarget::Label(RowLabel::Ignored) => return false,
+            RowTarget::Label(RowLabel::Class(k)) => {
+                self.t.fill(A::ZERO);
+                if let Some(tk) = self.t.get_mut(*k) {
+                    *tk = A::ONE; // k == C (background) leaves the row all-negative
+                }
+            }
+            RowTarget::Dense(d) => {
+                for (t, s) in self.t.iter_mut().zip(d.iter()) {
+                    *t = s.to_acc();
+                }
+            }
+        }
+        true
+    }
+
+    /// `v[j] = loss(x[j], t[j])` (or its derivative when `GRAD`).
+    #[inline(always)]
+    fn eval<const HARD: bool, const GRAD: bool>(&mut self, p: &Params<A>) {
+        for ((v, &x), &t) in self.v.iter_mut().zip(&self.x).zip(&self.t) {
+            let (l, g) = focal_elem::<A, HARD>(p, x, t);
+            *v = if GRAD { g } else { l };
+        }
+    }
+
+    #[inline(always)]
+    fn eval_row<const GRAD: bool>(&mut self, p: &Params<A>, hard: bool) {
+        if hard {
+            self.eval::<true, GRAD>(p)
+        } else {
+            self.eval::<false, GRAD>(p)
+        }
+    }
+}
+
+/// Loss of one row: writes `w_row · l` into `out` when given, else returns the row sum
 /// (before the row weight, which the caller applies).
 #[inline(always)]
 fn row_forward<T: Elem>(
     p: &Params<T::A>,
+    s: &mut Scratch<T::A>,
     x: &[T],
     rt: &RowTarget<'_, T>,
     wrow: T::A,
     out: Option<&mut [T]>,
 ) -> T::A {
-    let mut sum = T::A::ZERO;
-    match rt {
-        RowTarget::Label(RowLabel::Ignored) => {
-            if let Some(o) = out {
-                o.fill(T::from_acc(T::A::ZERO));
-            }
+    if !s.load(x, rt) {
+        if let Some(o) = out {
+            o.fill(T::from_acc(T::A::ZERO));
         }
-        RowTarget::Label(RowLabel::Class(k)) => {
-            let k = *k;
-            match out {
-                Some(o) => {
-                    for (j, (oj, xj)) in o.iter_mut().zip(x).enumerate() {
-                        let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                        *oj = T::from_acc(wrow * focal_elem::<_, true>(p, xj.to_acc(), t).0);
-                    }
-                }
-                None => {
-                    for (j, xj) in x.iter().enumerate() {
-                        let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                        sum += focal_elem::<_, true>(p, xj.to_acc(), t).0;
-                    }
-                }
-            }
-        }
-        RowTarget::Dense(trow) => match out {
-            Some(o) => {
-                for ((oj, xj), tj) in o.iter_mut().zip(x).zip(trow.iter()) {
-                    *oj = T::from_acc(focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).0);
-                }
-            }
-            None => {
-                for (xj, tj) in x.iter().zip(trow.iter()) {
-                    sum += focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).0;
-                }
-            }
-        },
+        return T::A::ZERO;
     }
-    sum
+    s.eval_row::<false>(p, matches!(rt, RowTarget::Label(_)));
+    match out {
+        Some(o) => {
+            for (o, v) in o.iter_mut().zip(&s.v) {
+                *o = T::from_acc(wrow * *v);
+            }
+            T::A::ZERO
+        }
+        None => lane_sum(&s.v),
+    }
 }
 
 /// Gradient of one row: `g[j] = coef · up[j] · ∂l/∂x[j]`, `up` = `None` for a scalar upstream.
 #[inline(always)]
 fn row_backward<T: Elem>(
     p: &Params<T::A>,
+    s: &mut Scratch<T::A>,
     x: &[T],
     rt: &RowTarget<'_, T>,
     coef: T::A,
     up: Option<&[T]>,
     g: &mut [T],
 ) {
-    let upv = |j: usize| up.map_or(T::A::ONE, |u| u[j].to_acc());
-    match rt {
-        RowTarget::Label(RowLabel::Ignored) => g.fill(T::from_acc(T::A::ZERO)),
-        RowTarget::Label(RowLabel::Class(k)) => {
-            let k = *k;
-            for (j, (gj, xj)) in g.iter_mut().zip(x).enumerate() {
-                let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                *gj = T::from_acc(coef * upv(j) * focal_elem::<_, true>(p, xj.to_acc(), t).1);
+    if !s.load(x, rt) {
+        g.fill(T::from_acc(T::A::ZERO));
+        return;
+    }
+    s.eval_row::<true>(p, matches!(rt, RowTarget::Label(_)));
+    match up {
+        Some(u) => {
+            for ((g, v), u) in g.iter_mut().zip(&s.v).zip(u) {
+                *g = T::from_acc(coef * u.to_acc() * *v);
             }
         }
-        RowTarget::Dense(trow) => {
-            for (j, ((gj, xj), tj)) in g.iter_mut().zip(x).zip(trow.iter()).enumerate() {
-                *gj = T::from_acc(
-                    coef * upv(j) * focal_elem::<_, false>(p, xj.to_acc(), tj.to_acc()).1,
-                );
+        None => {
+            for (g, v) in g.iter_mut().zip(&s.v) {
+                *g = T::from_acc(coef * *v);
             }
         }
     }
@@ -322,9 +362,13 @@ fn row_backward<T: Elem>(
 
 impl FocalOp {
     fn params<A: Acc>(&self) -> Params<A> {
+        let (a_pos, a_neg) = match self.alpha {
+            Some(a) => (a, 1.0 - a),
+            None => (1.0, 1.0),
+        };
         Params {
-            alpha: A::from_f64(self.alpha.unwrap_or(1.0)),
-            has_alpha: self.alpha.is_some(),
+            a_pos: A::from_f64(a_pos),
+            a_neg: A::from_f64(a_neg),
             gamma: A::from_f64(self.gamma),
         }
     }
@@ -357,11 +401,12 @@ impl FocalOp {
                 .par_chunks_mut((rpc * c).max(1))
                 .enumerate()
                 .map(|(ci, o)| {
+                    let mut sc = Scratch::new(c);
                     for (r, orow) in o.chunks_mut(c).enumerate() {
                         let i = ci * rpc + r;
                         let rt = tg.row(i, c)?;
                         let wr = row_weight(&rt, &w, c);
-                        row_forward(&p, &x[i * c..(i + 1) * c], &rt, wr, Some(orow));
+                        row_forward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, wr, Some(orow));
                     }
                     Ok(())
                 })
@@ -375,13 +420,15 @@ impl FocalOp {
             .into_par_iter()
             .map(|ci| {
                 let (mut s, mut k) = (0f64, 0usize);
+                let mut sc = Scratch::new(c);
                 for i in ci * rpc..((ci + 1) * rpc).min(n) {
                     let rt = tg.row(i, c)?;
                     if let RowTarget::Label(RowLabel::Ignored) = rt {
                         continue;
                     }
                     let wr = row_weight(&rt, &w, c);
-                    s += (wr * row_forward(&p, &x[i * c..(i + 1) * c], &rt, wr, None)).to_f64();
+                    let row = &x[i * c..(i + 1) * c];
+                    s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
                     k += 1;
                 }
                 Ok((s, k))
@@ -431,12 +478,13 @@ impl FocalOp {
             .par_chunks_mut((rpc * c).max(1))
             .enumerate()
             .map(|(ci, gc)| {
+                let mut sc = Scratch::new(c);
                 for (r, grow) in gc.chunks_mut(c).enumerate() {
                     let i = ci * rpc + r;
                     let rt = tg.row(i, c)?;
                     let coef = T::A::from_f64(base) * row_weight(&rt, &w, c);
                     let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
-                    row_backward(&p, &x[i * c..(i + 1) * c], &rt, coef, u, grow);
+                    row_backward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, coef, u, grow);
                 }
                 Ok(())
             })
