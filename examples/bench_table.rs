@@ -2,8 +2,11 @@
 //! candle's autograd for the backward) and against a plain pass over the same bytes (the memory
 //! floor), on the CPU.
 //!
-//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak]`
+//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda]`
 //!
+//! With `--device cuda` (build with `--features cuda`) every pass is timed with a device
+//! synchronisation, the sizes go up to ~10^8 elements, and the floor is a device-to-device copy
+//! of the same bytes.
 //! Each case: one warm-up, then ≥ 7 timed runs, median. The fused forward+backward is also timed
 //! in a 1-thread pool (the `1-thread ms` column). Peak memory (RSS high-water mark, reset before
 //! each measurement) of fused vs composed forward+backward is printed after the table.
@@ -47,6 +50,16 @@ struct Row {
     one_thread_ms: Option<f64>,
 }
 
+/// Wraps a job so that it waits for the device to finish (a no-op on the CPU).
+fn synced(dev: &Device, f: Job) -> Job {
+    let dev = dev.clone();
+    Box::new(move || {
+        f()?;
+        dev.synchronize()?;
+        Ok(())
+    })
+}
+
 fn median_ms(runs: usize, f: &Job) -> Result<f64> {
     f()?; // warm-up
     let mut t = Vec::with_capacity(runs);
@@ -80,9 +93,23 @@ fn peak_rss_mib(f: &Job) -> Result<Option<f64>> {
     })
 }
 
-/// A plain pass reading `inputs` and writing one gradient-sized buffer: the memory floor.
-fn copy_floor(inputs: Vec<Vec<f32>>, out_len: usize) -> Job {
-    Box::new(move || {
+/// The memory floor: on the CPU a plain pass reading `inputs` and writing one gradient-sized
+/// buffer; on a GPU a device-to-device copy of each input (the logits' copy writes the
+/// gradient's bytes).
+fn copy_floor(inputs: Vec<Tensor>, out_len: usize) -> Result<Job> {
+    if !inputs[0].device().is_cpu() {
+        return Ok(Box::new(move || {
+            for t in &inputs {
+                std::hint::black_box(t.copy()?);
+            }
+            Ok(())
+        }));
+    }
+    let inputs: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Box::new(move || {
         let mut out = vec![0f32; out_len];
         let chunk = 16 * 1024;
         out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
@@ -96,7 +123,7 @@ fn copy_floor(inputs: Vec<Vec<f32>>, out_len: usize) -> Job {
         });
         std::hint::black_box(&out);
         Ok(())
-    })
+    }))
 }
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -160,9 +187,9 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
         let (c1, c2) = (ct.clone(), ct.clone());
         let m = (!dense_targets).then(|| mask.clone());
         let (m1, m2) = (m.clone(), m.clone());
-        let mut inputs = vec![x.clone()];
+        let mut inputs = vec![xt.as_tensor().clone()];
         if dense_targets {
-            inputs.push(dense.clone());
+            inputs.push(dt.clone());
         }
         cases.push(Case {
             loss: name,
@@ -174,24 +201,36 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
                 } else {
                     label_bytes
                 },
-            fused_fwd: Box::new(move || {
-                f1.forward(x1.as_tensor(), &t1)?;
-                Ok(())
-            }),
-            fused_fwd_bwd: Box::new(move || {
-                f2.forward(x2.as_tensor(), &t2)?.backward()?;
-                Ok(())
-            }),
-            composed_fwd: Some(Box::new(move || {
-                composed::sigmoid_focal(x3.as_tensor(), &c1, m1.as_ref(), 0.25, 2.0, num_pos)?;
-                Ok(())
-            })),
-            composed_fwd_bwd: Some(Box::new(move || {
-                composed::sigmoid_focal(x4.as_tensor(), &c2, m2.as_ref(), 0.25, 2.0, num_pos)?
-                    .backward()?;
-                Ok(())
-            })),
-            copy: copy_floor(inputs, n * c),
+            fused_fwd: synced(
+                dev,
+                Box::new(move || {
+                    f1.forward(x1.as_tensor(), &t1)?;
+                    Ok(())
+                }),
+            ),
+            fused_fwd_bwd: synced(
+                dev,
+                Box::new(move || {
+                    f2.forward(x2.as_tensor(), &t2)?.backward()?;
+                    Ok(())
+                }),
+            ),
+            composed_fwd: Some(synced(
+                dev,
+                Box::new(move || {
+                    composed::sigmoid_focal(x3.as_tensor(), &c1, m1.as_ref(), 0.25, 2.0, num_pos)?;
+                    Ok(())
+                }),
+            )),
+            composed_fwd_bwd: Some(synced(
+                dev,
+                Box::new(move || {
+                    composed::sigmoid_focal(x4.as_tensor(), &c2, m2.as_ref(), 0.25, 2.0, num_pos)?
+                        .backward()?;
+                    Ok(())
+                }),
+            )),
+            copy: synced(dev, copy_floor(inputs, n * c)?),
         });
     }
     Ok(cases)
@@ -200,29 +239,51 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let peak = !args.iter().any(|a| a == "--no-peak");
     let json = args
         .iter()
         .position(|a| a == "--json")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let dev = Device::Cpu;
-    let (n, runs) = if quick { (20_000, 7) } else { (200_000, 7) };
+    let cuda = args
+        .windows(2)
+        .any(|w| w[0] == "--device" && w[1] == "cuda");
+    let dev = if cuda {
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
+    let peak = !cuda && !args.iter().any(|a| a == "--no-peak");
+    let runs = 7;
+    // Anchor counts: RetinaNet scale (200k anchors × 80 classes); on a GPU also ~10^8 elements.
+    let sizes: Vec<usize> = match (cuda, quick) {
+        (_, true) => vec![20_000],
+        (false, false) => vec![200_000],
+        (true, false) => vec![200_000, 1_250_000],
+    };
     let threads = rayon::current_num_threads();
     println!(
-        "candle-detloss CPU benchmark ({} mode, {threads} rayon threads, median of {runs} runs)\n",
+        "candle-detloss benchmark on {} ({} mode, {threads} rayon threads, median of {runs} runs)\n",
+        if cuda { "CUDA device 0" } else { "CPU" },
         if quick { "quick" } else { "full" }
     );
-    let mut cases = focal_cases(n, 80, &dev)?;
+    let mut cases = Vec::new();
+    for &n in &sizes {
+        cases.extend(focal_cases(n, 80, &dev)?);
+    }
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let bw = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let mut rows = Vec::new();
     let mut mem = Vec::new();
     for case in cases.iter_mut() {
         let fwd = median_ms(runs, &case.fused_fwd)?;
         let fb = median_ms(runs, &case.fused_fwd_bwd)?;
-        let fb1 = one.install(|| median_ms(runs, &case.fused_fwd_bwd))?;
+        let fb1 = if cuda {
+            None
+        } else {
+            Some(one.install(|| median_ms(runs, &case.fused_fwd_bwd))?)
+        };
         let copy = median_ms(runs, &case.copy)?;
-        let gbps = |ms: f64| case.bytes as f64 / (ms * 1e-3) / 1e9;
+        let gbps = |ms: f64| bw(case.bytes, ms);
         let row = |pass, fused_ms, baseline, baseline_ms, floor, one_thread| Row {
             loss: case.loss,
             shape: case.shape.clone(),
@@ -247,14 +308,14 @@ fn main() -> Result<()> {
         }
         if let Some(cfb) = &case.composed_fwd_bwd {
             let cms = median_ms(runs.min(7), cfb)?;
-            rows.push(row("fwd+bwd", fb, "composed", cms, None, Some(fb1)));
+            rows.push(row("fwd+bwd", fb, "composed", cms, None, fb1));
             if peak {
                 let pf = peak_rss_mib(&case.fused_fwd_bwd)?;
                 let pc = peak_rss_mib(cfb)?;
                 mem.push((case.loss, case.shape.clone(), case.bytes, pf, pc));
             }
         }
-        rows.push(row("fwd+bwd", fb, "copy", copy, Some(fb / copy), Some(fb1)));
+        rows.push(row("fwd+bwd", fb, "copy", copy, Some(fb / copy), fb1));
     }
     println!("| loss | shape | dtype | pass | fused ms | 1-thread ms | baseline | baseline ms | speed-up | GB/s | × copy floor |");
     println!("|---|---|---|---|---:|---:|---|---:|---:|---:|---:|");

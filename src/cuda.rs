@@ -1,9 +1,12 @@
 //! CUDA plumbing shared by the losses (compiled with the `cuda` feature): the PTX modules built
 //! from `kernels/`, typed views of kernel inputs, launch sizes and error-flag read-back.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig};
-use candle_core::cuda_backend::{CudaDType, CudaFunc, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Storage, Tensor};
+use std::sync::Arc;
 
 /// The PTX of each `kernels/<family>.cu`, as `pub const <FAMILY>: &str`.
 pub(crate) mod ptx {
@@ -15,9 +18,28 @@ pub(crate) const BLOCK: u32 = 256;
 /// Upper bound on the number of blocks of a partial-sum kernel (the finalize kernel reads them).
 pub(crate) const MAX_PARTIAL_BLOCKS: u32 = 1024;
 
+/// A loaded kernel and the device stream it launches on.
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// A launch builder: push the arguments in the kernel's order, then `launch`.
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
 /// Loads (once per device) kernel `name` of the PTX module `module`.
-pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<CudaFunc> {
-    dev.get_or_load_custom_func(name, module, ptx)
+pub(crate) fn func(dev: &CudaDevice, module: &str, ptx: &str, name: &str) -> Result<Kernel> {
+    let func = dev
+        .get_or_load_custom_func(name, module, ptx)?
+        .into_cuda_function();
+    Ok(Kernel {
+        func,
+        stream: dev.cuda_stream(),
+    })
 }
 
 /// The kernel-name suffix of a float dtype.

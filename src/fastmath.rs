@@ -22,17 +22,21 @@
 //! * `sigmoid`: `1 / (1 + e)` or `e / (1 + e)` with `e = e^-|x|`, with the rounding error of
 //!   `1 + e` corrected to first order.
 //!
-//! Measured error, in ulps against the f64 std result rounded to f32, over every f32 input
-//! (exhaustive; the ranges the losses use are included). "f64 ulp" is the error against the
-//! unrounded f64 value, in units of the f32 ulp there.
+//! Measured error, in ulps against the f64 std result rounded to f32, exhaustively over all
+//! 2^32 f32 inputs (so including every range the losses use). "vs f64" is the error against the
+//! unrounded f64 value, in units of the f32 ulp there; the last columns count the inputs (out of
+//! 2^32) whose result is 1 or 2 ulps off.
 //!
-//! | function       | max error | max f64 ulp | inputs with a 1 / 2 ulp error |
-//! |----------------|-----------|-------------|-------------------------------|
-//! | `exp_f32`      | 1 ulp     | TODO        | TODO                          |
-//! | `ln_f32`       | 1 ulp     | TODO        | TODO                          |
-//! | `log1p_f32`    | 1 ulp     | TODO        | TODO                          |
-//! | `softplus_f32` | 1 ulp     | TODO        | TODO                          |
-//! | `sigmoid_f32`  | 2 ulp     | TODO        | TODO                          |
+//! | function       | max error | max vs f64 | 1 ulp off   | 2 ulps off |
+//! |----------------|-----------|------------|-------------|------------|
+//! | `exp_f32`      | 1 ulp     | 0.79       |   4 605 509 | 0          |
+//! | `ln_f32`       | 1 ulp     | 0.84       |  13 701 432 | 0          |
+//! | `log1p_f32`    | 1 ulp     | 0.84       |  17 262 999 | 0          |
+//! | `softplus_f32` | 2 ulp     | 1.60       | 104 463 952 | 91         |
+//! | `sigmoid_f32`  | 2 ulp     | 1.98       | 114 886 826 | 11 307     |
+//!
+//! The 2-ulp cases of `softplus` / `sigmoid` sit where the result is in a lower binade than
+//! `e = e^-|x|` (e.g. `x ≈ -1.27`, `-1.95`): the rounding error of `e` counts double there.
 //!
 //! Special values (no flush to zero anywhere; NaN results are quiet NaNs, not necessarily with
 //! the input's payload):
@@ -247,9 +251,10 @@ pub(crate) fn sigmoid_f32(x: f32) -> f32 {
 mod tests {
     use super::*;
 
-    /// Points per sampler: several million in release, fewer in (slow) debug builds.
+    /// Points per sampler (each test runs several samplers: 2.75M to 4.5M points per function
+    /// in debug builds, 8x as many with optimisations).
     const N: usize = if cfg!(debug_assertions) {
-        1 << 21
+        1 << 20
     } else {
         1 << 23
     };

@@ -591,7 +591,7 @@ mod cuda {
     use crate::cuda::{self as kc, ptx};
     use crate::reduction::Reduction;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
@@ -638,7 +638,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
@@ -739,7 +739,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
