@@ -60,6 +60,8 @@ pub(crate) fn rows_per_chunk(row_len: usize) -> usize {
 }
 
 /// The accumulator type of the CPU kernels: `f32` (for f32, f16, bf16 inputs) or `f64`.
+/// (Each loss uses the subset of the math it needs.)
+#[allow(dead_code)]
 pub(crate) trait Acc:
     Copy
     + Send
@@ -80,6 +82,10 @@ pub(crate) trait Acc:
     fn exp(self) -> Self;
     fn ln(self) -> Self;
     fn log1p(self) -> Self;
+    /// `e^{-|x|}` (in `[0, 1]`).
+    fn exp_neg_abs(self) -> Self;
+    /// `ln(1 + e)` for `e ∈ [0, 1]` (cheaper than `log1p` on that range).
+    fn log1p_unit(self) -> Self;
     fn abs(self) -> Self;
     /// `max(self, 0)`, NaN-propagating is not required (callers add a NaN-carrying term).
     fn relu(self) -> Self;
@@ -107,6 +113,14 @@ impl Acc for f32 {
     #[inline(always)]
     fn log1p(self) -> Self {
         fastmath::log1p_f32(self)
+    }
+    #[inline(always)]
+    fn exp_neg_abs(self) -> Self {
+        fastmath::exp_neg_abs(self)
+    }
+    #[inline(always)]
+    fn log1p_unit(self) -> Self {
+        fastmath::log1p_unit(self)
     }
     #[inline(always)]
     fn abs(self) -> Self {
@@ -143,6 +157,14 @@ impl Acc for f64 {
     }
     #[inline(always)]
     fn log1p(self) -> Self {
+        f64::ln_1p(self)
+    }
+    #[inline(always)]
+    fn exp_neg_abs(self) -> Self {
+        f64::exp(-f64::abs(self))
+    }
+    #[inline(always)]
+    fn log1p_unit(self) -> Self {
         f64::ln_1p(self)
     }
     #[inline(always)]

@@ -54,6 +54,9 @@
 //!
 //! Subnormal results are correct but may be slow on CPUs that handle them in microcode.
 
+// A small tested library: not every function is called by every kernel.
+#![cfg_attr(not(test), allow(dead_code))]
+
 use std::f32::consts::LOG2_E;
 
 /// `ln 2` split for Cody-Waite reduction: `LN2_HI = 355/512` has 9 significant bits, so
@@ -106,7 +109,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 /// `e^-|x|` (in `[0, 1]`, or NaN) for any `x`: only the lower clamp is needed.
 #[inline(always)]
-fn exp_neg_abs(x: f32) -> f32 {
+pub(crate) fn exp_neg_abs(x: f32) -> f32 {
     let t = -x.abs();
     exp_clamped(if t < EXP_LO { EXP_LO } else { t })
 }
@@ -215,7 +218,7 @@ pub(crate) fn log1p_f32(x: f32) -> f32 {
 /// either `1 + f` with `f = e`, or `2 (1 + f)` with `f = (e - 1) / 2` (exact for `e >= 1/2`,
 /// Sterbenz), so `f` stays in `[-0.25, 0.5)` and no rounding error of `1 + e` needs correcting.
 #[inline(always)]
-fn log1p_unit(e: f32) -> f32 {
+pub(crate) fn log1p_unit(e: f32) -> f32 {
     let big = e >= 0.5;
     let f = if big { (e - 1.0) * 0.5 } else { e };
     let kf = if big { 1.0 } else { 0.0 };

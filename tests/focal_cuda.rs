@@ -52,7 +52,7 @@ fn cuda_matches_cpu() {
                             "u32" => Tensor::from_vec(
                                 labels
                                     .iter()
-                                    .map(|v| v.max(&0).clone() as u32)
+                                    .map(|v| (*v).max(0) as u32)
                                     .collect::<Vec<_>>(),
                                 n,
                                 dev,
