@@ -40,6 +40,8 @@ mod cuda;
 mod fastmath;
 mod focal;
 mod reduction;
+mod softmax;
 
 pub use focal::SigmoidFocalLoss;
 pub use reduction::Reduction;
+pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};
