@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod class_balanced;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -42,6 +43,7 @@ mod focal;
 mod reduction;
 mod softmax;
 
+pub use class_balanced::class_balanced_weights;
 pub use focal::SigmoidFocalLoss;
 pub use reduction::Reduction;
 pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};
