@@ -10,8 +10,7 @@ use crate::fastmath;
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
-    WithDType,
+    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -310,7 +309,13 @@ fn check_dense_target<A: Acc>(t: A) -> Result<()> {
 }
 
 impl GhmcHist {
-    fn cpu_t<T: Elem>(&self, x: &[T], tg: &CpuTargets<'_, T>, n: usize, c: usize) -> Result<Vec<i64>>
+    fn cpu_t<T: Elem>(
+        &self,
+        x: &[T],
+        tg: &CpuTargets<'_, T>,
+        n: usize,
+        c: usize,
+    ) -> Result<Vec<i64>>
     where
         T::A: Logistic,
     {
@@ -542,8 +547,7 @@ impl GhmcOp {
                             }
                         }
                         RowT::Dense(tr) => {
-                            for (j, ((gj, xv), tv)) in grow.iter_mut().zip(xr).zip(tr).enumerate()
-                            {
+                            for (j, ((gj, xv), tv)) in grow.iter_mut().zip(xr).zip(tr).enumerate() {
                                 *gj = T::from_acc(base * upv(j) * el(xv.to_acc(), tv.to_acc()));
                             }
                         }
@@ -637,5 +641,295 @@ impl CustomOp3 for GhmcBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c) = dims2(l1)?;
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{GhmcOp, NAME};
+    use crate::common::{Elem, TargetKind};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_ghm";
+    /// Histograms of at most this many bins live in shared memory (u32 per bin).
+    const SHARED_MAX_BINS: usize = 8192;
+
+    fn kind_suffix(k: TargetKind) -> &'static str {
+        match k {
+            TargetKind::Dense => "dense",
+            TargetKind::LabelsU32 => "u32",
+            TargetKind::LabelsI64 => "i64",
+        }
+    }
+
+    /// Binds `$v` to the targets view of the type the kernel expects.
+    macro_rules! with_targets {
+        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
+            match $kind {
+                TargetKind::Dense => {
+                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                TargetKind::LabelsU32 => {
+                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                TargetKind::LabelsI64 => {
+                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+            }
+        };
+    }
+
+    /// Turns the kernels' `[flag, value]` error buffer into an `Err` (1: label, 2: dense target).
+    fn check_flag(dev: &CudaDevice, err: &CudaSlice<u64>, c: usize) -> Result<()> {
+        let v = dev.clone_dtoh(err)?;
+        match v.first().copied().unwrap_or(0) {
+            0 => Ok(()),
+            2 => bail!("{NAME}: dense targets must be in [0, 1]"),
+            _ => kc::check_label_flag(NAME, dev, err, c),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn hist_t<T>(
+        bins: usize,
+        kind: TargetKind,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+    {
+        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(kind));
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let total = (n * c) as u64;
+        let (nn, cc) = (n as u64, c as u64);
+        let err = dev.alloc_zeros::<u64>(2)?;
+        // u64 counts in the kernel; an i64 tensor (same bits, counts < 2^63) for candle.
+        let counts = dev.alloc_zeros::<i64>(bins + 1)?;
+        if total > 0 {
+            let global = (bins > SHARED_MAX_BINS) as i32;
+            let mut cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
+            if global == 0 {
+                cfg.shared_mem_bytes = (bins * 4) as u32;
+            }
+            let nbins = bins as i32;
+            let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_hist_{sfx}"))?;
+            with_targets!(kind, T, s2, l2, tg, {
+                let mut b = f.builder();
+                b.arg(&x)
+                    .arg(&tg)
+                    .arg(&nn)
+                    .arg(&cc)
+                    .arg(&nbins)
+                    .arg(&global);
+                b.arg(&counts).arg(&err);
+                kc::launched(unsafe { b.launch(cfg) })?;
+            });
+        }
+        check_flag(dev, &err, c)?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(counts, dev.clone()),
+            Shape::from(bins + 1),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn hist(
+        bins: usize,
+        kind: TargetKind,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            NAME,
+            s1.dtype(),
+            hist_t,
+            bins,
+            kind,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            n,
+            c
+        )
+    }
+
+    fn fwd_t<T>(
+        op: &GhmcOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let total = (n * c) as u64;
+        let (nn, cc) = (n as u64, c as u64);
+        let nbins = op.bins as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        let out = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
+            if op.reduction == Reduction::None {
+                let out = unsafe { dev.alloc::<T>(n * c)? };
+                if total > 0 {
+                    let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_fwd_none_{sfx}"))?;
+                    with_targets!(op.kind, T, s2, l2, tg, {
+                        let mut b = f.builder();
+                        b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
+                        b.arg(&nbins).arg(&err);
+                        kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+                    });
+                }
+                return Ok(out);
+            }
+            let cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
+            let nparts = cfg.grid_dim.0 as i32;
+            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            if total > 0 {
+                let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_fwd_partial_{sfx}"))?;
+                with_targets!(op.kind, T, s2, l2, tg, {
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&tg).arg(w).arg(&psum).arg(&nn).arg(&cc);
+                    b.arg(&nbins).arg(&err);
+                    kc::launched(unsafe { b.launch(cfg) })?;
+                });
+            }
+            let out = unsafe { dev.alloc::<T>(1)? };
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::GHM,
+                &format!("ghmc_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+            )?;
+            let scale = op.reduction.scale(op.mean_denom);
+            let mut b = f.builder();
+            b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
+            kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            Ok(out)
+        })?;
+        let shape = if op.reduction == Reduction::None {
+            Shape::from((n, c))
+        } else {
+            Shape::from(())
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &GhmcOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
+        let total = (n * c) as u64;
+        let (nn, cc) = (n as u64, c as u64);
+        let nbins = op.bins as i32;
+        let up_scalar = op.reduction.is_scalar() as i32;
+        let scale = op.reduction.scale(op.mean_denom);
+        let err = dev.alloc_zeros::<u64>(2)?;
+        let g = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
+            let g = unsafe { dev.alloc::<T>(n * c)? };
+            if total > 0 {
+                let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_bwd_{sfx}"))?;
+                with_targets!(op.kind, T, s2, l2, tg, {
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&tg).arg(w).arg(&up).arg(&up_scalar).arg(&g);
+                    b.arg(&nn).arg(&cc).arg(&nbins).arg(&scale).arg(&err);
+                    kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+                });
+            }
+            Ok(g)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            Shape::from((n, c)),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &GhmcOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(NAME, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        op: &GhmcOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            NAME,
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            n,
+            c
+        )
     }
 }

@@ -101,7 +101,14 @@ impl CrossEntropyLoss {
             bail!("{CE_NAME}: label_smoothing must be in [0, 1], got {eps}")
         }
         let kind = Kind::Ce { eps };
-        apply(CE_NAME, kind, self.reduction, self.class_weights.as_ref(), logits, labels)
+        apply(
+            CE_NAME,
+            kind,
+            self.reduction,
+            self.class_weights.as_ref(),
+            logits,
+            labels,
+        )
     }
 }
 
@@ -188,7 +195,14 @@ impl SoftmaxFocalLoss {
             alpha: self.alpha.unwrap_or(1.0),
             gamma: self.gamma,
         };
-        apply(SF_NAME, kind, self.reduction, self.class_weights.as_ref(), logits, labels)
+        apply(
+            SF_NAME,
+            kind,
+            self.reduction,
+            self.class_weights.as_ref(),
+            logits,
+            labels,
+        )
     }
 }
 
@@ -451,12 +465,7 @@ fn pow_q<A: Acc>(q: A, gamma: A) -> A {
 
 /// Loss of one (non-ignored) row with label `t` and weight `w_t`.
 #[inline(always)]
-fn row_loss<T: Elem, const SMOOTH: bool>(
-    p: &Params<T::A>,
-    x: &[T],
-    t: usize,
-    w: &[T::A],
-) -> T::A {
+fn row_loss<T: Elem, const SMOOTH: bool>(p: &Params<T::A>, x: &[T], t: usize, w: &[T::A]) -> T::A {
     let st = row_stats::<T, SMOOTH>(x, t, w);
     let r = row_softmax(&st, x[t].to_acc());
     let wt = w[t];
@@ -721,7 +730,11 @@ impl SoftmaxOp {
                 for (r, grow) in gc.chunks_mut(k).enumerate() {
                     let i = ci * rpc + r;
                     if let Some(t) = lab.get(name, i, k)? {
-                        let u = if scalar_up { 1.0 } else { Acc::to_f64(up[i].to_acc()) };
+                        let u = if scalar_up {
+                            1.0
+                        } else {
+                            Acc::to_f64(up[i].to_acc())
+                        };
                         let coef = <T::A as Acc>::from_f64(base * u);
                         row_grad::<T, SMOOTH>(&p, &x[i * k..(i + 1) * k], t, &w, coef, grow);
                     }
@@ -837,5 +850,316 @@ impl CustomOp3 for SoftmaxBwd {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, k) = dims2(self.0.name, l1)?;
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, k)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Kind, LabelKind, SoftmaxOp};
+    use crate::common::{Acc, Elem};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_softmax";
+    /// Rows of at most this many classes get one warp each; longer rows one block each.
+    const WARP_MAX_K: usize = 1024;
+
+    /// Launch shape: `(config, warp-per-row)`, at most `MAX_PARTIAL_BLOCKS` blocks (grid-stride
+    /// over rows), so the per-block partials fit the finalize kernel.
+    fn row_grid(n: usize, k: usize) -> (LaunchConfig, bool) {
+        let warp = k <= WARP_MAX_K;
+        let rows_per_block = if warp { (kc::BLOCK / 32) as usize } else { 1 };
+        let blocks = n
+            .div_ceil(rows_per_block)
+            .clamp(1, kc::MAX_PARTIAL_BLOCKS as usize) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (kc::BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, warp)
+    }
+
+    fn label_suffix(l: LabelKind) -> &'static str {
+        match l {
+            LabelKind::U32 => "u32",
+            LabelKind::I64 => "i64",
+        }
+    }
+
+    /// Binds `$v` to the labels view of the right integer type.
+    macro_rules! with_labels {
+        ($kind:expr, $name:expr, $s:expr, $l:expr, $v:ident, $body:block) => {
+            match $kind {
+                LabelKind::U32 => {
+                    let $v: CudaView<'_, u32> = kc::view($name, $s, $l)?;
+                    $body
+                }
+                LabelKind::I64 => {
+                    let $v: CudaView<'_, i64> = kc::view($name, $s, $l)?;
+                    $body
+                }
+            }
+        };
+    }
+
+    /// Runs `f(weights, weight sum, has_w)`; without class weights, 1-element dummies and 0.
+    fn with_weights<A: DeviceRepr + CudaDType, R>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        f: impl FnOnce(&CudaSlice<A>, &CudaSlice<A>, i32) -> Result<R>,
+    ) -> Result<R> {
+        match &op.weights {
+            None => {
+                let d = dev.alloc_zeros::<A>(1)?;
+                f(&d, &d, 0)
+            }
+            Some((w, ws)) => kc::param_slice(op.name, w, |w| {
+                kc::param_slice(op.name, ws, |ws| f(w, ws, 1))
+            }),
+        }
+    }
+
+    /// `(focal, a, c, gamma)` of the kernels' `P<A>`.
+    fn params<A: Acc>(op: &SoftmaxOp, k: usize) -> (i32, A, A, A) {
+        match op.kind {
+            Kind::Ce { eps } => (
+                0,
+                A::from_f64(1.0 - eps),
+                A::from_f64(eps / k as f64),
+                A::ZERO,
+            ),
+            Kind::Focal { alpha, gamma } => (1, A::from_f64(alpha), A::ZERO, A::from_f64(gamma)),
+        }
+    }
+
+    fn suffix<T: CudaDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
+        Ok(format!(
+            "{}_{}_s{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            label_suffix(op.labels),
+            op.smooth() as u8,
+            if warp { "warp" } else { "block" }
+        ))
+    }
+
+    fn fwd_t<T>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let name = op.name;
+        let (cfg, warp) = row_grid(n, k);
+        let sfx = suffix::<T>(op, warp)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let (nn, kk) = (n as u64, k as u64);
+        let (focal, a, c, gamma) = params::<T::A>(op, k);
+        let none = (op.reduction == Reduction::None) as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        let nparts = cfg.grid_dim.0 as i32;
+        let out = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
+            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            let out = unsafe { dev.alloc::<T>(if none == 1 { n } else { 1 })? };
+            if n > 0 {
+                let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_fwd_{sfx}"))?;
+                with_labels!(op.labels, name, s2, l2, lab, {
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&lab).arg(w).arg(ws).arg(&has_w).arg(&out);
+                    b.arg(&psum).arg(&pden).arg(&nn).arg(&kk);
+                    b.arg(&focal)
+                        .arg(&a)
+                        .arg(&c)
+                        .arg(&gamma)
+                        .arg(&none)
+                        .arg(&err);
+                    kc::launched(unsafe { b.launch(cfg) })?;
+                });
+            }
+            if none == 0 {
+                let scale = dev.alloc_zeros::<f64>(1)?;
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::SOFTMAX,
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+                )?;
+                let red = op.reduction.code();
+                let avg = match op.reduction {
+                    Reduction::AvgFactor(f) => f,
+                    _ => 1.0,
+                };
+                let mut b = f.builder();
+                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
+                b.arg(&out).arg(&scale);
+                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            }
+            Ok(out)
+        })?;
+        kc::check_label_flag(name, dev, &err, k - 1)?;
+        let shape = if none == 1 {
+            Shape::from(n)
+        } else {
+            Shape::from(())
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType,
+    {
+        let name = op.name;
+        let (cfg, warp) = row_grid(n, k);
+        let sfx = suffix::<T>(op, warp)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
+        let (nn, kk) = (n as u64, k as u64);
+        let (focal, a, c, gamma) = params::<T::A>(op, k);
+        let up_scalar = op.reduction.is_scalar() as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        // Mean: the scale 1 / Σ w_label is computed on the device (no host round trip).
+        let use_scale = (op.reduction == Reduction::Mean) as i32;
+        let base_scale = op.reduction.scale(0.0);
+        let scale = dev.alloc_zeros::<f64>(1)?;
+        let dsfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            label_suffix(op.labels)
+        );
+        let g = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
+            let g = unsafe { dev.alloc::<T>(n * k)? };
+            if n == 0 {
+                return Ok(g);
+            }
+            if use_scale == 1 {
+                let dcfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
+                let nparts = dcfg.grid_dim.0 as i32;
+                let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
+                let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+                let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_den_{dsfx}"))?;
+                with_labels!(op.labels, name, s2, l2, lab, {
+                    let mut b = f.builder();
+                    b.arg(&lab)
+                        .arg(w)
+                        .arg(&has_w)
+                        .arg(&nn)
+                        .arg(&kk)
+                        .arg(&pden)
+                        .arg(&err);
+                    kc::launched(unsafe { b.launch(dcfg) })?;
+                });
+                let dummy = unsafe { dev.alloc::<T>(1)? };
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::SOFTMAX,
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+                )?;
+                let red = op.reduction.code();
+                let avg = 1.0f64;
+                let mut b = f.builder();
+                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
+                b.arg(&dummy).arg(&scale);
+                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            }
+            let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_bwd_{sfx}"))?;
+            with_labels!(op.labels, name, s2, l2, lab, {
+                let mut b = f.builder();
+                b.arg(&x)
+                    .arg(&lab)
+                    .arg(w)
+                    .arg(ws)
+                    .arg(&has_w)
+                    .arg(&up)
+                    .arg(&up_scalar);
+                b.arg(&g)
+                    .arg(&nn)
+                    .arg(&kk)
+                    .arg(&focal)
+                    .arg(&a)
+                    .arg(&c)
+                    .arg(&gamma);
+                b.arg(&base_scale).arg(&scale).arg(&use_scale).arg(&err);
+                kc::launched(unsafe { b.launch(cfg) })?;
+            });
+            Ok(g)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            Shape::from((n, k)),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &SoftmaxOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(op.name, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, k)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        op: &SoftmaxOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            op.name,
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            n,
+            k
+        )
     }
 }

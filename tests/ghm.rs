@@ -139,8 +139,7 @@ fn ghmc(bins: usize, momentum: f64, reduction: Reduction) -> GhmcLoss {
 fn run_ours(x: &Tensor, t: &Tensor, up: &Tensor, f: &mut GhmcLoss) -> (Vec<f64>, Vec<f64>) {
     // loss_and_grad takes an Fn; forward needs &mut for the running histogram.
     let f = std::cell::RefCell::new(f);
-    let (l, g) =
-        loss_and_grad(x, up, |x| f.borrow_mut().forward(x, t)).expect("forward/backward");
+    let (l, g) = loss_and_grad(x, up, |x| f.borrow_mut().forward(x, t)).expect("forward/backward");
     (to_f64_vec(&l), to_f64_vec(&g))
 }
 
@@ -183,8 +182,9 @@ fn matches_f64_reference_over_shapes_reductions_bins_targets_and_momentum() {
                     for step in 0..3 {
                         let x = rng.vec_normal(n * c, 3.0);
                         let (t, valid, tt) = if dense {
-                            let t: Vec<f64> =
-                                (0..n * c).map(|_| (rng.below(4) == 0) as u8 as f64).collect();
+                            let t: Vec<f64> = (0..n * c)
+                                .map(|_| (rng.below(4) == 0) as u8 as f64)
+                                .collect();
                             let tt = Tensor::from_vec(t.clone(), (n, c), &dev).unwrap();
                             (t, vec![true; n * c], tt)
                         } else {
@@ -194,7 +194,9 @@ fn matches_f64_reference_over_shapes_reductions_bins_targets_and_momentum() {
                         };
                         let up = upstream(&mut rng, red, n * c);
                         let upt = up_tensor(&up, red, n, c, &dev);
-                        let what = format!("{n}x{c} dense={dense} bins={bins} m={mom} {red:?} step {step}");
+                        let what = format!(
+                            "{n}x{c} dense={dense} bins={bins} m={mom} {red:?} step {step}"
+                        );
                         let (rl, rg) = r64.call(&x, &t, &valid, red, &up);
                         let xt = Tensor::from_vec(x.clone(), (n, c), &dev).unwrap();
                         let (l, g) = run_ours(&xt, &tt, &upt, &mut f64l);
@@ -233,7 +235,11 @@ fn matches_mmdet_port_fixtures_including_momentum_over_two_calls() {
     let mut two_call_cases = 0;
     for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let mut f = ghmc(case["bins"].as_u64().unwrap() as usize, case["momentum"].as_f64().unwrap(), Reduction::Mean);
+        let mut f = ghmc(
+            case["bins"].as_u64().unwrap() as usize,
+            case["momentum"].as_f64().unwrap(),
+            Reduction::Mean,
+        );
         let steps = case["steps"].as_array().unwrap();
         two_call_cases += (steps.len() == 2) as usize;
         for (si, step) in steps.iter().enumerate() {
@@ -254,8 +260,20 @@ fn matches_mmdet_port_fixtures_including_momentum_over_two_calls() {
             let up = fx_to_tensor(&step["upstream"], DType::F64, &dev);
             let (l, g) = run_ours(&x, &t, &up, &mut f);
             let what = format!("{name} step {si}");
-            assert_close(&format!("{what} loss"), &l, &fx_tensor(&step["loss"]).1, 1e-12, 1e-9);
-            assert_close(&format!("{what} grad"), &g, &fx_tensor(&step["grad"]).1, 1e-12, 1e-9);
+            assert_close(
+                &format!("{what} loss"),
+                &l,
+                &fx_tensor(&step["loss"]).1,
+                1e-12,
+                1e-9,
+            );
+            assert_close(
+                &format!("{what} grad"),
+                &g,
+                &fx_tensor(&step["grad"]).1,
+                1e-12,
+                1e-9,
+            );
             assert_eq!(g.len(), n * c);
         }
     }
@@ -306,7 +324,13 @@ fn gradient_matches_finite_differences_f64() {
                 .unwrap()
         });
         assert!(g.iter().any(|v| *v != 0.0));
-        assert_close(&format!("fd dense={dense} bins={bins} {red:?}"), &g, &fd, 1e-7, 1e-6);
+        assert_close(
+            &format!("fd dense={dense} bins={bins} {red:?}"),
+            &g,
+            &fd,
+            1e-7,
+            1e-6,
+        );
     }
 }
 
@@ -322,7 +346,10 @@ fn backward_uses_the_weights_of_its_own_forward() {
     let var = candle_core::Var::from_tensor(&Tensor::from_vec(x1.clone(), (n, c), &dev).unwrap())
         .unwrap();
     let loss1 = f
-        .forward(var.as_tensor(), &Tensor::from_vec(l1.clone(), n, &dev).unwrap())
+        .forward(
+            var.as_tensor(),
+            &Tensor::from_vec(l1.clone(), n, &dev).unwrap(),
+        )
         .unwrap();
     let (t1, v1) = expand(&l1, c);
     let (_, rg1) = r.call(&x1, &t1, &v1, Reduction::Sum, &[1.0]);
@@ -385,17 +412,26 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
             let up = upstream(&mut Rng::new(4), red, 6);
             let upt = up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap();
             let upr = to_f64_vec(&upt);
-            let (l, g) = run_ours(&x, &Tensor::new(labels.as_slice(), &dev).unwrap(), &upt, &mut f);
+            let (l, g) = run_ours(
+                &x,
+                &Tensor::new(labels.as_slice(), &dev).unwrap(),
+                &upt,
+                &mut f,
+            );
             let (rl, rg) = RefGhmc::new(10, 0.0).call(&xr, &t, &v, red, &upr);
             let what = format!("{dtype:?} {red:?}");
-            assert!(l.iter().chain(&g).all(|v| v.is_finite()), "{what}: {l:?} {g:?}");
+            assert!(
+                l.iter().chain(&g).all(|v| v.is_finite()),
+                "{what}: {l:?} {g:?}"
+            );
             let (tol, sub) = match dtype {
                 DType::F64 => (1e-12, 5e-324),
                 DType::F32 => (1e-6, 1.5e-45),
                 DType::F16 => (2e-3, 6e-8),
                 _ => (1.6e-2, 1e-40),
             };
-            let round = |v: &[f64]| to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap());
+            let round =
+                |v: &[f64]| to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap());
             assert_close(&format!("{what} loss"), &l, &round(&rl), 4.0 * sub, tol);
             assert_close(&format!("{what} grad"), &g, &round(&rg), 4.0 * sub, tol);
         }
@@ -408,7 +444,12 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
             .unwrap();
         let lab = Tensor::new(&[1i64], &dev).unwrap();
         let mut f = ghmc(10, 0.0, Reduction::None);
-        let (l, g) = run_ours(&x, &lab, &Tensor::ones((1, 2), dtype, &dev).unwrap(), &mut f);
+        let (l, g) = run_ours(
+            &x,
+            &lab,
+            &Tensor::ones((1, 2), dtype, &dev).unwrap(),
+            &mut f,
+        );
         assert!(l[0].is_nan() && l[1].is_finite(), "{dtype:?} {l:?}");
         assert!(g[0].is_nan() && g[1].is_finite(), "{dtype:?} {g:?}");
         let mut f = GhmcLoss::default();
@@ -444,7 +485,12 @@ fn half_precision_error_within_twice_the_naive_half_error() {
             .to_dtype(dtype)
             .unwrap();
         let lt = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
-        let (l, g) = run_ours(&xt, &lt, &Tensor::ones((n, c), dtype, &dev).unwrap(), &mut f);
+        let (l, g) = run_ours(
+            &xt,
+            &lt,
+            &Tensor::ones((n, c), dtype, &dev).unwrap(),
+            &mut f,
+        );
         let (mut eol, mut enl, mut eog, mut eng) = (0f64, 0f64, 0f64, 0f64);
         for e in 0..n * c {
             if !valid[e] {
@@ -472,7 +518,10 @@ fn half_precision_error_within_twice_the_naive_half_error() {
         let mut fs = ghmc(10, 0.0, Reduction::Sum);
         let s = to_f64_vec(&fs.forward(&xt, &lt).unwrap())[0];
         let rs: f64 = rl.iter().sum();
-        assert!((s - rs).abs() <= 4e-3 * rs.abs(), "{dtype:?} sum {s} vs {rs}");
+        assert!(
+            (s - rs).abs() <= 4e-3 * rs.abs(),
+            "{dtype:?} sum {s} vs {rs}"
+        );
     }
 }
 
@@ -518,7 +567,12 @@ fn strided_inputs_equal_their_contiguous_copies() {
         );
         assert_eq!(
             run_ours(&x_strided, &t_narrow, &up, &mut f.clone()),
-            run_ours(&x_contig, &t_narrow.contiguous().unwrap(), &up, &mut f.clone())
+            run_ours(
+                &x_contig,
+                &t_narrow.contiguous().unwrap(),
+                &up,
+                &mut f.clone()
+            )
         );
     }
 }
@@ -545,14 +599,49 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     };
     let mut f = ghmc(10, 0.75, Reduction::Mean);
     assert!(f.forward(&x, &ok).is_ok());
-    check(&mut f, &x, &Tensor::new(&[0i64, 81, 1, 2], &dev).unwrap(), &["label 81 out of range 0..=80"]);
-    check(&mut f, &x, &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap(), &["label -2"]);
-    check(&mut f, &x, &Tensor::new(&[0u32, 1, 2, 99], &dev).unwrap(), &["label 99"]);
-    check(&mut f, &x, &Tensor::new(&[0i64, 1, 2], &dev).unwrap(), &["[4]", "[3]"]);
-    check(&mut f, &x, &Tensor::zeros((4, 79), DType::F32, &dev).unwrap(), &["[4, 80]", "[4, 79]"]);
-    check(&mut f, &x, &Tensor::zeros((4, 80), DType::F64, &dev).unwrap(), &["F64"]);
+    check(
+        &mut f,
+        &x,
+        &Tensor::new(&[0i64, 81, 1, 2], &dev).unwrap(),
+        &["label 81 out of range 0..=80"],
+    );
+    check(
+        &mut f,
+        &x,
+        &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap(),
+        &["label -2"],
+    );
+    check(
+        &mut f,
+        &x,
+        &Tensor::new(&[0u32, 1, 2, 99], &dev).unwrap(),
+        &["label 99"],
+    );
+    check(
+        &mut f,
+        &x,
+        &Tensor::new(&[0i64, 1, 2], &dev).unwrap(),
+        &["[4]", "[3]"],
+    );
+    check(
+        &mut f,
+        &x,
+        &Tensor::zeros((4, 79), DType::F32, &dev).unwrap(),
+        &["[4, 80]", "[4, 79]"],
+    );
+    check(
+        &mut f,
+        &x,
+        &Tensor::zeros((4, 80), DType::F64, &dev).unwrap(),
+        &["F64"],
+    );
     check(&mut f, &x.to_dtype(DType::I64).unwrap(), &ok, &["I64"]);
-    check(&mut f, &Tensor::zeros(80, DType::F32, &dev).unwrap(), &ok, &["[N, C]"]);
+    check(
+        &mut f,
+        &Tensor::zeros(80, DType::F32, &dev).unwrap(),
+        &ok,
+        &["[N, C]"],
+    );
     let mut bad_t = vec![0f32; 4 * 80];
     bad_t[7] = 1.5;
     check(

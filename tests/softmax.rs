@@ -245,8 +245,16 @@ fn matches_f64_reference_over_shapes_reductions_losses_and_weights() {
                     let xt = xt.to_dtype(DType::F32).unwrap();
                     let (l, g) = run_ours(&xt, &lt, &up_tensor(&up, red, &dev), &f);
                     let cwr = cw.as_deref().map(f32_round);
-                    let (rl, rg) =
-                        reference(&f32_round(&x), &labels, n, k, loss, red, cwr.as_deref(), &up);
+                    let (rl, rg) = reference(
+                        &f32_round(&x),
+                        &labels,
+                        n,
+                        k,
+                        loss,
+                        red,
+                        cwr.as_deref(),
+                        &up,
+                    );
                     let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
                     assert_close(&format!("loss f32 {what}"), &l, &rl, 2e-6 * lscale, 1e-5);
                     let gscale = rg.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
@@ -506,7 +514,10 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
             let f = Ours::new(loss, Reduction::None, None);
             let up = Tensor::ones(2, dtype, &dev).unwrap();
             let (l, g) = run_ours(&x, &lt, &up, &f);
-            assert!(l[0].is_nan() && l[1].is_finite(), "{dtype:?} {loss:?} {l:?}");
+            assert!(
+                l[0].is_nan() && l[1].is_finite(),
+                "{dtype:?} {loss:?} {l:?}"
+            );
             assert!(g[0].is_nan() && g[1].is_nan(), "{dtype:?} {loss:?} {g:?}");
             assert!(g[2].is_finite() && g[3].is_finite(), "{dtype:?} {g:?}");
             let f = Ours::new(loss, Reduction::Sum, None);
@@ -523,7 +534,12 @@ fn masked_minus_infinity_logits_behave_as_torch() {
     let x = Tensor::new(&[[1.0f32, f32::NEG_INFINITY, 0.5]], &dev).unwrap();
     let lt = Tensor::new(&[0i64], &dev).unwrap();
     let up = Tensor::new(1f32, &dev).unwrap();
-    let (l, g) = run_ours(&x, &lt, &up, &Ours::new(Loss::Ce(0.0), Reduction::Sum, None));
+    let (l, g) = run_ours(
+        &x,
+        &lt,
+        &up,
+        &Ours::new(Loss::Ce(0.0), Reduction::Sum, None),
+    );
     let (rl, rg) = reference(
         &[1.0, f64::NEG_INFINITY, 0.5],
         &[0],
@@ -536,7 +552,12 @@ fn masked_minus_infinity_logits_behave_as_torch() {
     );
     assert_close("masked loss", &l, &rl, 1e-7, 1e-6);
     assert_close("masked grad", &g, &rg, 1e-7, 1e-6);
-    let (l, _) = run_ours(&x, &lt, &up, &Ours::new(Loss::Ce(0.1), Reduction::Sum, None));
+    let (l, _) = run_ours(
+        &x,
+        &lt,
+        &up,
+        &Ours::new(Loss::Ce(0.1), Reduction::Sum, None),
+    );
     assert_eq!(l, vec![f64::INFINITY]);
 }
 
@@ -568,7 +589,10 @@ fn naive_half_row(x: &[f64], t: usize, loss: Loss, d: DType) -> (f64, Vec<f64>) 
             let md = rh(q.powf(gamma), d);
             let l = rh(a * rh(md * -logpt, d), d);
             let f = rh(
-                md + rh(gamma * rh(rh(q.powf(gamma - 1.0), d) * rh(p[t] * -logpt, d), d), d),
+                md + rh(
+                    gamma * rh(rh(q.powf(gamma - 1.0), d) * rh(p[t] * -logpt, d), d),
+                    d,
+                ),
                 d,
             );
             let g = (0..x.len())
@@ -869,7 +893,9 @@ fn bitwise_deterministic_for_any_thread_count() {
         .unwrap();
     let labels = Tensor::from_vec(make_labels(&mut rng, n, k), n, &dev).unwrap();
     let w = Tensor::from_vec(
-        (0..k).map(|_| 0.5 + rng.uniform() as f32).collect::<Vec<_>>(),
+        (0..k)
+            .map(|_| 0.5 + rng.uniform() as f32)
+            .collect::<Vec<_>>(),
         k,
         &dev,
     )
