@@ -651,7 +651,7 @@ mod cuda {
     use crate::cuda::{self as kc, ptx};
     use crate::reduction::Reduction;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
@@ -727,7 +727,7 @@ mod cuda {
                 cfg.shared_mem_bytes = (bins * 4) as u32;
             }
             let nbins = bins as i32;
-            let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_hist_{sfx}"))?;
+            let f = dev.get_or_load_custom_func(&format!("ghmc_hist_{sfx}"), MODULE, ptx::GHM)?;
             with_targets!(kind, T, s2, l2, tg, {
                 let mut b = f.builder();
                 b.arg(&x)
@@ -788,7 +788,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
@@ -800,7 +800,11 @@ mod cuda {
             if op.reduction == Reduction::None {
                 let out = unsafe { dev.alloc::<T>(n * c)? };
                 if total > 0 {
-                    let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_fwd_none_{sfx}"))?;
+                    let f = dev.get_or_load_custom_func(
+                        &format!("ghmc_fwd_none_{sfx}"),
+                        MODULE,
+                        ptx::GHM,
+                    )?;
                     with_targets!(op.kind, T, s2, l2, tg, {
                         let mut b = f.builder();
                         b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
@@ -814,7 +818,11 @@ mod cuda {
             let nparts = cfg.grid_dim.0 as i32;
             let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
             if total > 0 {
-                let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_fwd_partial_{sfx}"))?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("ghmc_fwd_partial_{sfx}"),
+                    MODULE,
+                    ptx::GHM,
+                )?;
                 with_targets!(op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&x).arg(&tg).arg(w).arg(&psum).arg(&nn).arg(&cc);
@@ -823,11 +831,10 @@ mod cuda {
                 });
             }
             let out = unsafe { dev.alloc::<T>(1)? };
-            let f = kc::func(
-                dev,
+            let f = dev.get_or_load_custom_func(
+                &format!("ghmc_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
                 MODULE,
                 ptx::GHM,
-                &format!("ghmc_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
             )?;
             let scale = op.reduction.scale(op.mean_denom);
             let mut b = f.builder();
@@ -858,7 +865,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
@@ -872,7 +879,8 @@ mod cuda {
         let g = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
             let g = unsafe { dev.alloc::<T>(n * c)? };
             if total > 0 {
-                let f = kc::func(dev, MODULE, ptx::GHM, &format!("ghmc_bwd_{sfx}"))?;
+                let f =
+                    dev.get_or_load_custom_func(&format!("ghmc_bwd_{sfx}"), MODULE, ptx::GHM)?;
                 with_targets!(op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&x).arg(&tg).arg(w).arg(&up).arg(&up_scalar).arg(&g);

@@ -860,7 +860,7 @@ mod cuda {
     use crate::cuda::{self as kc, ptx};
     use crate::reduction::Reduction;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
@@ -909,7 +909,7 @@ mod cuda {
     }
 
     /// Runs `f(weights, weight sum, has_w)`; without class weights, 1-element dummies and 0.
-    fn with_weights<A: DeviceRepr + CudaDType, R>(
+    fn with_weights<A: DeviceRepr + CudaDType + ValidAsZeroBits, R>(
         op: &SoftmaxOp,
         dev: &CudaDevice,
         f: impl FnOnce(&CudaSlice<A>, &CudaSlice<A>, i32) -> Result<R>,
@@ -938,7 +938,7 @@ mod cuda {
         }
     }
 
-    fn suffix<T: CudaDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
+    fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
         Ok(format!(
             "{}_{}_s{}_{}",
             kc::dtype_suffix(T::DTYPE)?,
@@ -960,7 +960,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let name = op.name;
         let (cfg, warp) = row_grid(n, k);
@@ -976,7 +976,11 @@ mod cuda {
             let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
             let out = unsafe { dev.alloc::<T>(if none == 1 { n } else { 1 })? };
             if n > 0 {
-                let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_fwd_{sfx}"))?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_fwd_{sfx}"),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
                 with_labels!(op.labels, name, s2, l2, lab, {
                     let mut b = f.builder();
                     b.arg(&x).arg(&lab).arg(w).arg(ws).arg(&has_w).arg(&out);
@@ -992,11 +996,10 @@ mod cuda {
             }
             if none == 0 {
                 let scale = dev.alloc_zeros::<f64>(1)?;
-                let f = kc::func(
-                    dev,
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
                     MODULE,
                     ptx::SOFTMAX,
-                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
                 )?;
                 let red = op.reduction.code();
                 let avg = match op.reduction {
@@ -1034,7 +1037,7 @@ mod cuda {
     ) -> Result<(CudaStorage, Shape)>
     where
         T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
         let name = op.name;
         let (cfg, warp) = row_grid(n, k);
@@ -1064,7 +1067,11 @@ mod cuda {
                 let nparts = dcfg.grid_dim.0 as i32;
                 let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
                 let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
-                let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_den_{dsfx}"))?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_den_{dsfx}"),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
                 with_labels!(op.labels, name, s2, l2, lab, {
                     let mut b = f.builder();
                     b.arg(&lab)
@@ -1077,11 +1084,10 @@ mod cuda {
                     kc::launched(unsafe { b.launch(dcfg) })?;
                 });
                 let dummy = unsafe { dev.alloc::<T>(1)? };
-                let f = kc::func(
-                    dev,
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
                     MODULE,
                     ptx::SOFTMAX,
-                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
                 )?;
                 let red = op.reduction.code();
                 let avg = 1.0f64;
@@ -1090,7 +1096,8 @@ mod cuda {
                 b.arg(&dummy).arg(&scale);
                 kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
             }
-            let f = kc::func(dev, MODULE, ptx::SOFTMAX, &format!("softmax_bwd_{sfx}"))?;
+            let f =
+                dev.get_or_load_custom_func(&format!("softmax_bwd_{sfx}"), MODULE, ptx::SOFTMAX)?;
             with_labels!(op.labels, name, s2, l2, lab, {
                 let mut b = f.builder();
                 b.arg(&x)
