@@ -776,6 +776,7 @@ mod cuda {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn fwd_t<T>(
         op: &GhmcOp,
         dev: &CudaDevice,

@@ -948,6 +948,7 @@ mod cuda {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn fwd_t<T>(
         op: &SoftmaxOp,
         dev: &CudaDevice,
