@@ -34,12 +34,18 @@
 //! # Ok(()) }
 //! ```
 
+mod class_balanced;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fastmath;
 mod focal;
+mod ghm;
 mod reduction;
+mod softmax;
 
+pub use class_balanced::class_balanced_weights;
 pub use focal::SigmoidFocalLoss;
+pub use ghm::GhmcLoss;
 pub use reduction::Reduction;
+pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};

@@ -1,0 +1,1173 @@
+//! Softmax cross-entropy (the Faster R-CNN classification loss) and the softmax focal loss, as
+//! fused Candle custom ops sharing one row kernel.
+//!
+//! Each row is read once to get its softmax statistics (online max, log-sum-exp and, for label
+//! smoothing, the weighted sum of `lse - x_k`), from which the row loss follows. The backward op
+//! recomputes the statistics from the logits (no `[N, K]` softmax is stored by the forward) and
+//! writes `∂l/∂x_j = a·p_j - c·w_j` (plus a label-column correction) in a second sweep.
+
+use crate::common::{
+    acc_dtype, check_float_2d, check_non_negative, check_same_device, cpu_slice, decode_label,
+    ordered_sum, rows_per_chunk, Acc, Elem, RowLabel,
+};
+use crate::reduction::Reduction;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage};
+use candle_core::{Tensor, WithDType};
+use rayon::prelude::*;
+
+const CE_NAME: &str = "CrossEntropyLoss";
+const SF_NAME: &str = "SoftmaxFocalLoss";
+
+/// Softmax cross-entropy with class weights, ignored rows and label smoothing, fused into one
+/// custom op with a hand-written backward; the Faster R-CNN classification loss.
+///
+/// # Formula
+///
+/// For a row of logits `x` (`K` classes), label `y`, `lse = log Σ_k e^{x_k}`, class weights `w`
+/// (all 1 when `class_weights` is `None`), `W = Σ_k w_k` and smoothing `ε`:
+///
+/// ```text
+/// l = (1-ε)·w_y·(lse - x_y) + (ε/K)·Σ_k w_k·(lse - x_k)
+/// ```
+///
+/// exactly as `torch.nn.functional.cross_entropy(x, y, weight=w, ignore_index=-1,
+/// label_smoothing=ε)`. The log-sum-exp subtracts the row max, and `-log p_y` is evaluated as
+/// `log1p(Σ_{k≠y} e^{x_k - x_y})` when `p_y ≥ ½`, so it keeps its relative accuracy as
+/// `p_y → 1`; logits of ±1e4 give a finite loss and gradient. The gradient is the closed form
+/// `∂l/∂x_j = (1-ε)·w_y·(p_j - δ_jy) + (ε/K)·(W·p_j - w_j)`, recomputed from the logits.
+///
+/// Reductions: `None` gives `[N]` (ignored rows 0); `Sum`; `Mean` = `Σ_i l_i / Σ_i w_{y_i}` over
+/// the non-ignored rows, as torch (0 when every row is ignored, where torch returns NaN);
+/// `AvgFactor(f)` = sum / f.
+///
+/// # Shapes
+///
+/// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
+/// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored row: no loss, zero
+///   gradient, not counted by `Mean`). There is no background value: background is an ordinary
+///   column.
+/// - `class_weights`: `[K]`, in the logits' dtype (expected ≥ 0).
+/// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+///
+/// # Errors
+///
+/// Every message starts with `CrossEntropyLoss:`. Logits not of rank 2, of a non-float dtype or
+/// with `K = 0`; labels of another shape, dtype or device; a label outside `0..K` and not `-1`;
+/// class weights of a length other than `K`, another dtype or device; `label_smoothing` outside
+/// `[0, 1]`; `AvgFactor` not finite and > 0.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_detloss::{CrossEntropyLoss, Reduction};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let logits = Var::new(&[[2.0f32, -1.0, 0.5], [-3.0, 0.0, 1.0], [0.1, 0.2, 0.3]], &dev)?;
+/// let labels = Tensor::new(&[0i64, 2, -1], &dev)?; // the last row is ignored
+/// let ce = CrossEntropyLoss { label_smoothing: 0.1, ..Default::default() };
+/// let loss = ce.forward(logits.as_tensor(), &labels)?;
+/// let grads = loss.backward()?;
+/// let g = grads.get(&logits).expect("logits receive a gradient");
+/// assert_eq!(g.get(2)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct CrossEntropyLoss {
+    /// How the `[N]` row losses are reduced (default `Mean`, torch's weighted mean).
+    pub reduction: Reduction,
+    /// Per-class weights `[K]` (e.g. from [`crate::class_balanced_weights`]); `None` = all 1.
+    pub class_weights: Option<Tensor>,
+    /// Label smoothing `ε ∈ [0, 1]` (default 0).
+    pub label_smoothing: f64,
+}
+
+impl Default for CrossEntropyLoss {
+    fn default() -> Self {
+        Self {
+            reduction: Reduction::Mean,
+            class_weights: None,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+impl CrossEntropyLoss {
+    /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
+    pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let eps = self.label_smoothing;
+        if !(0.0..=1.0).contains(&eps) {
+            bail!("{CE_NAME}: label_smoothing must be in [0, 1], got {eps}")
+        }
+        let kind = Kind::Ce { eps };
+        apply(
+            CE_NAME,
+            kind,
+            self.reduction,
+            self.class_weights.as_ref(),
+            logits,
+            labels,
+        )
+    }
+}
+
+/// Softmax (multi-class) focal loss, mmcv's `softmax_focal_loss`: the focal modulation of
+/// [`CrossEntropyLoss`], fused into one custom op with a hand-written backward.
+///
+/// # Formula
+///
+/// With `p = softmax(x)` over the `K` classes of a row, `p_t = p[y]` and class weights `w`:
+///
+/// ```text
+/// l = -α·w_y·(1 - p_t)^γ·log p_t
+/// ```
+///
+/// `α` is a constant factor (1 when `None`). `log p_t` and `1 - p_t = Σ_{k≠y} p_k` are computed
+/// from the row's max-shifted exponentials without cancellation, so the loss and gradient stay
+/// finite and accurate for `p_t → 1` and `p_t → 0` in every dtype and for every `γ ≥ 0`. The
+/// gradient is the closed form `∂l/∂x_j = α·w_y·F·(p_j - δ_jy)` with
+/// `F = (1-p_t)^γ - γ·p_t·(1-p_t)^{γ-1}·log p_t ≥ 0`. With `γ = 0` and `alpha = None` this is
+/// exactly [`CrossEntropyLoss`] without label smoothing.
+///
+/// Reductions: `None` gives `[N]`; `Sum`; `Mean` = `Σ_i l_i / Σ_i w_{y_i}` over the non-ignored
+/// rows, as cross-entropy (α is not in the denominator; 0 when every row is ignored);
+/// `AvgFactor(f)` = sum / f.
+///
+/// # Shapes
+///
+/// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
+/// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored).
+/// - `class_weights`: `[K]`, in the logits' dtype.
+/// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+///
+/// # Errors
+///
+/// Every message starts with `SoftmaxFocalLoss:`. As [`CrossEntropyLoss`], plus `gamma` or
+/// `alpha` negative or not finite.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_detloss::{Reduction, SoftmaxFocalLoss};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let logits = Var::new(&[[2.0f32, -1.0, 0.5], [-3.0, 0.0, 1.0]], &dev)?;
+/// let labels = Tensor::new(&[0u32, 1], &dev)?;
+/// let focal = SoftmaxFocalLoss { reduction: Reduction::Sum, ..Default::default() };
+/// let loss = focal.forward(logits.as_tensor(), &labels)?;
+/// let grads = loss.backward()?;
+/// assert_eq!(grads.get(&logits).unwrap().dims(), &[2, 3]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct SoftmaxFocalLoss {
+    /// Constant factor α (`Some(0.25)`, as mmcv's default); `None` = 1.
+    pub alpha: Option<f64>,
+    /// Focusing parameter γ ≥ 0 (2 in the paper); 0 gives (α-scaled) cross-entropy.
+    pub gamma: f64,
+    /// How the `[N]` row losses are reduced (default `Mean`).
+    pub reduction: Reduction,
+    /// Per-class weights `[K]`; `None` = all 1.
+    pub class_weights: Option<Tensor>,
+}
+
+impl Default for SoftmaxFocalLoss {
+    fn default() -> Self {
+        Self {
+            alpha: Some(0.25),
+            gamma: 2.0,
+            reduction: Reduction::Mean,
+            class_weights: None,
+        }
+    }
+}
+
+impl SoftmaxFocalLoss {
+    /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
+    pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        check_non_negative(SF_NAME, "gamma", self.gamma)?;
+        if let Some(a) = self.alpha {
+            check_non_negative(SF_NAME, "alpha", a)?;
+        }
+        let kind = Kind::Focal {
+            alpha: self.alpha.unwrap_or(1.0),
+            gamma: self.gamma,
+        };
+        apply(
+            SF_NAME,
+            kind,
+            self.reduction,
+            self.class_weights.as_ref(),
+            logits,
+            labels,
+        )
+    }
+}
+
+/// Which loss of the family.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    /// Cross-entropy with label smoothing `eps`.
+    Ce { eps: f64 },
+    /// Softmax focal loss.
+    Focal { alpha: f64, gamma: f64 },
+}
+
+/// Integer label dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LabelKind {
+    U32,
+    I64,
+}
+
+/// Validates the inputs and applies the forward op.
+fn apply(
+    name: &'static str,
+    kind: Kind,
+    reduction: Reduction,
+    class_weights: Option<&Tensor>,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<Tensor> {
+    reduction.validate(name)?;
+    let (n, k) = check_float_2d(name, "logits", logits)?;
+    if k == 0 {
+        bail!("{name}: logits must have at least one class, got shape [{n}, 0]")
+    }
+    check_same_device(name, "labels", logits, labels)?;
+    let labels_kind = match labels.dtype() {
+        DType::U32 => LabelKind::U32,
+        DType::I64 => LabelKind::I64,
+        d => bail!("{name}: labels must be u32 or i64 [N], got dtype {d:?}"),
+    };
+    if labels.dims() != [n] {
+        bail!(
+            "{name}: labels must have shape [N] = [{n}] next to logits [{n}, {k}], got {:?}",
+            labels.dims()
+        )
+    }
+    let weights = match class_weights {
+        None => None,
+        Some(w) => {
+            check_same_device(name, "class_weights", logits, w)?;
+            if w.dtype() != logits.dtype() {
+                bail!(
+                    "{name}: class_weights dtype {:?} differs from the logits dtype {:?}",
+                    w.dtype(),
+                    logits.dtype()
+                )
+            }
+            match w.dims() {
+                [len] if *len == k => {}
+                [len] => bail!("{name}: class_weights has length {len}, expected K = {k}"),
+                d => bail!("{name}: class_weights must have shape [K] = [{k}], got {d:?}"),
+            }
+            let w = w.to_dtype(acc_dtype(logits.dtype()))?.contiguous()?;
+            // W = Σ_k w_k, needed by label smoothing; stays on the device.
+            let wsum = w.sum_keepdim(0)?;
+            Some((w, wsum))
+        }
+    };
+    let op = SoftmaxOp {
+        name,
+        kind,
+        reduction,
+        labels: labels_kind,
+        weights,
+    };
+    logits
+        .contiguous()?
+        .apply_op2(&labels.contiguous()?, SoftmaxFwd(op))
+}
+
+/// Parameters shared by the forward and backward ops.
+#[derive(Clone)]
+struct SoftmaxOp {
+    name: &'static str,
+    kind: Kind,
+    reduction: Reduction,
+    labels: LabelKind,
+    /// Class weights `[K]` and their sum `[1]`, in the accumulator dtype; `None` = all 1.
+    weights: Option<(Tensor, Tensor)>,
+}
+
+/// Forward op: `(logits, labels) -> loss`.
+struct SoftmaxFwd(SoftmaxOp);
+/// Backward op: `(logits, labels, upstream gradient) -> ∂loss/∂logits`.
+struct SoftmaxBwd(SoftmaxOp);
+
+// ---------------------------------------------------------------------------------------------
+// CPU row kernel
+// ---------------------------------------------------------------------------------------------
+
+/// Independent accumulator lanes of the online softmax (vectorised across lanes).
+const LANES: usize = 8;
+
+/// Softmax statistics of one row with label column `t`, relative to the row max `m`.
+#[derive(Clone, Copy)]
+struct RowStats<A> {
+    /// Row max.
+    m: A,
+    /// `Σ_{k≠t} e^{x_k - m}` (a sum of positive terms: `1 - p_t` without cancellation).
+    s_oth: A,
+    /// `Σ_k w_k (m - x_k)` (only with `SMOOTH`), a sum of non-negative terms.
+    sw: A,
+}
+
+/// One online step of a lane: `m` the lane max, `so = Σ_{k≠t} e^{x_k - m}`, `sw = Σ w_k (m - x_k)`,
+/// `ws = Σ w_k` over the lane's elements so far. One `exp` per element: `e = e^{-|x - m|}` is
+/// either the new term (x ≤ m) or the factor rescaling the old sums to the new max (x > m).
+#[inline(always)]
+fn lane_step<A: Acc, const SMOOTH: bool>(
+    m: &mut A,
+    so: &mut A,
+    sw: &mut A,
+    ws: &mut A,
+    x: A,
+    keep: A,
+    w: A,
+) {
+    let d = x - *m;
+    let up = d > A::ZERO; // NaN: false, and the NaN reaches `so` through e
+    let ad = d.abs();
+    let e = (-ad).exp();
+    *so = if up { *so * e + keep } else { *so + e * keep };
+    if SMOOTH {
+        // Moving the reference from m to x adds ws·(x - m) to Σ w_k (m - x_k).
+        *sw += if up { *ws * ad } else { w * ad };
+        *ws += w;
+    }
+    *m = if up { x } else { *m };
+}
+
+/// The online softmax statistics of row `x` with label column `t` (`w`: class weights, read only
+/// with `SMOOTH`).
+#[inline(always)]
+fn row_stats<T: Elem, const SMOOTH: bool>(x: &[T], t: usize, w: &[T::A]) -> RowStats<T::A> {
+    // Lanes start at a finite "lowest" max, so the first step of a lane needs no special case
+    // and -inf logits (masked classes) contribute e^{-inf} = 0.
+    let lowest = <T::A as Acc>::from_f64(f32::MIN as f64);
+    let zero = <T::A as Acc>::ZERO;
+    let one = <T::A as Acc>::ONE;
+    let mut m = [lowest; LANES];
+    let mut so = [zero; LANES];
+    let mut sw = [zero; LANES];
+    let mut ws = [zero; LANES];
+    let xc = x.chunks_exact(LANES);
+    let wc = w.chunks_exact(LANES);
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (ci, (xs, wv)) in xc.zip(wc).enumerate() {
+        let base = ci * LANES;
+        for l in 0..LANES {
+            let keep = if base + l != t { one } else { zero };
+            lane_step::<_, SMOOTH>(
+                &mut m[l],
+                &mut so[l],
+                &mut sw[l],
+                &mut ws[l],
+                xs[l].to_acc(),
+                keep,
+                wv[l],
+            );
+        }
+    }
+    let base = x.len() - xr.len();
+    for (l, (xv, wv)) in xr.iter().zip(wr).enumerate() {
+        let keep = if base + l != t { one } else { zero };
+        lane_step::<_, SMOOTH>(
+            &mut m[l],
+            &mut so[l],
+            &mut sw[l],
+            &mut ws[l],
+            xv.to_acc(),
+            keep,
+            *wv,
+        );
+    }
+    // Merge the lanes onto the row max.
+    let mut mm = m[0];
+    for &v in &m[1..] {
+        if v > mm {
+            mm = v;
+        }
+    }
+    let mut s_oth = zero;
+    let mut swt = zero;
+    for l in 0..LANES {
+        s_oth += so[l] * (m[l] - mm).exp();
+        if SMOOTH {
+            swt += sw[l];
+            if ws[l] != zero {
+                swt += ws[l] * (mm - m[l]);
+            }
+        }
+    }
+    RowStats {
+        m: mm,
+        s_oth,
+        sw: swt,
+    }
+}
+
+/// Derived per-row quantities: `s = Σ_k e^{x_k - m}`, `nll = -log p_t`, `q = 1 - p_t`, `p_t`.
+#[derive(Clone, Copy)]
+struct RowSoftmax<A> {
+    s: A,
+    nll: A,
+    q: A,
+    p_t: A,
+}
+
+#[inline(always)]
+fn row_softmax<A: Acc>(st: &RowStats<A>, x_t: A) -> RowSoftmax<A> {
+    let e_t = (x_t - st.m).exp();
+    let s = st.s_oth + e_t;
+    // -log p_t = log(s / e_t) = log1p(s_oth / e_t): accurate for p_t ≥ ½ (e_t ≥ s_oth, e_t > 0);
+    // otherwise log s + (m - x_t), a sum of non-negative terms.
+    let nll = if st.s_oth <= e_t {
+        (st.s_oth / e_t).log1p()
+    } else {
+        s.ln() + (st.m - x_t)
+    };
+    RowSoftmax {
+        s,
+        nll,
+        q: st.s_oth / s,
+        p_t: e_t / s,
+    }
+}
+
+/// Hyper-parameters in the accumulator type.
+#[derive(Clone, Copy)]
+struct Params<A> {
+    focal: bool,
+    /// CE: `1 - ε`; focal: `α`.
+    a: A,
+    /// CE: `ε / K`.
+    c: A,
+    /// Focal: γ.
+    gamma: A,
+    /// `W = Σ_k w_k`.
+    wsum: A,
+}
+
+/// `(1 - p_t)^γ` from `q = 1 - p_t`; γ = 0 gives exactly 1 even where q underflows to 0.
+#[inline(always)]
+fn pow_q<A: Acc>(q: A, gamma: A) -> A {
+    if gamma == A::ZERO {
+        A::ONE
+    } else {
+        (gamma * q.ln()).exp()
+    }
+}
+
+/// Loss of one (non-ignored) row with label `t` and weight `w_t`.
+#[inline(always)]
+fn row_loss<T: Elem, const SMOOTH: bool>(p: &Params<T::A>, x: &[T], t: usize, w: &[T::A]) -> T::A {
+    let st = row_stats::<T, SMOOTH>(x, t, w);
+    let r = row_softmax(&st, x[t].to_acc());
+    let wt = w[t];
+    if p.focal {
+        // -α w_t (1-p_t)^γ log p_t
+        p.a * wt * pow_q(r.q, p.gamma) * r.nll
+    } else {
+        // (1-ε) w_t (lse - x_t) + (ε/K) Σ_k w_k (lse - x_k), with lse = m + log s:
+        // Σ_k w_k (lse - x_k) = Σ_k w_k (m - x_k) + W log s.
+        let smooth = if SMOOTH {
+            p.c * (st.sw + p.wsum * r.s.ln())
+        } else {
+            <T::A as Acc>::ZERO
+        };
+        p.a * wt * r.nll + smooth
+    }
+}
+
+/// Gradient of one row, `g_j = coef·∂l/∂x_j`; `g` is left untouched for the caller to zero when
+/// the row is ignored.
+#[inline(always)]
+fn row_grad<T: Elem, const SMOOTH: bool>(
+    p: &Params<T::A>,
+    x: &[T],
+    t: usize,
+    w: &[T::A],
+    coef: T::A,
+    g: &mut [T],
+) {
+    let st = row_stats::<T, SMOOTH>(x, t, w);
+    let r = row_softmax(&st, x[t].to_acc());
+    let wt = w[t];
+    // ∂l/∂x_j = a_j·p_j - b·δ_jt - c·w_j, written for j = t as -b·q + (a_t·p_t - c·w_t - b + b)
+    // with q = 1 - p_t (no cancellation at p_t → 1).
+    let (a, b) = if p.focal {
+        // l = -α w_t (1-p_t)^γ log p_t, ∂p_t/∂x_j = p_t(δ_jt - p_j), ∂log p_t/∂x_j = δ_jt - p_j:
+        // ∂l/∂x_j = α w_t (p_j - δ_jt)·F, F = (1-p_t)^γ + γ p_t (1-p_t)^{γ-1}·(-log p_t)
+        //         = (1-p_t)^γ·(1 + γ p_t·nll/q); nll/q → 1 as q → 0 (nll = -log(1-q)).
+        let ratio = if r.q > <T::A as Acc>::ZERO {
+            r.nll / r.q
+        } else {
+            <T::A as Acc>::ONE
+        };
+        let f = pow_q(r.q, p.gamma) * (<T::A as Acc>::ONE + p.gamma * r.p_t * ratio);
+        let a = p.a * wt * f;
+        (a, a)
+    } else {
+        // ∂l/∂x_j = (1-ε) w_t (p_j - δ_jt) + (ε/K)(W p_j - w_j)
+        let b = p.a * wt;
+        let a = if SMOOTH { b + p.c * p.wsum } else { b };
+        (a, b)
+    };
+    let inv_s = <T::A as Acc>::ONE / r.s;
+    let ca = coef * a;
+    if SMOOTH {
+        let cc = coef * p.c;
+        for ((gj, xj), wj) in g.iter_mut().zip(x).zip(w) {
+            let pj = (xj.to_acc() - st.m).exp() * inv_s;
+            *gj = T::from_acc(ca * pj - cc * *wj);
+        }
+    } else {
+        for (gj, xj) in g.iter_mut().zip(x) {
+            let pj = (xj.to_acc() - st.m).exp() * inv_s;
+            *gj = T::from_acc(ca * pj);
+        }
+    }
+    let smooth_t = if SMOOTH {
+        p.c * (p.wsum * r.p_t - wt)
+    } else {
+        <T::A as Acc>::ZERO
+    };
+    g[t] = T::from_acc(coef * (smooth_t - b * r.q));
+}
+
+/// Typed CPU view of the labels.
+enum CpuLabels<'a> {
+    U32(&'a [u32]),
+    I64(&'a [i64]),
+}
+
+impl<'a> CpuLabels<'a> {
+    fn new(kind: LabelKind, name: &str, s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        Ok(match kind {
+            LabelKind::U32 => Self::U32(cpu_slice(name, s, l)?),
+            LabelKind::I64 => Self::I64(cpu_slice(name, s, l)?),
+        })
+    }
+
+    /// The label of row `i`: `Some(class)` or `None` when ignored; an error when out of range.
+    #[inline(always)]
+    fn get(&self, name: &str, i: usize, k: usize) -> Result<Option<usize>> {
+        let v = match self {
+            Self::U32(v) => v[i] as i64,
+            Self::I64(v) => v[i],
+        };
+        Ok(match decode_label(name, v, k - 1)? {
+            RowLabel::Ignored => None,
+            RowLabel::Class(c) => Some(c),
+        })
+    }
+}
+
+impl SoftmaxOp {
+    fn params<A: Acc>(&self, k: usize, wsum: A) -> Params<A> {
+        match self.kind {
+            Kind::Ce { eps } => Params {
+                focal: false,
+                a: A::from_f64(1.0 - eps),
+                c: A::from_f64(eps / k as f64),
+                gamma: A::ZERO,
+                wsum,
+            },
+            Kind::Focal { alpha, gamma } => Params {
+                focal: true,
+                a: A::from_f64(alpha),
+                c: A::ZERO,
+                gamma: A::from_f64(gamma),
+                wsum,
+            },
+        }
+    }
+
+    /// True when the smoothing term is present (CE with ε > 0).
+    fn smooth(&self) -> bool {
+        matches!(self.kind, Kind::Ce { eps } if eps > 0.0)
+    }
+
+    /// Class weights as a host vector (all 1 when absent) and their sum.
+    fn cpu_weights<A: Acc + WithDType>(&self, k: usize) -> Result<(Vec<A>, A)> {
+        match &self.weights {
+            None => Ok((vec![A::ONE; k], <A as Acc>::from_f64(k as f64))),
+            Some((w, ws)) => {
+                let read = |t: &Tensor| -> Result<Vec<A>> {
+                    let (st, l) = t.storage_and_layout();
+                    match &*st {
+                        Storage::Cpu(s) => Ok(cpu_slice::<A>(self.name, s, l)?.to_vec()),
+                        _ => bail!("{}: class weights are not on the CPU", self.name),
+                    }
+                };
+                let wv = read(w)?;
+                let sum = read(ws)?.first().copied().unwrap_or(A::ZERO);
+                Ok((wv, sum))
+            }
+        }
+    }
+
+    /// `Σ w_label` over the non-ignored rows (the `Mean` denominator), merged in chunk order.
+    fn weight_sum<A: Acc>(&self, lab: &CpuLabels<'_>, w: &[A], n: usize, k: usize) -> Result<f64> {
+        let rpc = rows_per_chunk(1);
+        let parts: Vec<Result<f64>> = (0..n.div_ceil(rpc))
+            .into_par_iter()
+            .map(|ci| {
+                let mut s = 0f64;
+                for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                    if let Some(t) = lab.get(self.name, i, k)? {
+                        s += w[t].to_f64();
+                    }
+                }
+                Ok(s)
+            })
+            .collect();
+        let parts = parts.into_iter().collect::<Result<Vec<f64>>>()?;
+        Ok(ordered_sum(&parts))
+    }
+
+    fn cpu_fwd_t<T: Elem, const SMOOTH: bool>(
+        &self,
+        x: &[T],
+        lab: &CpuLabels<'_>,
+        n: usize,
+        k: usize,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        T::A: WithDType,
+    {
+        let (w, wsum) = self.cpu_weights::<T::A>(k)?;
+        let p = self.params::<T::A>(k, wsum);
+        let rpc = rows_per_chunk(k);
+        let name = self.name;
+        if self.reduction == Reduction::None {
+            let mut out = vec![T::from_acc(<T::A as Acc>::ZERO); n];
+            let res: Vec<Result<()>> = out
+                .par_chunks_mut(rpc)
+                .enumerate()
+                .map(|(ci, o)| {
+                    for (r, oi) in o.iter_mut().enumerate() {
+                        let i = ci * rpc + r;
+                        if let Some(t) = lab.get(name, i, k)? {
+                            *oi = T::from_acc(row_loss::<T, SMOOTH>(
+                                &p,
+                                &x[i * k..(i + 1) * k],
+                                t,
+                                &w,
+                            ));
+                        }
+                    }
+                    Ok(())
+                })
+                .collect();
+            res.into_iter().collect::<Result<Vec<()>>>()?;
+            return Ok((T::to_cpu_storage_owned(out), Shape::from(n)));
+        }
+        // (Σ l, Σ w_label) per chunk, merged in chunk order.
+        let parts: Vec<Result<(f64, f64)>> = (0..n.div_ceil(rpc))
+            .into_par_iter()
+            .map(|ci| {
+                let (mut s, mut ws) = (0f64, 0f64);
+                for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                    if let Some(t) = lab.get(name, i, k)? {
+                        s += Acc::to_f64(row_loss::<T, SMOOTH>(&p, &x[i * k..(i + 1) * k], t, &w));
+                        ws += Acc::to_f64(w[t]);
+                    }
+                }
+                Ok((s, ws))
+            })
+            .collect();
+        let mut sums = Vec::with_capacity(parts.len());
+        let mut wsums = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (s, ws) = part?;
+            sums.push(s);
+            wsums.push(ws);
+        }
+        let total = ordered_sum(&sums) * self.reduction.scale(ordered_sum(&wsums));
+        let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
+        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+    }
+
+    fn cpu_bwd_t<T: Elem, const SMOOTH: bool>(
+        &self,
+        x: &[T],
+        lab: &CpuLabels<'_>,
+        up: &[T],
+        n: usize,
+        k: usize,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        T::A: WithDType,
+    {
+        let (w, wsum) = self.cpu_weights::<T::A>(k)?;
+        let p = self.params::<T::A>(k, wsum);
+        let scalar_up = self.reduction.is_scalar();
+        if scalar_up && up.len() != 1 || !scalar_up && up.len() != n {
+            bail!("{}: upstream gradient has {} elements", self.name, up.len())
+        }
+        let scale = match self.reduction {
+            Reduction::Mean => self.reduction.scale(self.weight_sum(lab, &w, n, k)?),
+            r => r.scale(0.0),
+        };
+        let base = if scalar_up {
+            Acc::to_f64(up[0].to_acc()) * scale
+        } else {
+            scale
+        };
+        let rpc = rows_per_chunk(k);
+        let name = self.name;
+        let mut g = vec![T::from_acc(<T::A as Acc>::ZERO); n * k];
+        let res: Vec<Result<()>> = g
+            .par_chunks_mut(rpc * k)
+            .enumerate()
+            .map(|(ci, gc)| {
+                for (r, grow) in gc.chunks_mut(k).enumerate() {
+                    let i = ci * rpc + r;
+                    if let Some(t) = lab.get(name, i, k)? {
+                        let u = if scalar_up {
+                            1.0
+                        } else {
+                            Acc::to_f64(up[i].to_acc())
+                        };
+                        let coef = <T::A as Acc>::from_f64(base * u);
+                        row_grad::<T, SMOOTH>(&p, &x[i * k..(i + 1) * k], t, &w, coef, grow);
+                    }
+                }
+                Ok(())
+            })
+            .collect();
+        res.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok((T::to_cpu_storage_owned(g), Shape::from((n, k))))
+    }
+}
+
+fn dims2(name: &str, l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, k] => Ok((*n, *k)),
+        d => bail!("{name}: logits must have shape [N, K], got {d:?}"),
+    }
+}
+
+impl CustomOp2 for SoftmaxFwd {
+    fn name(&self) -> &'static str {
+        match self.0.kind {
+            Kind::Ce { .. } => "cross-entropy-fwd",
+            Kind::Focal { .. } => "softmax-focal-fwd",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let (n, k) = dims2(op.name, l1)?;
+        crate::common::with_float_type!(op.name, s1.dtype(), T, {
+            let x = cpu_slice::<T>(op.name, s1, l1)?;
+            let lab = CpuLabels::new(op.labels, op.name, s2, l2)?;
+            if op.smooth() {
+                op.cpu_fwd_t::<T, true>(x, &lab, n, k)
+            } else {
+                op.cpu_fwd_t::<T, false>(x, &lab, n, k)
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = dims2(self.0.name, l1)?;
+        cuda::forward(&self.0, s1, l1, s2, l2, n, k)
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let up = grad_res.contiguous()?;
+        let g = logits.apply_op3_no_bwd(labels, &up, &SoftmaxBwd(self.0.clone()))?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        match self.0.kind {
+            Kind::Ce { .. } => "cross-entropy-bwd",
+            Kind::Focal { .. } => "softmax-focal-bwd",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let (n, k) = dims2(op.name, l1)?;
+        crate::common::with_float_type!(op.name, s1.dtype(), T, {
+            let x = cpu_slice::<T>(op.name, s1, l1)?;
+            let lab = CpuLabels::new(op.labels, op.name, s2, l2)?;
+            let up = cpu_slice::<T>(op.name, s3, l3)?;
+            if op.smooth() {
+                op.cpu_bwd_t::<T, true>(x, &lab, up, n, k)
+            } else {
+                op.cpu_bwd_t::<T, false>(x, &lab, up, n, k)
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, k) = dims2(self.0.name, l1)?;
+        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, k)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Kind, LabelKind, SoftmaxOp};
+    use crate::common::{Acc, Elem};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_softmax";
+    /// Rows of at most this many classes get one warp each; longer rows one block each.
+    const WARP_MAX_K: usize = 1024;
+
+    /// Launch shape: `(config, warp-per-row)`, at most `MAX_PARTIAL_BLOCKS` blocks (grid-stride
+    /// over rows), so the per-block partials fit the finalize kernel.
+    fn row_grid(n: usize, k: usize) -> (LaunchConfig, bool) {
+        let warp = k <= WARP_MAX_K;
+        let rows_per_block = if warp { (kc::BLOCK / 32) as usize } else { 1 };
+        let blocks = n
+            .div_ceil(rows_per_block)
+            .clamp(1, kc::MAX_PARTIAL_BLOCKS as usize) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (kc::BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (cfg, warp)
+    }
+
+    fn label_suffix(l: LabelKind) -> &'static str {
+        match l {
+            LabelKind::U32 => "u32",
+            LabelKind::I64 => "i64",
+        }
+    }
+
+    /// Binds `$v` to the labels view of the right integer type.
+    macro_rules! with_labels {
+        ($kind:expr, $name:expr, $s:expr, $l:expr, $v:ident, $body:block) => {
+            match $kind {
+                LabelKind::U32 => {
+                    let $v: CudaView<'_, u32> = kc::view($name, $s, $l)?;
+                    $body
+                }
+                LabelKind::I64 => {
+                    let $v: CudaView<'_, i64> = kc::view($name, $s, $l)?;
+                    $body
+                }
+            }
+        };
+    }
+
+    /// Runs `f(weights, weight sum, has_w)`; without class weights, 1-element dummies and 0.
+    fn with_weights<A: DeviceRepr + CudaDType + ValidAsZeroBits, R>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        f: impl FnOnce(&CudaSlice<A>, &CudaSlice<A>, i32) -> Result<R>,
+    ) -> Result<R> {
+        match &op.weights {
+            None => {
+                let d = dev.alloc_zeros::<A>(1)?;
+                f(&d, &d, 0)
+            }
+            Some((w, ws)) => kc::param_slice(op.name, w, |w| {
+                kc::param_slice(op.name, ws, |ws| f(w, ws, 1))
+            }),
+        }
+    }
+
+    /// `(focal, a, c, gamma)` of the kernels' `P<A>`.
+    fn params<A: Acc>(op: &SoftmaxOp, k: usize) -> (i32, A, A, A) {
+        match op.kind {
+            Kind::Ce { eps } => (
+                0,
+                A::from_f64(1.0 - eps),
+                A::from_f64(eps / k as f64),
+                A::ZERO,
+            ),
+            Kind::Focal { alpha, gamma } => (1, A::from_f64(alpha), A::ZERO, A::from_f64(gamma)),
+        }
+    }
+
+    fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
+        Ok(format!(
+            "{}_{}_s{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            label_suffix(op.labels),
+            op.smooth() as u8,
+            if warp { "warp" } else { "block" }
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fwd_t<T>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+    {
+        let name = op.name;
+        let (cfg, warp) = row_grid(n, k);
+        let sfx = suffix::<T>(op, warp)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let (nn, kk) = (n as u64, k as u64);
+        let (focal, a, c, gamma) = params::<T::A>(op, k);
+        let none = (op.reduction == Reduction::None) as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        let nparts = cfg.grid_dim.0 as i32;
+        let out = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
+            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
+            let out = unsafe { dev.alloc::<T>(if none == 1 { n } else { 1 })? };
+            if n > 0 {
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_fwd_{sfx}"),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
+                with_labels!(op.labels, name, s2, l2, lab, {
+                    let mut b = f.builder();
+                    b.arg(&x).arg(&lab).arg(w).arg(ws).arg(&has_w).arg(&out);
+                    b.arg(&psum).arg(&pden).arg(&nn).arg(&kk);
+                    b.arg(&focal)
+                        .arg(&a)
+                        .arg(&c)
+                        .arg(&gamma)
+                        .arg(&none)
+                        .arg(&err);
+                    kc::launched(unsafe { b.launch(cfg) })?;
+                });
+            }
+            if none == 0 {
+                let scale = dev.alloc_zeros::<f64>(1)?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
+                let red = op.reduction.code();
+                let avg = match op.reduction {
+                    Reduction::AvgFactor(f) => f,
+                    _ => 1.0,
+                };
+                let mut b = f.builder();
+                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
+                b.arg(&out).arg(&scale);
+                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            }
+            Ok(out)
+        })?;
+        kc::check_label_flag(name, dev, &err, k - 1)?;
+        let shape = if none == 1 {
+            Shape::from(n)
+        } else {
+            Shape::from(())
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &SoftmaxOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+    {
+        let name = op.name;
+        let (cfg, warp) = row_grid(n, k);
+        let sfx = suffix::<T>(op, warp)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
+        let (nn, kk) = (n as u64, k as u64);
+        let (focal, a, c, gamma) = params::<T::A>(op, k);
+        let up_scalar = op.reduction.is_scalar() as i32;
+        let err = dev.alloc_zeros::<u64>(2)?;
+        // Mean: the scale 1 / Σ w_label is computed on the device (no host round trip).
+        let use_scale = (op.reduction == Reduction::Mean) as i32;
+        let base_scale = op.reduction.scale(0.0);
+        let scale = dev.alloc_zeros::<f64>(1)?;
+        let dsfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            label_suffix(op.labels)
+        );
+        let g = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
+            let g = unsafe { dev.alloc::<T>(n * k)? };
+            if n == 0 {
+                return Ok(g);
+            }
+            if use_scale == 1 {
+                let dcfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
+                let nparts = dcfg.grid_dim.0 as i32;
+                let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
+                let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_den_{dsfx}"),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
+                with_labels!(op.labels, name, s2, l2, lab, {
+                    let mut b = f.builder();
+                    b.arg(&lab)
+                        .arg(w)
+                        .arg(&has_w)
+                        .arg(&nn)
+                        .arg(&kk)
+                        .arg(&pden)
+                        .arg(&err);
+                    kc::launched(unsafe { b.launch(dcfg) })?;
+                });
+                let dummy = unsafe { dev.alloc::<T>(1)? };
+                let f = dev.get_or_load_custom_func(
+                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
+                    MODULE,
+                    ptx::SOFTMAX,
+                )?;
+                let red = op.reduction.code();
+                let avg = 1.0f64;
+                let mut b = f.builder();
+                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
+                b.arg(&dummy).arg(&scale);
+                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+            }
+            let f =
+                dev.get_or_load_custom_func(&format!("softmax_bwd_{sfx}"), MODULE, ptx::SOFTMAX)?;
+            with_labels!(op.labels, name, s2, l2, lab, {
+                let mut b = f.builder();
+                b.arg(&x)
+                    .arg(&lab)
+                    .arg(w)
+                    .arg(ws)
+                    .arg(&has_w)
+                    .arg(&up)
+                    .arg(&up_scalar);
+                b.arg(&g)
+                    .arg(&nn)
+                    .arg(&kk)
+                    .arg(&focal)
+                    .arg(&a)
+                    .arg(&c)
+                    .arg(&gamma);
+                b.arg(&base_scale).arg(&scale).arg(&use_scale).arg(&err);
+                kc::launched(unsafe { b.launch(cfg) })?;
+            });
+            Ok(g)
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            Shape::from((n, k)),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &SoftmaxOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(op.name, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, k)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        op: &SoftmaxOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        k: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            op.name,
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            n,
+            k
+        )
+    }
+}

@@ -1,0 +1,133 @@
+//! class_balanced_weights: hand-computed values, an independent reference (the geometric series
+//! (1 - β^n)/(1 - β) = Σ_{i<n} β^i, which has no cancellation near β = 1), and bad input.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_detloss::{class_balanced_weights, CrossEntropyLoss, SigmoidFocalLoss};
+use common::*;
+
+fn weights(counts: &[u64], beta: f64) -> Vec<f64> {
+    let w = class_balanced_weights(counts, beta, &Device::Cpu).unwrap();
+    assert_eq!(w.dtype(), DType::F32);
+    assert_eq!(w.dims(), &[counts.len()]);
+    to_f64_vec(&w)
+}
+
+/// w_c ∝ (1-β)/(1-β^n) = 1 / Σ_{i<n} β^i, normalised to sum to C.
+fn reference(counts: &[u64], beta: f64) -> Vec<f64> {
+    let raw: Vec<f64> = counts
+        .iter()
+        .map(|&n| {
+            let mut s = 0.0;
+            let mut p = 1.0;
+            for _ in 0..n {
+                s += p;
+                p *= beta;
+            }
+            1.0 / s
+        })
+        .collect();
+    let total: f64 = raw.iter().sum();
+    raw.iter()
+        .map(|v| v * counts.len() as f64 / total)
+        .collect()
+}
+
+#[test]
+fn hand_computed_values() {
+    // β = 0.5, counts 1, 2, 4: (1-β)/(1-β^n) = 1, 2/3, 8/15 (sum 11/5), scaled by 3/(11/5).
+    let w = weights(&[1, 2, 4], 0.5);
+    assert_close(
+        "β=0.5",
+        &w,
+        &[15.0 / 11.0, 10.0 / 11.0, 8.0 / 11.0],
+        0.0,
+        1e-7,
+    );
+    // β = 0.9, counts 1, 10: 1 and 0.1/(1 - 0.9^10) = 0.1/0.6513215599; sum to 2.
+    let w2 = 0.1 / (1.0 - 0.348_678_440_1);
+    let w = weights(&[1, 10], 0.9);
+    assert_close(
+        "β=0.9",
+        &w,
+        &[2.0 / (1.0 + w2), 2.0 * w2 / (1.0 + w2)],
+        0.0,
+        1e-7,
+    );
+    // β = 0: all ones, whatever the counts.
+    assert_eq!(weights(&[1, 7, 1_000_000], 0.0), vec![1.0; 3]);
+    // One class: always 1.
+    assert_eq!(weights(&[42], 0.999), vec![1.0]);
+    // Equal counts: all ones.
+    assert_close("equal", &weights(&[5, 5, 5, 5], 0.99), &[1.0; 4], 0.0, 1e-7);
+}
+
+#[test]
+fn matches_the_geometric_series_reference() {
+    let mut rng = Rng::new(21);
+    for beta in [0.0, 0.3, 0.9, 0.99, 0.999, 0.9999] {
+        let counts: Vec<u64> = (0..20).map(|_| 1 + rng.below(20_000)).collect();
+        let w = weights(&counts, beta);
+        let r = reference(&counts, beta);
+        assert_close(&format!("β={beta}"), &w, &r, 0.0, 2e-7);
+        let s: f64 = w.iter().sum();
+        assert!((s - 20.0).abs() < 1e-5, "sum {s}");
+    }
+}
+
+#[test]
+fn accurate_for_beta_within_ulps_of_one() {
+    // β = 1 - 1e-12: the f32 result within an ulp or two of the reference (which tends to
+    // inverse frequency).
+    let beta = 1.0 - 1e-12;
+    let counts = [1u64, 3, 17, 1000];
+    let w = weights(&counts, beta);
+    let r = reference(&counts, beta);
+    assert_close("β≈1", &w, &r, 0.0, 1.5e-7);
+    // The largest β below 1: inverse class frequency, to f32 rounding.
+    let beta = 1.0 - f64::EPSILON / 2.0;
+    assert!(beta < 1.0);
+    let w = weights(&counts, beta);
+    let inv: Vec<f64> = counts.iter().map(|&n| 1.0 / n as f64).collect();
+    let t: f64 = inv.iter().sum();
+    let inv: Vec<f64> = inv.iter().map(|v| v * 4.0 / t).collect();
+    assert_close("β=1-2^-53", &w, &inv, 0.0, 1.5e-7);
+}
+
+#[test]
+fn usable_as_class_weights_of_the_losses() {
+    let dev = Device::Cpu;
+    let w = class_balanced_weights(&[100, 10, 1], 0.99, &dev).unwrap();
+    let x = Tensor::new(&[[1.0f32, 0.0, -1.0], [0.5, 0.5, 0.5]], &dev).unwrap();
+    let labels = Tensor::new(&[2i64, 0], &dev).unwrap();
+    let ce = CrossEntropyLoss {
+        class_weights: Some(w.clone()),
+        ..Default::default()
+    };
+    assert!(ce.forward(&x, &labels).unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let fl = SigmoidFocalLoss {
+        class_weights: Some(w),
+        ..Default::default()
+    };
+    assert!(fl.forward(&x, &labels).unwrap().to_scalar::<f32>().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_returns_errors() {
+    let dev = Device::Cpu;
+    let check = |r: candle_core::Result<Tensor>, needle: &str| match r {
+        Ok(_) => panic!("expected an error containing {needle}"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.starts_with("class_balanced_weights:"), "{e}");
+            assert!(e.contains(needle), "`{e}` lacks `{needle}`");
+        }
+    };
+    check(class_balanced_weights(&[], 0.9, &dev), "empty");
+    check(class_balanced_weights(&[3, 0, 2], 0.9, &dev), "class 1");
+    check(class_balanced_weights(&[3, 2], -0.1, &dev), "-0.1");
+    check(class_balanced_weights(&[3, 2], 1.0, &dev), "beta");
+    check(class_balanced_weights(&[3, 2], 1.5, &dev), "1.5");
+    check(class_balanced_weights(&[3, 2], f64::NAN, &dev), "NaN");
+}
