@@ -40,6 +40,8 @@ mod cuda;
 mod fastmath;
 mod focal;
 mod reduction;
+mod regression;
 
 pub use focal::SigmoidFocalLoss;
 pub use reduction::Reduction;
+pub use regression::{BalancedL1Loss, SmoothL1Loss};
