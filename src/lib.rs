@@ -39,9 +39,11 @@ mod common;
 mod cuda;
 mod fastmath;
 mod focal;
+mod iou;
 mod reduction;
 mod regression;
 
 pub use focal::SigmoidFocalLoss;
+pub use iou::{BoxIouLoss, IouKind};
 pub use reduction::Reduction;
 pub use regression::{BalancedL1Loss, SmoothL1Loss};
