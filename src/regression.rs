@@ -292,7 +292,7 @@ fn sign<A: Acc>(d: A) -> A {
     let pos = if d > A::ZERO { A::ONE } else { A::ZERO };
     let neg = if d < A::ZERO { A::ONE } else { A::ZERO };
     #[allow(clippy::eq_op)]
-    let nan = d != d;
+    let nan = d != d; // NaN
     if nan {
         d
     } else {
@@ -605,5 +605,197 @@ impl CustomOp3 for RegBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{consts, Kind, RegOp};
+    use crate::common::{Acc, Elem};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_regression";
+
+    fn prefix(op: &RegOp) -> &'static str {
+        match op.kind {
+            Kind::Smooth { .. } => "smooth_l1",
+            Kind::Balanced { .. } => "balanced_l1",
+        }
+    }
+
+    fn fwd_t<T>(
+        op: &RegOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr,
+    {
+        let name = op.name();
+        let dt = kc::dtype_suffix(T::DTYPE)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
+        let n = l1.shape().elem_count();
+        let nn = n as u64;
+        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
+        if op.reduction == Reduction::None {
+            let out = unsafe { dev.alloc::<T>(n)? };
+            if n > 0 {
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::REGRESSION,
+                    &format!("{}_fwd_none_{dt}", prefix(op)),
+                )?;
+                let mut b = f.builder();
+                b.arg(&x).arg(&t).arg(&out).arg(&nn);
+                for v in &c {
+                    b.arg(v);
+                }
+                kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+            }
+            return Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                l1.shape().clone(),
+            ));
+        }
+        let cfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
+        let nparts = cfg.grid_dim.0 as i32;
+        let psum = dev.alloc_zeros::<f64>(nparts as usize)?;
+        if n > 0 {
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::REGRESSION,
+                &format!("{}_fwd_partial_{dt}", prefix(op)),
+            )?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&t).arg(&psum).arg(&nn);
+            for v in &c {
+                b.arg(v);
+            }
+            kc::launched(unsafe { b.launch(cfg) })?;
+        }
+        let out = unsafe { dev.alloc::<T>(1)? };
+        let scale = op.reduction.scale(n as f64);
+        let f = kc::func(
+            dev,
+            MODULE,
+            ptx::REGRESSION,
+            &format!("regression_finalize_{dt}"),
+        )?;
+        let mut b = f.builder();
+        b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
+        kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(()),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &RegOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr,
+    {
+        let name = op.name();
+        let dt = kc::dtype_suffix(T::DTYPE)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
+        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
+        let n = l1.shape().elem_count();
+        let nn = n as u64;
+        let scalar_up = op.reduction.is_scalar();
+        let want = if scalar_up { 1 } else { n };
+        if l3.shape().elem_count() != want {
+            candle_core::bail!(
+                "{name}: upstream gradient has {} elements, expected {want}",
+                l3.shape().elem_count()
+            )
+        }
+        let up_scalar = scalar_up as i32;
+        let scale = op.reduction.scale(n as f64);
+        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
+        let g = unsafe { dev.alloc::<T>(n)? };
+        if n > 0 {
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::REGRESSION,
+                &format!("{}_bwd_{dt}", prefix(op)),
+            )?;
+            let mut b = f.builder();
+            b.arg(&x)
+                .arg(&t)
+                .arg(&up)
+                .arg(&up_scalar)
+                .arg(&scale)
+                .arg(&g)
+                .arg(&nn);
+            for v in &c {
+                b.arg(v);
+            }
+            kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            l1.shape().clone(),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &RegOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(op.name(), s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2)
+    }
+
+    pub(super) fn backward(
+        op: &RegOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            op.name(),
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3
+        )
     }
 }
