@@ -380,9 +380,9 @@ fn box_pair<A: IouAcc, const K: u8, const GRAD: bool>(
     (loss, [gx1_, gy1_, gx2_, gy2_])
 }
 
-/// Rows per block of independent accumulators in the scalar reductions (vectorisable; the
-/// partial sums are flushed to f64 in a fixed order).
+/// Independent accumulators, and rows per block, of the scalar reductions.
 const LANES: usize = 8;
+const BLOCK_ROWS: usize = 256;
 
 #[inline(always)]
 fn load<T: Elem>(r: &[T]) -> [T::A; 4] {
@@ -414,26 +414,28 @@ where
         .par_chunks(rpc * 4)
         .zip(t.par_chunks(rpc * 4))
         .map(|(xs, ts)| {
+            // Losses of a block of rows into a stack buffer (a plain map loop), then summed into
+            // LANES independent accumulators and flushed to f64 per block: fixed order.
             let mut s = 0f64;
-            let mut xb = xs.chunks_exact(4 * LANES);
-            let mut tb = ts.chunks_exact(4 * LANES);
-            for (xl, tl) in (&mut xb).zip(&mut tb) {
+            let mut buf = [T::A::ZERO; BLOCK_ROWS];
+            for (xb, tb) in xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS)) {
+                let m = xb.len() / 4;
+                let rows = xb.chunks_exact(4).zip(tb.chunks_exact(4));
+                for (b, (p, g)) in buf.iter_mut().zip(rows) {
+                    *b = f(p, g);
+                }
                 let mut lanes = [T::A::ZERO; LANES];
-                for (k, lane) in lanes.iter_mut().enumerate() {
-                    *lane = f(&xl[4 * k..4 * k + 4], &tl[4 * k..4 * k + 4]);
+                let full = m - m % LANES;
+                for v in buf[..full].chunks_exact(LANES) {
+                    for k in 0..LANES {
+                        lanes[k] += v[k];
+                    }
                 }
-                let mut b = 0f64;
-                for v in lanes {
-                    b += v.to_f64();
+                let mut bs = 0f64;
+                for v in lanes.into_iter().chain(buf[full..m].iter().copied()) {
+                    bs += v.to_f64();
                 }
-                s += b;
-            }
-            for (p, g) in xb
-                .remainder()
-                .chunks_exact(4)
-                .zip(tb.remainder().chunks_exact(4))
-            {
-                s += f(p, g).to_f64();
+                s += bs;
             }
             s
         })

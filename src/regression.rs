@@ -399,8 +399,10 @@ impl<A: Acc> ElemLoss<A> for Balanced<A> {
     }
 }
 
-/// Elements per partial block of the scalar reductions: `LANES` independent accumulators in the
-/// accumulator type (vectorisable, in a fixed order), flushed to f64 every `BLOCK` elements.
+/// Elements per block of the scalar reductions: the losses of a block are written to a stack
+/// buffer by a plain map loop (which vectorises like the `None` path), then summed into `LANES`
+/// independent accumulators in the accumulator type (a vector add) and flushed to f64 once per
+/// block, always in the same order (deterministic).
 const LANES: usize = 8;
 const BLOCK: usize = 256;
 
@@ -408,21 +410,22 @@ const BLOCK: usize = 256;
 #[inline(always)]
 fn chunk_sum<T: Elem, L: ElemLoss<T::A>>(l: &L, x: &[T], t: &[T]) -> f64 {
     let mut total = 0f64;
+    let mut buf = [T::A::ZERO; BLOCK];
     for (xb, tb) in x.chunks(BLOCK).zip(t.chunks(BLOCK)) {
+        let m = xb.len();
+        for ((b, a), c) in buf.iter_mut().zip(xb).zip(tb) {
+            *b = l.loss(a.to_acc() - c.to_acc());
+        }
         let mut lanes = [T::A::ZERO; LANES];
-        let mut xc = xb.chunks_exact(LANES);
-        let mut tc = tb.chunks_exact(LANES);
-        for (xs, ts) in (&mut xc).zip(&mut tc) {
+        let full = m - m % LANES;
+        for v in buf[..full].chunks_exact(LANES) {
             for k in 0..LANES {
-                lanes[k] += l.loss(xs[k].to_acc() - ts[k].to_acc());
+                lanes[k] += v[k];
             }
         }
         let mut s = 0f64;
-        for v in lanes {
+        for v in lanes.into_iter().chain(buf[full..m].iter().copied()) {
             s += v.to_f64();
-        }
-        for (a, b) in xc.remainder().iter().zip(tc.remainder()) {
-            s += l.loss(a.to_acc() - b.to_acc()).to_f64();
         }
         total += s;
     }
