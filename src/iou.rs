@@ -384,9 +384,56 @@ fn box_pair<A: IouAcc, const K: u8, const GRAD: bool>(
 const LANES: usize = 8;
 const BLOCK_ROWS: usize = 256;
 
-#[inline(always)]
-fn load<T: Elem>(r: &[T]) -> [T::A; 4] {
-    [r[0].to_acc(), r[1].to_acc(), r[2].to_acc(), r[3].to_acc()]
+/// A block of up to `BLOCK_ROWS` box pairs deinterleaved into one array per coordinate
+/// (`x1, y1, x2, y2` of the prediction, then of the target), so that the per-pair math runs as
+/// a loop over unit-stride arrays, which LLVM vectorises; the `[N, 4]` rows are strided by 4.
+struct Block<A> {
+    c: [[A; BLOCK_ROWS]; 8],
+}
+
+impl<A: Acc> Block<A> {
+    fn new() -> Self {
+        Self {
+            c: [[A::ZERO; BLOCK_ROWS]; 8],
+        }
+    }
+
+    /// Loads the rows of `p` and `g` (at most `BLOCK_ROWS`); returns the number of rows.
+    #[inline(always)]
+    fn load<T: Elem<A = A>>(&mut self, p: &[T], g: &[T]) -> usize {
+        let rows = p.chunks_exact(4).zip(g.chunks_exact(4)).take(BLOCK_ROWS);
+        let mut m = 0;
+        for (i, (pr, gr)) in rows.enumerate() {
+            for j in 0..4 {
+                self.c[j][i] = pr[j].to_acc();
+                self.c[4 + j][i] = gr[j].to_acc();
+            }
+            m = i + 1;
+        }
+        m
+    }
+
+    #[inline(always)]
+    fn pair(&self, i: usize) -> ([A; 4], [A; 4]) {
+        let c = &self.c;
+        (
+            [c[0][i], c[1][i], c[2][i], c[3][i]],
+            [c[4][i], c[5][i], c[6][i], c[7][i]],
+        )
+    }
+
+    /// The losses of the first `m` pairs into `out`.
+    #[inline(always)]
+    fn losses<const K: u8>(&self, m: usize, eps: A, vc: A, out: &mut [A; BLOCK_ROWS])
+    where
+        A: IouAcc,
+    {
+        let m = m.min(BLOCK_ROWS);
+        for (i, o) in out[..m].iter_mut().enumerate() {
+            let (p, g) = self.pair(i);
+            *o = box_pair::<A, K, false>(p, g, eps, vc, A::ONE).0;
+        }
+    }
 }
 
 fn cpu_fwd_t<T: Elem, const K: u8>(op: &IouOp, x: &[T], t: &[T]) -> Result<(CpuStorage, Shape)>
@@ -396,16 +443,21 @@ where
     let n = x.len() / 4;
     let eps = T::A::from_f64(op.eps);
     let vc = T::A::from_f64(V_COEF);
-    let one = T::A::ONE;
     let rpc = rows_per_chunk(4);
-    let f = |p: &[T], g: &[T]| box_pair::<T::A, K, false>(load(p), load(g), eps, vc, one).0;
     if op.reduction == Reduction::None {
         let mut out = vec![T::from_acc(T::A::ZERO); n];
         out.par_chunks_mut(rpc)
             .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
             .for_each(|(o, (xs, ts))| {
-                for ((oi, p), g) in o.iter_mut().zip(xs.chunks_exact(4)).zip(ts.chunks_exact(4)) {
-                    *oi = T::from_acc(f(p, g));
+                let mut blk = Block::<T::A>::new();
+                let mut buf = [T::A::ZERO; BLOCK_ROWS];
+                let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
+                for (ob, (xb, tb)) in o.chunks_mut(BLOCK_ROWS).zip(blocks) {
+                    let m = blk.load(xb, tb);
+                    blk.losses::<K>(m, eps, vc, &mut buf);
+                    for (oi, l) in ob.iter_mut().zip(&buf[..m]) {
+                        *oi = T::from_acc(*l);
+                    }
                 }
             });
         return Ok((T::to_cpu_storage_owned(out), Shape::from(n)));
@@ -414,16 +466,14 @@ where
         .par_chunks(rpc * 4)
         .zip(t.par_chunks(rpc * 4))
         .map(|(xs, ts)| {
-            // Losses of a block of rows into a stack buffer (a plain map loop), then summed into
-            // LANES independent accumulators and flushed to f64 per block: fixed order.
+            // Losses of a block into a buffer, then summed into LANES independent accumulators
+            // and flushed to f64 per block: a fixed order.
             let mut s = 0f64;
+            let mut blk = Block::<T::A>::new();
             let mut buf = [T::A::ZERO; BLOCK_ROWS];
             for (xb, tb) in xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS)) {
-                let m = xb.len() / 4;
-                let rows = xb.chunks_exact(4).zip(tb.chunks_exact(4));
-                for (b, (p, g)) in buf.iter_mut().zip(rows) {
-                    *b = f(p, g);
-                }
+                let m = blk.load(xb, tb);
+                blk.losses::<K>(m, eps, vc, &mut buf);
                 let mut lanes = [T::A::ZERO; LANES];
                 let full = m - m % LANES;
                 for v in buf[..full].chunks_exact(LANES) {
@@ -479,19 +529,29 @@ where
         .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
         .enumerate()
         .for_each(|(ci, (gs, (xs, ts)))| {
-            let rows = gs
-                .chunks_exact_mut(4)
-                .zip(xs.chunks_exact(4))
-                .zip(ts.chunks_exact(4));
-            for (r, ((gr, p), tg)) in rows.enumerate() {
-                let u = if scalar_up {
-                    coef
-                } else {
-                    up[ci * rpc + r].to_acc()
-                };
-                let (_, d) = box_pair::<T::A, K, true>(load(p), load(tg), eps, vc, u);
-                for (gj, dj) in gr.iter_mut().zip(d) {
-                    *gj = T::from_acc(dj);
+            let mut blk = Block::<T::A>::new();
+            let mut ups = [coef; BLOCK_ROWS];
+            let mut d = [[T::A::ZERO; BLOCK_ROWS]; 4];
+            let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
+            for (bi, (gb, (xb, tb))) in gs.chunks_mut(4 * BLOCK_ROWS).zip(blocks).enumerate() {
+                let m = blk.load(xb, tb).min(BLOCK_ROWS);
+                if !scalar_up {
+                    let r0 = ci * rpc + bi * BLOCK_ROWS;
+                    for (u, v) in ups[..m].iter_mut().zip(&up[r0..r0 + m]) {
+                        *u = v.to_acc();
+                    }
+                }
+                for i in 0..m {
+                    let (p, tg) = blk.pair(i);
+                    let (_, di) = box_pair::<T::A, K, true>(p, tg, eps, vc, ups[i]);
+                    for j in 0..4 {
+                        d[j][i] = di[j];
+                    }
+                }
+                for (i, gr) in gb.chunks_exact_mut(4).enumerate().take(m) {
+                    for j in 0..4 {
+                        gr[j] = T::from_acc(d[j][i]);
+                    }
                 }
             }
         });
