@@ -41,11 +41,15 @@ mod cuda;
 mod fastmath;
 mod focal;
 mod ghm;
+mod iou;
 mod reduction;
+mod regression;
 mod softmax;
 
 pub use class_balanced::class_balanced_weights;
 pub use focal::SigmoidFocalLoss;
 pub use ghm::GhmcLoss;
+pub use iou::{BoxIouLoss, IouKind};
 pub use reduction::Reduction;
+pub use regression::{BalancedL1Loss, SmoothL1Loss};
 pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};

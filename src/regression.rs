@@ -1,0 +1,804 @@
+//! Elementwise box-regression losses: smooth L1 (Girshick 2015) and balanced L1 (Pang et al.
+//! 2019, Libra R-CNN), fused into one custom op each with a hand-written backward.
+
+use crate::common::{
+    check_float, check_same_device, cpu_slice, ordered_sum, Acc, Elem, CHUNK_ELEMS,
+};
+use crate::reduction::Reduction;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+const SMOOTH: &str = "SmoothL1Loss";
+const BALANCED: &str = "BalancedL1Loss";
+
+/// Smooth L1 loss (Girshick, *Fast R-CNN*, 2015), the Faster R-CNN box-regression loss, fused
+/// into one custom op with a hand-written backward.
+///
+/// # Formula
+///
+/// For a prediction `x`, a target `t` and `d = x - t`:
+///
+/// ```text
+/// l = 0.5·d²/β      if |d| < β
+///     |d| - 0.5·β   otherwise
+/// ∂l/∂x = d/β  if |d| < β, else sign(d)      (sign(0) = 0)
+/// ```
+///
+/// exactly as `torch.nn.functional.smooth_l1_loss`; `β = 0` is the plain L1 loss `|d|`, whose
+/// gradient at `d = 0` is 0 (as torch's), never NaN. Only `pred` receives a gradient.
+///
+/// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
+/// empty input); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel.
+///
+/// # Shapes
+///
+/// - `pred`, `target`: any shape (usually `[N, 4]` box deltas), the same for both; f32 / f64 /
+///   f16 / bf16, the same dtype for both (half types are computed in f32).
+/// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
+///
+/// # Errors
+///
+/// Every message starts with `SmoothL1Loss:`. `pred` not a float dtype; `target` of another
+/// shape, dtype or device; `beta` negative or not finite; `AvgFactor` not finite and > 0.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_detloss::{Reduction, SmoothL1Loss};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let pred = Var::new(&[[0.1f32, 0.2, 2.0, -0.5]], &dev)?;
+/// let target = Tensor::new(&[[0.0f32, 0.2, 0.0, 0.0]], &dev)?;
+/// let loss_fn = SmoothL1Loss { beta: 1.0 / 9.0, reduction: Reduction::Sum };
+/// let loss = loss_fn.forward(pred.as_tensor(), &target)?;
+/// let grads = loss.backward()?;
+/// let g = grads.get(&pred).unwrap().to_vec2::<f32>()?;
+/// assert_eq!(g[0][1], 0.0); // d = 0
+/// assert_eq!(g[0][2], 1.0); // |d| ≥ β: sign(d)
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SmoothL1Loss {
+    /// Transition point β ≥ 0 between the quadratic and the linear part (1.0 in torch and
+    /// mmdet; RetinaNet configs use 1/9 or 0.1). 0 gives the L1 loss.
+    pub beta: f64,
+    /// How the elementwise losses are reduced (default `Mean`).
+    pub reduction: Reduction,
+}
+
+impl Default for SmoothL1Loss {
+    fn default() -> Self {
+        Self {
+            beta: 1.0,
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+impl SmoothL1Loss {
+    /// Computes the loss of `pred` against `target` (same shape and dtype).
+    pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        self.reduction.validate(SMOOTH)?;
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!("{SMOOTH}: beta must be finite and >= 0, got {}", self.beta)
+        }
+        apply(
+            RegOp {
+                kind: Kind::Smooth { beta: self.beta },
+                reduction: self.reduction,
+            },
+            pred,
+            target,
+        )
+    }
+}
+
+/// Balanced L1 loss of Libra R-CNN (Pang et al., *Libra R-CNN: Towards Balanced Learning for
+/// Object Detection*, 2019), fused into one custom op with a hand-written backward.
+///
+/// # Formula
+///
+/// With `d = x - t`, `b = e^{γ/α} - 1` (so that `α·ln(b+1) = γ`):
+///
+/// ```text
+/// l = α/b·(b|d| + 1)·ln(b|d|/β + 1) - α|d|    if |d| < β
+///     γ|d| + γ/b - α·β                         otherwise
+/// ∂l/∂x = sign(d)·α·[ln(b|d|/β + 1) + (1-β)/(b|d| + β)]   if |d| < β
+///         sign(d)·γ                                        otherwise
+/// ```
+///
+/// the mmdetection `balanced_l1_loss` formula; the gradient is its exact derivative (for
+/// `β = 1`, the paper's `α·ln(b|d| + 1)`). At `d = 0` the gradient is 0 (`sign(0) = 0`, as torch
+/// autograd gives for mmdet's `|d|`). Only `pred` receives a gradient.
+///
+/// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
+/// empty input); `AvgFactor(f)` = sum / f.
+///
+/// # Shapes
+///
+/// - `pred`, `target`: any shape (usually `[N, 4]`), the same for both; f32 / f64 / f16 / bf16,
+///   the same dtype for both.
+/// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
+///
+/// # Errors
+///
+/// Every message starts with `BalancedL1Loss:`. `pred` not a float dtype; `target` of another
+/// shape, dtype or device; `alpha ≤ 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any
+/// of them not finite, or `e^{γ/α}` overflowing f64; `AvgFactor` not finite and > 0.
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_detloss::BalancedL1Loss;
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let pred = Var::new(&[[0.5f32, 0.2, 3.0, -0.5]], &dev)?;
+/// let target = Tensor::new(&[[0.0f32, 0.2, 0.0, 0.0]], &dev)?;
+/// let loss = BalancedL1Loss::default().forward(pred.as_tensor(), &target)?;
+/// let grads = loss.backward()?;
+/// let g = grads.get(&pred).unwrap().to_vec2::<f32>()?;
+/// // Outside |d| < β the gradient is γ / numel = 1.5 / 4.
+/// assert!((g[0][2] - 0.375).abs() < 1e-6);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BalancedL1Loss {
+    /// α > 0: scales the gradient of the inliers (0.5 in the paper).
+    pub alpha: f64,
+    /// γ > 0: the gradient of the outliers, `|∂l/∂x| = γ` for `|d| ≥ β` (1.5 in the paper).
+    pub gamma: f64,
+    /// β ≥ 0: the inlier / outlier boundary (1.0).
+    pub beta: f64,
+    /// How the elementwise losses are reduced (default `Mean`).
+    pub reduction: Reduction,
+}
+
+impl Default for BalancedL1Loss {
+    fn default() -> Self {
+        Self {
+            alpha: 0.5,
+            gamma: 1.5,
+            beta: 1.0,
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+impl BalancedL1Loss {
+    /// Computes the loss of `pred` against `target` (same shape and dtype).
+    pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        self.reduction.validate(BALANCED)?;
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!(
+                "{BALANCED}: alpha must be finite and > 0, got {}",
+                self.alpha
+            )
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0) {
+            bail!(
+                "{BALANCED}: gamma must be finite and > 0, got {}",
+                self.gamma
+            )
+        }
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            bail!(
+                "{BALANCED}: beta must be finite and >= 0, got {}",
+                self.beta
+            )
+        }
+        if !(self.gamma / self.alpha).exp().is_finite() {
+            bail!(
+                "{BALANCED}: gamma / alpha = {} is too large (e^(gamma/alpha) overflows)",
+                self.gamma / self.alpha
+            )
+        }
+        apply(
+            RegOp {
+                kind: Kind::Balanced {
+                    alpha: self.alpha,
+                    gamma: self.gamma,
+                    beta: self.beta,
+                },
+                reduction: self.reduction,
+            },
+            pred,
+            target,
+        )
+    }
+}
+
+/// Validates the inputs and applies the forward op.
+fn apply(op: RegOp, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let name = op.name();
+    check_float(name, "pred", pred)?;
+    check_same_device(name, "target", pred, target)?;
+    if target.dtype() != pred.dtype() {
+        bail!(
+            "{name}: target dtype {:?} differs from the pred dtype {:?}",
+            target.dtype(),
+            pred.dtype()
+        )
+    }
+    if target.dims() != pred.dims() {
+        bail!(
+            "{name}: target shape {:?} differs from the pred shape {:?}",
+            target.dims(),
+            pred.dims()
+        )
+    }
+    pred.contiguous()?
+        .apply_op2(&target.contiguous()?, RegFwd(op))
+}
+
+/// Which loss, with its hyper-parameters.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Smooth { beta: f64 },
+    Balanced { alpha: f64, gamma: f64, beta: f64 },
+}
+
+/// Parameters shared by the forward and backward ops.
+#[derive(Clone, Copy, Debug)]
+struct RegOp {
+    kind: Kind,
+    reduction: Reduction,
+}
+
+/// Forward op: `(pred, target) -> loss`.
+struct RegFwd(RegOp);
+/// Backward op: `(pred, target, upstream gradient) -> ∂loss/∂pred`.
+struct RegBwd(RegOp);
+
+/// The per-element constants of a loss, precomputed in f64 (the kernels take them as 8
+/// accumulator-typed scalars, the same slots on the CPU and in `kernels/regression.cu`).
+///
+/// Smooth L1: `[β, 0.5/β, 0.5·β, 1/β, 0, 0, 0, 0]` (`1/β = inf` for β = 0: only ever used in the
+/// branch `|d| < β` that is then never selected).
+/// Balanced L1: `[β, α, b, α/b, b/β, γ, γ/b - α·β, 1 - β]`.
+fn consts(kind: Kind) -> [f64; 8] {
+    match kind {
+        Kind::Smooth { beta } => [beta, 0.5 / beta, 0.5 * beta, 1.0 / beta, 0., 0., 0., 0.],
+        Kind::Balanced { alpha, gamma, beta } => {
+            let b = (gamma / alpha).exp_m1();
+            [
+                beta,
+                alpha,
+                b,
+                alpha / b,
+                b / beta,
+                gamma,
+                gamma / b - alpha * beta,
+                1.0 - beta,
+            ]
+        }
+    }
+}
+
+impl RegOp {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Smooth { .. } => SMOOTH,
+            Kind::Balanced { .. } => BALANCED,
+        }
+    }
+}
+
+/// `sign(d)` with `sign(±0) = 0` and NaN propagated; branch-free (selects).
+#[inline(always)]
+fn sign<A: Acc>(d: A) -> A {
+    let pos = if d > A::ZERO { A::ONE } else { A::ZERO };
+    let neg = if d < A::ZERO { A::ONE } else { A::ZERO };
+    #[allow(clippy::eq_op)]
+    let nan = d != d; // NaN
+    if nan {
+        d
+    } else {
+        pos - neg
+    }
+}
+
+/// Loss and derivative of one element as a function of `d = pred - target`.
+trait ElemLoss<A: Acc>: Copy + Send + Sync {
+    fn new(c: &[f64; 8]) -> Self;
+    fn loss(&self, d: A) -> A;
+    fn grad(&self, d: A) -> A;
+}
+
+#[derive(Clone, Copy)]
+struct Smooth<A> {
+    beta: A,
+    half_inv_beta: A,
+    half_beta: A,
+    inv_beta: A,
+}
+
+impl<A: Acc> ElemLoss<A> for Smooth<A> {
+    fn new(c: &[f64; 8]) -> Self {
+        Self {
+            beta: A::from_f64(c[0]),
+            half_inv_beta: A::from_f64(c[1]),
+            half_beta: A::from_f64(c[2]),
+            inv_beta: A::from_f64(c[3]),
+        }
+    }
+
+    #[inline(always)]
+    fn loss(&self, d: A) -> A {
+        let ad = d.abs();
+        let quad = d * d * self.half_inv_beta; // 0.5 d²/β
+        let lin = ad - self.half_beta; // |d| - 0.5 β (carries a NaN d)
+        if ad < self.beta {
+            quad
+        } else {
+            lin
+        }
+    }
+
+    #[inline(always)]
+    fn grad(&self, d: A) -> A {
+        let inner = d * self.inv_beta; // d/β
+        if d.abs() < self.beta {
+            inner
+        } else {
+            sign(d)
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Balanced<A> {
+    beta: A,
+    alpha: A,
+    b: A,
+    alpha_over_b: A,
+    b_over_beta: A,
+    gamma: A,
+    lin_c: A,
+    one_minus_beta: A,
+}
+
+impl<A: Acc> ElemLoss<A> for Balanced<A> {
+    fn new(c: &[f64; 8]) -> Self {
+        Self {
+            beta: A::from_f64(c[0]),
+            alpha: A::from_f64(c[1]),
+            b: A::from_f64(c[2]),
+            alpha_over_b: A::from_f64(c[3]),
+            b_over_beta: A::from_f64(c[4]),
+            gamma: A::from_f64(c[5]),
+            lin_c: A::from_f64(c[6]),
+            one_minus_beta: A::from_f64(c[7]),
+        }
+    }
+
+    #[inline(always)]
+    fn loss(&self, d: A) -> A {
+        let ad = d.abs();
+        let ln = (self.b_over_beta * ad).log1p(); // ln(b|d|/β + 1)
+        let inner = self.alpha_over_b * (self.b * ad + A::ONE) * ln - self.alpha * ad;
+        let outer = self.gamma * ad + self.lin_c; // γ|d| + γ/b - αβ (carries a NaN d)
+        if ad < self.beta {
+            inner
+        } else {
+            outer
+        }
+    }
+
+    #[inline(always)]
+    fn grad(&self, d: A) -> A {
+        let ad = d.abs();
+        let ln = (self.b_over_beta * ad).log1p();
+        // d/d|d| of the inner branch: α ln(b|d|/β + 1) + α (b|d| + 1)/(b|d| + β) - α
+        //                           = α [ln(b|d|/β + 1) + (1 - β)/(b|d| + β)]
+        let inner = self.alpha * (ln + self.one_minus_beta / (self.b * ad + self.beta));
+        let m = if ad < self.beta { inner } else { self.gamma };
+        sign(d) * m
+    }
+}
+
+/// Elements per block of the scalar reductions: the losses of a block are written to a stack
+/// buffer by a plain map loop (which vectorises like the `None` path), then summed into `LANES`
+/// independent accumulators in the accumulator type (a vector add) and flushed to f64 once per
+/// block, always in the same order (deterministic).
+const LANES: usize = 8;
+const BLOCK: usize = 256;
+
+/// Sum of the losses of one chunk, in a fixed order (deterministic).
+#[inline(always)]
+fn chunk_sum<T: Elem, L: ElemLoss<T::A>>(l: &L, x: &[T], t: &[T]) -> f64 {
+    let mut total = 0f64;
+    let mut buf = [T::A::ZERO; BLOCK];
+    for (xb, tb) in x.chunks(BLOCK).zip(t.chunks(BLOCK)) {
+        let m = xb.len();
+        for ((b, a), c) in buf.iter_mut().zip(xb).zip(tb) {
+            *b = l.loss(a.to_acc() - c.to_acc());
+        }
+        let mut lanes = [T::A::ZERO; LANES];
+        let full = m - m % LANES;
+        for v in buf[..full].chunks_exact(LANES) {
+            for k in 0..LANES {
+                lanes[k] += v[k];
+            }
+        }
+        let mut s = 0f64;
+        for v in lanes.into_iter().chain(buf[full..m].iter().copied()) {
+            s += v.to_f64();
+        }
+        total += s;
+    }
+    total
+}
+
+fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
+    op: &RegOp,
+    x: &[T],
+    t: &[T],
+    shape: &Shape,
+) -> Result<(CpuStorage, Shape)> {
+    let l = L::new(&consts(op.kind));
+    let n = x.len();
+    if n != t.len() {
+        bail!(
+            "{}: internal error, {n} predictions vs {} targets",
+            op.name(),
+            t.len()
+        )
+    }
+    if op.reduction == Reduction::None {
+        let mut out = vec![T::from_acc(T::A::ZERO); n];
+        out.par_chunks_mut(CHUNK_ELEMS)
+            .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
+            .for_each(|(o, (xs, ts))| {
+                for ((oj, a), b) in o.iter_mut().zip(xs).zip(ts) {
+                    *oj = T::from_acc(l.loss(a.to_acc() - b.to_acc()));
+                }
+            });
+        return Ok((T::to_cpu_storage_owned(out), shape.clone()));
+    }
+    let parts: Vec<f64> = x
+        .par_chunks(CHUNK_ELEMS)
+        .zip(t.par_chunks(CHUNK_ELEMS))
+        .map(|(xs, ts)| chunk_sum::<T, L>(&l, xs, ts))
+        .collect();
+    let total = ordered_sum(&parts) * op.reduction.scale(n as f64);
+    let out = vec![T::from_acc(T::A::from_f64(total))];
+    Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+}
+
+fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
+    op: &RegOp,
+    x: &[T],
+    t: &[T],
+    up: &[T],
+    shape: &Shape,
+) -> Result<(CpuStorage, Shape)> {
+    let l = L::new(&consts(op.kind));
+    let n = x.len();
+    let scalar_up = op.reduction.is_scalar();
+    if n != t.len() || (scalar_up && up.len() != 1) || (!scalar_up && up.len() != n) {
+        bail!(
+            "{}: internal error, {n} predictions, {} targets, upstream gradient of {} elements",
+            op.name(),
+            t.len(),
+            up.len()
+        )
+    }
+    let mut g = vec![T::from_acc(T::A::ZERO); n];
+    if scalar_up {
+        let coef = T::A::from_f64(up[0].to_acc().to_f64() * op.reduction.scale(n as f64));
+        g.par_chunks_mut(CHUNK_ELEMS)
+            .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
+            .for_each(|(gs, (xs, ts))| {
+                for ((gj, a), b) in gs.iter_mut().zip(xs).zip(ts) {
+                    *gj = T::from_acc(coef * l.grad(a.to_acc() - b.to_acc()));
+                }
+            });
+    } else {
+        g.par_chunks_mut(CHUNK_ELEMS)
+            .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
+            .zip(up.par_chunks(CHUNK_ELEMS))
+            .for_each(|((gs, (xs, ts)), us)| {
+                for (((gj, a), b), u) in gs.iter_mut().zip(xs).zip(ts).zip(us) {
+                    *gj = T::from_acc(u.to_acc() * l.grad(a.to_acc() - b.to_acc()));
+                }
+            });
+    }
+    Ok((T::to_cpu_storage_owned(g), shape.clone()))
+}
+
+impl CustomOp2 for RegFwd {
+    fn name(&self) -> &'static str {
+        match self.0.kind {
+            Kind::Smooth { .. } => "smooth-l1-fwd",
+            Kind::Balanced { .. } => "balanced-l1-fwd",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let name = op.name();
+        crate::common::with_float_type!(name, s1.dtype(), T, {
+            let x = cpu_slice::<T>(name, s1, l1)?;
+            let t = cpu_slice::<T>(name, s2, l2)?;
+            match op.kind {
+                Kind::Smooth { .. } => cpu_fwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, l1.shape()),
+                Kind::Balanced { .. } => {
+                    cpu_fwd_t::<T, Balanced<<T as Elem>::A>>(op, x, t, l1.shape())
+                }
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.0, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let up = grad_res.contiguous()?;
+        let g = pred.apply_op3_no_bwd(target, &up, &RegBwd(self.0))?;
+        // The target is a constant of the loss: it gets no gradient.
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for RegBwd {
+    fn name(&self) -> &'static str {
+        match self.0.kind {
+            Kind::Smooth { .. } => "smooth-l1-bwd",
+            Kind::Balanced { .. } => "balanced-l1-bwd",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        let name = op.name();
+        crate::common::with_float_type!(name, s1.dtype(), T, {
+            let x = cpu_slice::<T>(name, s1, l1)?;
+            let t = cpu_slice::<T>(name, s2, l2)?;
+            let up = cpu_slice::<T>(name, s3, l3)?;
+            match op.kind {
+                Kind::Smooth { .. } => {
+                    cpu_bwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, up, l1.shape())
+                }
+                Kind::Balanced { .. } => {
+                    cpu_bwd_t::<T, Balanced<<T as Elem>::A>>(op, x, t, up, l1.shape())
+                }
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{consts, Kind, RegOp};
+    use crate::common::{Acc, Elem};
+    use crate::cuda::{self as kc, ptx};
+    use crate::reduction::Reduction;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_regression";
+
+    fn prefix(op: &RegOp) -> &'static str {
+        match op.kind {
+            Kind::Smooth { .. } => "smooth_l1",
+            Kind::Balanced { .. } => "balanced_l1",
+        }
+    }
+
+    fn fwd_t<T>(
+        op: &RegOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr,
+    {
+        let name = op.name();
+        let dt = kc::dtype_suffix(T::DTYPE)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
+        let n = l1.shape().elem_count();
+        let nn = n as u64;
+        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
+        if op.reduction == Reduction::None {
+            let out = unsafe { dev.alloc::<T>(n)? };
+            if n > 0 {
+                let f = kc::func(
+                    dev,
+                    MODULE,
+                    ptx::REGRESSION,
+                    &format!("{}_fwd_none_{dt}", prefix(op)),
+                )?;
+                let mut b = f.builder();
+                b.arg(&x).arg(&t).arg(&out).arg(&nn);
+                for v in &c {
+                    b.arg(v);
+                }
+                kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+            }
+            return Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                l1.shape().clone(),
+            ));
+        }
+        let cfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
+        let nparts = cfg.grid_dim.0 as i32;
+        let psum = dev.alloc_zeros::<f64>(nparts as usize)?;
+        if n > 0 {
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::REGRESSION,
+                &format!("{}_fwd_partial_{dt}", prefix(op)),
+            )?;
+            let mut b = f.builder();
+            b.arg(&x).arg(&t).arg(&psum).arg(&nn);
+            for v in &c {
+                b.arg(v);
+            }
+            kc::launched(unsafe { b.launch(cfg) })?;
+        }
+        let out = unsafe { dev.alloc::<T>(1)? };
+        let scale = op.reduction.scale(n as f64);
+        let f = kc::func(
+            dev,
+            MODULE,
+            ptx::REGRESSION,
+            &format!("regression_finalize_{dt}"),
+        )?;
+        let mut b = f.builder();
+        b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
+        kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(()),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_t<T>(
+        op: &RegOp,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+        T::A: DeviceRepr,
+    {
+        let name = op.name();
+        let dt = kc::dtype_suffix(T::DTYPE)?;
+        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
+        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
+        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
+        let n = l1.shape().elem_count();
+        let nn = n as u64;
+        let scalar_up = op.reduction.is_scalar();
+        let want = if scalar_up { 1 } else { n };
+        if l3.shape().elem_count() != want {
+            candle_core::bail!(
+                "{name}: upstream gradient has {} elements, expected {want}",
+                l3.shape().elem_count()
+            )
+        }
+        let up_scalar = scalar_up as i32;
+        let scale = op.reduction.scale(n as f64);
+        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
+        let g = unsafe { dev.alloc::<T>(n)? };
+        if n > 0 {
+            let f = kc::func(
+                dev,
+                MODULE,
+                ptx::REGRESSION,
+                &format!("{}_bwd_{dt}", prefix(op)),
+            )?;
+            let mut b = f.builder();
+            b.arg(&x)
+                .arg(&t)
+                .arg(&up)
+                .arg(&up_scalar)
+                .arg(&scale)
+                .arg(&g)
+                .arg(&nn);
+            for v in &c {
+                b.arg(v);
+            }
+            kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(g, dev.clone()),
+            l1.shape().clone(),
+        ))
+    }
+
+    pub(super) fn forward(
+        op: &RegOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(op.name(), s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2)
+    }
+
+    pub(super) fn backward(
+        op: &RegOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            op.name(),
+            s1.dtype(),
+            bwd_t,
+            op,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3
+        )
+    }
+}

@@ -1,0 +1,287 @@
+//! CUDA kernels of SmoothL1Loss, BalancedL1Loss and BoxIouLoss against the CPU kernels on the
+//! same inputs (loss and gradient, every dtype and reduction). Skipped, with a printed notice,
+//! where there is no CUDA device.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_detloss::{BalancedL1Loss, BoxIouLoss, IouKind, Reduction, SmoothL1Loss};
+use common::*;
+
+const REDUCTIONS: [Reduction; 4] = [
+    Reduction::None,
+    Reduction::Sum,
+    Reduction::Mean,
+    Reduction::AvgFactor(7.5),
+];
+const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// (loss, grad) on `dev` as f64 vectors.
+fn run(
+    f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    t: &Tensor,
+    up: &Tensor,
+    dev: &Device,
+) -> (Vec<f64>, Vec<f64>) {
+    let (x, t, up) = (
+        x.to_device(dev).unwrap(),
+        t.to_device(dev).unwrap(),
+        up.to_device(dev).unwrap(),
+    );
+    let (l, g) = loss_and_grad(&x, &up, |x| f(x, &t)).unwrap();
+    assert!(l.device().same_device(dev) && g.device().same_device(dev));
+    (to_f64_vec(&l), to_f64_vec(&g))
+}
+
+/// Tolerance (relative to the largest magnitude) by dtype: CUDA may contract to FMA and uses
+/// libdevice's atan/log1p, the CPU the crate's polynomials.
+fn tol(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => 1e-12,
+        DType::F32 => 2e-5,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
+}
+
+fn compare(what: &str, cpu: &(Vec<f64>, Vec<f64>), gpu: &(Vec<f64>, Vec<f64>), dtype: DType) {
+    let scale = |v: &[f64]| v.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+    let t = tol(dtype);
+    assert_close(
+        &format!("{what} loss"),
+        &gpu.0,
+        &cpu.0,
+        t * scale(&cpu.0),
+        t,
+    );
+    assert_close(
+        &format!("{what} grad"),
+        &gpu.1,
+        &cpu.1,
+        t * scale(&cpu.1),
+        t,
+    );
+}
+
+fn up_for(red: Reduction, shape: &[usize], rng: &mut Rng, dtype: DType) -> Tensor {
+    let cpu = Device::Cpu;
+    let t = if red == Reduction::None {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.vec_normal(n, 1.0), shape, &cpu).unwrap()
+    } else {
+        Tensor::new(0.7f64, &cpu).unwrap()
+    };
+    t.to_dtype(dtype).unwrap()
+}
+
+#[test]
+fn smooth_and_balanced_l1_cuda_match_cpu() {
+    let Some(gpu) = cuda_device("smooth_and_balanced_l1_cuda_match_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let mut rng = Rng::new(41);
+    for shape in [
+        vec![1usize],
+        vec![7, 4],
+        vec![3, 5, 4],
+        vec![250_001, 4],
+        vec![0, 4],
+    ] {
+        let n: usize = shape.iter().product();
+        let tv = rng.vec_normal(n, 1.0);
+        let xv: Vec<f64> = tv
+            .iter()
+            .map(|v| match rng.below(10) {
+                0 => *v,
+                1 => v + rng.normal(10.0),
+                _ => v + rng.normal(0.7),
+            })
+            .collect();
+        for dtype in DTYPES {
+            let x = Tensor::from_vec(xv.clone(), shape.as_slice(), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let t = Tensor::from_vec(tv.clone(), shape.as_slice(), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            for red in REDUCTIONS {
+                let up = up_for(red, &shape, &mut rng, dtype);
+                for beta in [1.0, 1.0 / 9.0, 0.0] {
+                    let f = SmoothL1Loss {
+                        beta,
+                        reduction: red,
+                    };
+                    let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
+                    let what = format!("smooth {shape:?} {dtype:?} {red:?} beta={beta}");
+                    compare(
+                        &what,
+                        &run(&fwd, &x, &t, &up, &cpu),
+                        &run(&fwd, &x, &t, &up, &gpu),
+                        dtype,
+                    );
+                }
+                for (alpha, gamma, beta) in [(0.5, 1.5, 1.0), (0.25, 2.0, 0.5)] {
+                    let f = BalancedL1Loss {
+                        alpha,
+                        gamma,
+                        beta,
+                        reduction: red,
+                    };
+                    let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
+                    let what = format!("balanced {shape:?} {dtype:?} {red:?} a={alpha} b={beta}");
+                    compare(
+                        &what,
+                        &run(&fwd, &x, &t, &up, &cpu),
+                        &run(&fwd, &x, &t, &up, &gpu),
+                        dtype,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Random boxes plus the geometric special cases (ties, touching, nested, zero-size, inverted).
+fn boxes(rng: &mut Rng, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let special: [([f64; 4], [f64; 4]); 8] = [
+        ([10., 10., 30., 20.], [10., 10., 30., 20.]),
+        ([30., 10., 40., 20.], [10., 10., 30., 20.]),
+        ([15., 12.5, 25., 17.5], [10., 10., 30., 20.]),
+        ([40., 30., 50., 40.], [10., 10., 30., 20.]),
+        ([15., 12., 15., 18.], [10., 10., 30., 20.]),
+        ([15., 14., 15., 14.], [10., 10., 30., 20.]),
+        ([25., 12., 15., 18.], [10., 10., 30., 20.]),
+        ([12., 11., 28., 19.], [10., 10., 30., 20.]),
+    ];
+    let mut p = Vec::new();
+    let mut g = Vec::new();
+    for i in 0..n {
+        if i < special.len() {
+            p.extend_from_slice(&special[i].0);
+            g.extend_from_slice(&special[i].1);
+            continue;
+        }
+        let x = rng.uniform() * 60.0;
+        let y = rng.uniform() * 60.0;
+        let (w, h) = (2.0 + rng.uniform() * 30.0, 2.0 + rng.uniform() * 30.0);
+        g.extend_from_slice(&[x, y, x + w, y + h]);
+        let (dx, dy) = (rng.normal(0.3 * w), rng.normal(0.3 * h));
+        let (s, r) = (0.5 + rng.uniform(), 0.5 + rng.uniform());
+        p.extend_from_slice(&[x + dx, y + dy, x + dx + w * s, y + dy + h * r]);
+    }
+    (p, g)
+}
+
+#[test]
+fn box_iou_cuda_matches_cpu() {
+    let Some(gpu) = cuda_device("box_iou_cuda_matches_cpu") else {
+        return;
+    };
+    let cpu = Device::Cpu;
+    let mut rng = Rng::new(42);
+    for n in [1usize, 9, 77, 300_007, 0] {
+        let (pv, gv) = boxes(&mut rng, n);
+        for dtype in DTYPES {
+            let p = Tensor::from_vec(pv.clone(), (n, 4), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::from_vec(gv.clone(), (n, 4), &cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            for kind in [IouKind::Iou, IouKind::Giou, IouKind::Diou, IouKind::Ciou] {
+                for red in REDUCTIONS {
+                    let up = up_for(red, &[n], &mut rng, dtype);
+                    for eps in [1e-7, 0.0] {
+                        let f = BoxIouLoss {
+                            kind,
+                            eps,
+                            reduction: red,
+                        };
+                        let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
+                        let what = format!("n={n} {dtype:?} {kind:?} {red:?} eps={eps}");
+                        let c = run(&fwd, &p, &g, &up, &cpu);
+                        let d = run(&fwd, &p, &g, &up, &gpu);
+                        assert!(d.0.iter().chain(&d.1).all(|v| v.is_finite()), "{what}");
+                        compare(&what, &c, &d, dtype);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_results_are_deterministic_run_to_run() {
+    let Some(gpu) = cuda_device("cuda_results_are_deterministic_run_to_run") else {
+        return;
+    };
+    let mut rng = Rng::new(43);
+    let n = 500_000;
+    let (pv, gv) = boxes(&mut rng, n);
+    let p = Tensor::from_vec(pv, (n, 4), &gpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let g = Tensor::from_vec(gv, (n, 4), &gpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let bits = || {
+        let mut out = Vec::new();
+        for red in [Reduction::Sum, Reduction::Mean] {
+            let l = BoxIouLoss {
+                kind: IouKind::Ciou,
+                reduction: red,
+                ..Default::default()
+            }
+            .forward(&p, &g)
+            .unwrap();
+            out.push(to_f64_vec(&l)[0].to_bits());
+            let l = SmoothL1Loss {
+                beta: 1.0 / 9.0,
+                reduction: red,
+            }
+            .forward(&p, &g)
+            .unwrap();
+            out.push(to_f64_vec(&l)[0].to_bits());
+            let l = BalancedL1Loss {
+                reduction: red,
+                ..Default::default()
+            }
+            .forward(&p, &g)
+            .unwrap();
+            out.push(to_f64_vec(&l)[0].to_bits());
+        }
+        out
+    };
+    let a = bits();
+    assert_eq!(a, bits());
+    assert_eq!(a, bits());
+}
+
+#[test]
+fn cuda_bad_input_is_an_error_not_a_launch() {
+    let Some(gpu) = cuda_device("cuda_bad_input_is_an_error_not_a_launch") else {
+        return;
+    };
+    let p = Tensor::zeros((5, 3), DType::F32, &gpu).unwrap();
+    let e = BoxIouLoss::default()
+        .forward(&p, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("BoxIouLoss") && e.contains("[5, 3]"), "{e}");
+    let cpu_t = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
+    let gp = Tensor::zeros((5, 4), DType::F32, &gpu).unwrap();
+    let e = SmoothL1Loss::default()
+        .forward(&gp, &cpu_t)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SmoothL1Loss"), "{e}");
+}
