@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ap_loss;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -41,5 +42,6 @@ mod fastmath;
 mod focal;
 mod reduction;
 
+pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use focal::SigmoidFocalLoss;
 pub use reduction::Reduction;
