@@ -21,8 +21,8 @@
 
 use crate::common::{self, check_float_2d, cpu_slice, decode_label, rows_per_chunk, Acc, Elem};
 use crate::common::{Label, RowLabel, TargetKind};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::{Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -388,6 +388,14 @@ struct Plan {
     /// `x` with exactly `b` edges `<= x`: bucket 0 lies below every window, bucket 2P above.
     /// Empty when there is no positive or a positive is not finite.
     edges: Vec<f64>,
+    /// Search accelerator: the range `[edges[0], edges[last]]` cut into `cells.len() - 1`
+    /// equal cells; `cells[k]` = number of edges whose cell is `< k`. As the cell of a value is
+    /// a monotone function of it, a score in cell `k` has exactly `cells[k]` edges of lower
+    /// cells below it, and only the edges of its own cell are left to search: O(1) expected,
+    /// O(log P) at worst, and exact whatever the rounding of the cell computation.
+    cells: Vec<u32>,
+    /// `number of cells / (edges[last] - edges[0])`.
+    cell_scale: f64,
     /// Centre of the fixed-point offsets, `(min p + max p)/2`.
     center: f64,
     /// `2^F`, chosen so that `|x - center|·2^F <= 2^61` for every score inside the windows.
@@ -396,6 +404,26 @@ struct Plan {
     inv_scale: f64,
     /// A positive (or an edge `p ± δ`) is NaN or infinite: the whole result is NaN.
     nonfinite: bool,
+}
+
+/// The cell of `v >= lo` among `ncell` cells (monotone in `v`; saturating).
+#[inline(always)]
+fn cell_of(v: f64, lo: f64, scale: f64, ncell: usize) -> usize {
+    (((v - lo) * scale) as usize).min(ncell - 1)
+}
+
+/// `y` rounded to an integer, ties to even (`f64::round_ties_even` without the libm call of
+/// targets lacking SSE4.1): below 2^52 adding and removing 2^52 rounds in the FPU's default
+/// mode; from 2^52 on every f64 is an integer.
+#[inline(always)]
+fn round_even(y: f64) -> f64 {
+    const TWO52: f64 = 4_503_599_627_370_496.0;
+    if y.abs() < TWO52 {
+        let s = TWO52.copysign(y);
+        ((y + s) - s).copysign(y) // -0.5 rounds to -0, as round_ties_even
+    } else {
+        y
+    }
 }
 
 /// `2^e` for `e` in the normal exponent range.
@@ -416,6 +444,8 @@ impl Plan {
             delta,
             pos: pos.to_vec(),
             edges: Vec::new(),
+            cells: Vec::new(),
+            cell_scale: 0.0,
             center: 0.0,
             scale: 1.0,
             inv_scale: 1.0,
@@ -437,6 +467,17 @@ impl Plan {
         // below the i64 limit of 2^63).
         let e = t.log2().ceil() as i32;
         let f = (61 - e).clamp(-1000, 1000);
+        // Two cells per edge on average.
+        let ncell = 2 * edges.len();
+        plan.cell_scale = ncell as f64 / (hi - lo);
+        plan.cells = vec![0u32; ncell + 1];
+        for &e in &edges {
+            let k = cell_of(e, lo, plan.cell_scale, ncell);
+            plan.cells[k + 1] += 1;
+        }
+        for k in 0..ncell {
+            plan.cells[k + 1] += plan.cells[k];
+        }
         plan.edges = edges;
         plan.center = center;
         plan.scale = pow2(f);
@@ -453,7 +494,11 @@ impl Plan {
     #[inline(always)]
     fn bucket(&self, v: f64) -> usize {
         match self.edges.first() {
-            Some(&e0) if v >= e0 => self.edges.partition_point(|e| *e <= v),
+            Some(&e0) if v >= e0 => {
+                let k = cell_of(v, e0, self.cell_scale, self.cells.len() - 1);
+                let (a, b) = (self.cells[k] as usize, self.cells[k + 1] as usize);
+                a + self.edges[a..b].partition_point(|e| *e <= v)
+            }
             _ => 0,
         }
     }
@@ -462,7 +507,7 @@ impl Plan {
     /// `__double2ll_rn`; the scaling by a power of two is exact).
     #[inline(always)]
     fn quant(&self, v: f64) -> i64 {
-        ((v - self.center) * self.scale).round_ties_even() as i64
+        round_even((v - self.center) * self.scale) as i64
     }
 
     fn same_as(&self, o: &Plan) -> bool {
@@ -547,7 +592,9 @@ impl ApStats {
         self.cnt.copy_from_slice(&words[1..1 + nb]);
         for (b, s) in self.sum.iter_mut().enumerate() {
             let hi = words[1 + nb + b] as i64 as i128;
-            *s = hi.wrapping_shl(LO_BITS).wrapping_add(words[1 + 2 * nb + b] as i128);
+            *s = hi
+                .wrapping_shl(LO_BITS)
+                .wrapping_add(words[1 + 2 * nb + b] as i128);
         }
         Ok(())
     }
@@ -651,8 +698,13 @@ fn finish_impl(stats: &ApStats, interpolate: bool) -> Global {
         lo_b[i] = li;
         up_b[i] = ui;
         // b_i: negatives above the window count 1, those inside H.
-        let b_i = (ccnt[nb] - ccnt[ui]) as f64
-            + lin(csum[ui] - csum[li], ccnt[ui] - ccnt[li], q[i]);
+        // (wrapping: statistics set from arbitrary words must not panic)
+        let b_i = ccnt[nb].wrapping_sub(ccnt[ui]) as f64
+            + lin(
+                csum[ui].wrapping_sub(csum[li]),
+                ccnt[ui].wrapping_sub(ccnt[li]),
+                q[i],
+            );
         // a_i = 0.5 + Σ_{k∈P} H(s_k - s_i): the k = i term is H(0) = 0.5, so this is
         // 1 + Σ_{k≠i}; tied positives get H = 0.5 each, exactly (equal offsets).
         let kl = pos.partition_point(|v| *v < lo);
@@ -1057,7 +1109,10 @@ impl CustomOp3 for ApUpdate {
             let tg = Tg::<T>::new(self.0.kind, s2, l2)?;
             let up = cpu_slice::<T>(NAME, s3, l3)?;
             let [g] = up else {
-                bail!("{NAME}: upstream gradient has {} elements, expected 1", up.len())
+                bail!(
+                    "{NAME}: upstream gradient has {} elements, expected 1",
+                    up.len()
+                )
             };
             let g = candle_core::WithDType::to_f64(*g);
             let out = cpu_update(&self.0.global.0, x, &tg, g, n, c)?;
@@ -1077,5 +1132,416 @@ impl CustomOp3 for ApUpdate {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c) = dims2(l1)?;
         cuda::update(&self.0.global.0, self.0.kind, s1, l1, s2, l2, s3, l3, n, c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{round_even, Plan};
+
+    #[test]
+    fn round_even_equals_round_ties_even() {
+        let mut v = vec![
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            0.49999999999999994,
+            1e300,
+            -0.0,
+        ];
+        let two52 = 4_503_599_627_370_496.0f64;
+        for k in -3..=3 {
+            for base in [two52, two52 / 2.0, two52 * 2.0] {
+                v.push(base + k as f64 * 0.5);
+                v.push(-(base + k as f64 * 0.5));
+            }
+        }
+        let mut s = 0x1234_5678u64;
+        for _ in 0..100_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let m = (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+            v.push(m * 2f64.powi((s % 130) as i32));
+            v.push(((s % 2001) as f64 - 1000.0) * 0.5);
+        }
+        for y in v {
+            assert_eq!(
+                round_even(y).to_bits(),
+                y.round_ties_even().to_bits(),
+                "{y}"
+            );
+        }
+    }
+
+    #[test]
+    fn bucket_accelerator_equals_binary_search() {
+        // Clustered positives, an outlier, exact ties and scores on the edges themselves.
+        let mut pos = vec![0.0, 0.0, 0.1, 0.1, 0.1000001, 0.3, 0.3, 57.0, -3.25];
+        pos.extend((0..50).map(|i| 1.0 + i as f64 * 1e-9));
+        pos.sort_by(f64::total_cmp);
+        for delta in [1.0, 0.25, 1e-7] {
+            let plan = Plan::new(delta, &pos).unwrap();
+            assert_eq!(plan.buckets(), 2 * pos.len() + 1);
+            let mut probes: Vec<f64> = plan.edges.clone();
+            probes.extend(plan.edges.iter().map(|e| e.next_up()));
+            probes.extend(plan.edges.iter().map(|e| e.next_down()));
+            probes.extend((0..4000).map(|i| -5.0 + i as f64 * 0.016));
+            probes.extend([f64::MAX, -f64::MAX, 1e-300]);
+            for v in probes {
+                let want = plan.edges.partition_point(|e| *e <= v);
+                assert_eq!(plan.bucket(v), want, "v={v} delta={delta}");
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{BucketResult, Global, Kind, Plan, LO_BITS, NAME};
+    use crate::common::{Acc, Elem};
+    use crate::cuda::{self as kc, ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
+    };
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    const MODULE: &str = "candle_detloss_ap_loss";
+    /// Shared memory a bucket block may use without opting in to more than the default 48 KiB.
+    const SMEM_LIMIT: usize = 48 * 1024;
+
+    fn kind_suffix(k: Kind) -> &'static str {
+        match k {
+            Kind::Dense => "dense",
+            Kind::DenseI64 => "densei64",
+            Kind::LabelsU32 => "u32",
+            Kind::LabelsI64 => "i64",
+        }
+    }
+
+    /// Binds `$v` to the targets view of the type the kernel expects.
+    macro_rules! with_targets {
+        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
+            match $kind {
+                Kind::Dense => {
+                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                Kind::DenseI64 | Kind::LabelsI64 => {
+                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+                Kind::LabelsU32 => {
+                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
+                    $body
+                }
+            }
+        };
+    }
+
+    /// Reads the `[flag, payload, value bits]` error buffer (synchronises).
+    fn check_err(dev: &CudaDevice, err: &CudaSlice<u64>, c: usize) -> Result<()> {
+        let v = dev.clone_dtoh(err)?;
+        let (flag, a, b) = (v[0], v[1], f64::from_bits(v[2]));
+        let (i, j) = (a / c.max(1) as u64, a % c.max(1) as u64);
+        match flag {
+            0 => Ok(()),
+            1 => bail!(
+                "{NAME}: label {} out of range 0..={c} (or -1 to ignore)",
+                a as i64
+            ),
+            2 => bail!("{NAME}: target {b} at [{i}, {j}] is not -1, 0 or 1"),
+            _ => bail!("{NAME}: positive score {b} at [{i}, {j}] is not among the global positives (ApGlobal from other inputs?)"),
+        }
+    }
+
+    /// A device copy of a host array (one element when empty: no zero-size allocation).
+    fn upload(dev: &CudaDevice, v: &[f64]) -> Result<CudaSlice<f64>> {
+        if v.is_empty() {
+            dev.clone_htod(&[0.0f64][..])
+        } else {
+            dev.clone_htod(v)
+        }
+    }
+
+    fn sfx<T: CudaDType>(kind: Kind) -> Result<String> {
+        Ok(format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kind_suffix(kind)
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gather_t<T>(
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        kind: Kind,
+        n: usize,
+        c: usize,
+    ) -> Result<Vec<f64>>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+    {
+        let total = (n * c) as u64;
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let sfx = sfx::<T>(kind)?;
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let (nn, cc) = (n as u64, c as u64);
+        let err = dev.alloc_zeros::<u64>(3)?;
+        let cnt = dev.alloc_zeros::<u64>(1)?;
+        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_count_{sfx}"))?;
+        with_targets!(kind, T, s2, l2, tg, {
+            let mut b = f.builder();
+            b.arg(&tg).arg(&nn).arg(&cc).arg(&cnt).arg(&err);
+            kc::launched(unsafe { b.launch(kc::grid(total, kc::MAX_PARTIAL_BLOCKS)) })?;
+        });
+        check_err(dev, &err, c)?;
+        let p = dev.clone_dtoh(&cnt)?[0];
+        if p == 0 {
+            return Ok(Vec::new());
+        }
+        let out = dev.alloc_zeros::<f64>(p as usize)?;
+        let next = dev.alloc_zeros::<u64>(1)?;
+        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_compact_{sfx}"))?;
+        with_targets!(kind, T, s2, l2, tg, {
+            let mut b = f.builder();
+            b.arg(&x)
+                .arg(&tg)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&out)
+                .arg(&next)
+                .arg(&p);
+            b.arg(&err);
+            kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+        });
+        // Only the P positive scores come back to the host.
+        dev.clone_dtoh(&out)
+    }
+
+    pub(super) fn gather(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        kind: Kind,
+        n: usize,
+        c: usize,
+    ) -> Result<Vec<f64>> {
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(NAME, s1.dtype(), gather_t, &dev, s1, l1, s2, l2, kind, n, c)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bucket_t<T>(
+        plan: &Plan,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        kind: Kind,
+        n: usize,
+        c: usize,
+    ) -> Result<BucketResult>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+    {
+        let nb = plan.buckets();
+        let total = (n * c) as u64;
+        if total == 0 {
+            return Ok((0, vec![0; nb], vec![0; nb]));
+        }
+        let sfx = sfx::<T>(kind)?;
+        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        let (nn, cc) = (n as u64, c as u64);
+        let edges = upload(dev, &plan.edges)?;
+        let ne = plan.edges.len() as u64;
+        let cnt = dev.alloc_zeros::<u64>(nb)?;
+        let hi = dev.alloc_zeros::<u64>(nb)?;
+        let lo = dev.alloc_zeros::<u64>(nb)?;
+        let nonfinite = dev.alloc_zeros::<u64>(1)?;
+        let err = dev.alloc_zeros::<u64>(3)?;
+        let smem = 3 * nb * std::mem::size_of::<u64>();
+        let use_smem = (smem <= SMEM_LIMIT) as i32;
+        let mut cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
+        if use_smem == 1 {
+            cfg.shared_mem_bytes = smem as u32;
+        }
+        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_bucket_{sfx}"))?;
+        with_targets!(kind, T, s2, l2, tg, {
+            let mut b = f.builder();
+            b.arg(&x).arg(&tg).arg(&nn).arg(&cc).arg(&edges).arg(&ne);
+            b.arg(&plan.center).arg(&plan.scale);
+            b.arg(&cnt)
+                .arg(&hi)
+                .arg(&lo)
+                .arg(&nonfinite)
+                .arg(&use_smem)
+                .arg(&err);
+            kc::launched(unsafe { b.launch(cfg) })?;
+        });
+        check_err(dev, &err, c)?;
+        let cnt = dev.clone_dtoh(&cnt)?;
+        let hi = dev.clone_dtoh(&hi)?;
+        let lo = dev.clone_dtoh(&lo)?;
+        let nonfinite = dev.clone_dtoh(&nonfinite)?[0];
+        // Σq = Σhi·2^31 + Σlo, exactly.
+        let sum = hi
+            .iter()
+            .zip(&lo)
+            .map(|(h, l)| ((*h as i64) as i128).wrapping_shl(LO_BITS) + *l as i128)
+            .collect();
+        Ok((nonfinite, cnt, sum))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bucket(
+        plan: &Plan,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        kind: Kind,
+        n: usize,
+        c: usize,
+    ) -> Result<BucketResult> {
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            NAME,
+            s1.dtype(),
+            bucket_t,
+            plan,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            kind,
+            n,
+            c
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_t<T>(
+        gl: &Global,
+        kind: Kind,
+        dev: &CudaDevice,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+    {
+        let total = (n * c) as u64;
+        let out = unsafe { dev.alloc::<T>(n * c)? };
+        if total > 0 {
+            let sfx = sfx::<T>(kind)?;
+            let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+            let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
+            if up.len() != 1 {
+                bail!(
+                    "{NAME}: upstream gradient has {} elements, expected 1",
+                    up.len()
+                )
+            }
+            let (nn, cc) = (n as u64, c as u64);
+            let plan = &gl.plan;
+            let pos = upload(dev, &plan.pos)?;
+            let pos_upd = upload(dev, &gl.pos_upd)?;
+            let np = plan.pos.len() as u64;
+            let edges = upload(dev, &plan.edges)?;
+            let ne = plan.edges.len() as u64;
+            let alpha = upload(dev, &gl.alpha)?;
+            let beta = upload(dev, &gl.beta)?;
+            let nan = gl.nan as i32;
+            let err = dev.alloc_zeros::<u64>(3)?;
+            let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_update_{sfx}"))?;
+            with_targets!(kind, T, s2, l2, tg, {
+                let mut b = f.builder();
+                b.arg(&x).arg(&tg).arg(&up).arg(&nn).arg(&cc);
+                b.arg(&pos).arg(&pos_upd).arg(&np).arg(&edges).arg(&ne);
+                b.arg(&alpha)
+                    .arg(&beta)
+                    .arg(&plan.center)
+                    .arg(&nan)
+                    .arg(&out)
+                    .arg(&err);
+                kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
+            });
+            check_err(dev, &err, c)?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((n, c)),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn update(
+        gl: &Global,
+        kind: Kind,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        n: usize,
+        c: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        crate::common::dispatch_float!(
+            NAME,
+            s1.dtype(),
+            update_t,
+            gl,
+            kind,
+            &dev,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            n,
+            c
+        )
+    }
+
+    fn scalar_t<T>(dev: &CudaDevice, v: f64) -> Result<(CudaStorage, Shape)>
+    where
+        T: Elem + DeviceRepr + CudaDType,
+    {
+        let host = [T::from_acc(<T::A as Acc>::from_f64(v))];
+        let out = dev.clone_htod(&host[..])?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(()),
+        ))
+    }
+
+    /// The rank-0 loss on the device of `like`, in its dtype.
+    pub(super) fn scalar(like: &CudaStorage, v: f64) -> Result<(CudaStorage, Shape)> {
+        let dev = like.device().clone();
+        crate::common::dispatch_float!(NAME, like.dtype(), scalar_t, &dev, v)
     }
 }

@@ -154,14 +154,16 @@ fn run(ap: &ApLoss, x: &Tensor, t: &Tensor, up: f64) -> (Vec<f64>, Vec<f64>) {
     (to_f64_vec(&l), to_f64_vec(&g))
 }
 
-/// Compares with the reference: loss to 1e-9 relative; each update to 1e-9 relative plus
-/// 1e-12 of the largest update (the per-bucket affine form cancels at that level).
+/// Compares with the reference: loss to 1e-12 relative; each update to 1e-12 relative plus
+/// 1e-14 of the largest update (the per-bucket affine form `α + β·(x - centre)` cancels at a
+/// few ulp of the largest term). Measured: about 1e-14 relative at worst, so the 1e-9 asked of
+/// the fast path holds with a wide margin.
 fn check(what: &str, got: (Vec<f64>, Vec<f64>), want: (f64, Vec<f64>), up: f64) {
     let (l, g) = got;
-    assert_close(&format!("{what} loss"), &l, &[want.0], 1e-15, 1e-9);
+    assert_close(&format!("{what} loss"), &l, &[want.0], 0.0, 1e-12);
     let want_g: Vec<f64> = want.1.iter().map(|v| v * up).collect();
     let scale = want_g.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert_close(&format!("{what} update"), &g, &want_g, 1e-12 * scale, 1e-9);
+    assert_close(&format!("{what} update"), &g, &want_g, 1e-14 * scale, 1e-12);
 }
 
 const DELTAS: [f64; 3] = [1.0, 0.5, 0.25];
@@ -216,7 +218,13 @@ fn special_cases_no_positive_all_positive_single_negative_exact_ties() {
             let (n, c) = (40, 4);
             // No positive: all background, some ignored.
             let l: Vec<i64> = (0..n).map(|i| if i % 5 == 0 { -1 } else { 4 }).collect();
-            cases.push(("no positive".into(), scores(&mut rng, n * c), Tg::Labels(l), n, c));
+            cases.push((
+                "no positive".into(),
+                scores(&mut rng, n * c),
+                Tg::Labels(l),
+                n,
+                c,
+            ));
             // All positives (dense), with ties.
             cases.push((
                 "all positive".into(),
@@ -243,7 +251,13 @@ fn special_cases_no_positive_all_positive_single_negative_exact_ties() {
             // One positive only.
             let mut l = vec![3i64; 9];
             l[4] = 1;
-            cases.push(("one positive".into(), scores(&mut rng, 27), Tg::Labels(l), 9, 3));
+            cases.push((
+                "one positive".into(),
+                scores(&mut rng, 27),
+                Tg::Labels(l),
+                9,
+                3,
+            ));
             for (name, x, tg, n, c) in cases {
                 let want = reference(&x, &roles(&tg, n, c), delta, interpolate);
                 let xt = Tensor::from_vec(x.clone(), (n, c), &dev).unwrap();
@@ -273,7 +287,15 @@ fn all_positive_gives_zero_loss_and_zero_update() {
     let x = Tensor::from_vec(scores(&mut rng, 60), (20, 3), &dev).unwrap();
     let t = Tensor::ones((20, 3), DType::I64, &dev).unwrap();
     for interpolate in [true, false] {
-        let (l, g) = run(&ApLoss { delta: 1.0, interpolate }, &x, &t, 1.0);
+        let (l, g) = run(
+            &ApLoss {
+                delta: 1.0,
+                interpolate,
+            },
+            &x,
+            &t,
+            1.0,
+        );
         assert_eq!(l, vec![0.0]);
         assert!(g.iter().all(|v| *v == 0.0), "{g:?}");
     }
@@ -610,7 +632,11 @@ fn shards_1_2_5_equal_the_pooled_call_bit_for_bit() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(18);
     let (n, c) = (900, 12);
-    for (dtype, dense_t) in [(DType::F64, false), (DType::F32, true), (DType::BF16, false)] {
+    for (dtype, dense_t) in [
+        (DType::F64, false),
+        (DType::F32, true),
+        (DType::BF16, false),
+    ] {
         let x = Tensor::from_vec(scores(&mut rng, n * c), (n, c), &dev)
             .unwrap()
             .to_dtype(dtype)
@@ -624,7 +650,10 @@ fn shards_1_2_5_equal_the_pooled_call_bit_for_bit() {
         for (delta, interpolate) in [(1.0, true), (0.25, false)] {
             let ap = ApLoss { delta, interpolate };
             let (pl, pg) = run(&ap, &x, &t, 1.0);
-            let pooled_update = to_f64_vec(&ap.shard_update(&x, &t, &ap.global(&x, &t).unwrap()).unwrap());
+            let pooled_update = to_f64_vec(
+                &ap.shard_update(&x, &t, &ap.global(&x, &t).unwrap())
+                    .unwrap(),
+            );
             assert_eq!(pooled_update, pg);
             for k in [1usize, 2, 5] {
                 let parts: Vec<(Tensor, Tensor)> = splits(n, k)
@@ -660,7 +689,10 @@ fn shards_1_2_5_equal_the_pooled_call_bit_for_bit() {
                 let global = ap.finish(&summed).unwrap();
                 assert_eq!(global.num_positives(), all.len());
                 let what = format!("{dtype:?} k={k} delta={delta} interp={interpolate}");
-                let gl = Tensor::new(global.loss(), &dev).unwrap().to_dtype(dtype).unwrap();
+                let gl = Tensor::new(global.loss(), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
                 assert_eq!(to_f64_vec(&gl), pl, "{what}");
                 if dtype == DType::F64 {
                     assert_eq!(global.loss().to_bits(), pl[0].to_bits(), "{what}");
