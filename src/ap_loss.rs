@@ -623,6 +623,8 @@ struct Global {
     /// Update of a negative `x` in bucket `b`: `alpha[b] + beta[b]·(x - center)`.
     alpha: Vec<f64>,
     beta: Vec<f64>,
+    /// `[alpha[b], beta[b]]` side by side for the CPU update pass.
+    coef: Vec<[f64; 2]>,
 }
 
 impl ApGlobal {
@@ -663,6 +665,7 @@ fn finish_impl(stats: &ApStats, interpolate: bool) -> Global {
             pos_upd: vec![v; p],
             alpha: vec![v; nb],
             beta: vec![v; nb],
+            coef: vec![[v; 2]; nb],
         };
     }
     let (delta, pos, edges) = (plan.delta, &plan.pos, &plan.edges);
@@ -747,6 +750,7 @@ fn finish_impl(stats: &ApStats, interpolate: bool) -> Global {
         alpha[b] = wp[u] + 0.5 * dw - (ws[l] - ws[u]) / two_delta;
         beta[b] = dw / two_delta;
     }
+    let coef = alpha.iter().zip(&beta).map(|(a, b)| [*a, *b]).collect();
     Global {
         plan,
         interpolate,
@@ -756,6 +760,7 @@ fn finish_impl(stats: &ApStats, interpolate: bool) -> Global {
         pos_upd,
         alpha,
         beta,
+        coef,
     }
 }
 
@@ -765,7 +770,10 @@ impl Global {
     fn neg_update(&self, v: f64) -> f64 {
         match self.plan.bucket(v) {
             0 => 0.0,
-            b => self.alpha[b] + self.beta[b] * (v - self.plan.center),
+            b => {
+                let [a, s] = self.coef[b];
+                a + s * (v - self.plan.center)
+            }
         }
     }
 
@@ -895,27 +903,30 @@ fn cpu_gather<T: Elem>(x: &[T], tg: &Tg<'_, T>, n: usize, c: usize) -> Result<Ve
 /// Per-bucket accumulators of one rayon task.
 struct BucketAcc {
     nonfinite: u64,
-    cnt: Vec<u64>,
-    sum: Vec<i128>,
+    bins: Vec<Bin>,
+}
+
+/// Count and offset sum of one bucket, side by side (one cache line per update).
+#[derive(Clone, Copy, Default)]
+struct Bin {
+    sum: i128,
+    cnt: u64,
 }
 
 impl BucketAcc {
     fn new(nb: usize) -> Self {
         Self {
             nonfinite: 0,
-            cnt: vec![0; nb],
-            sum: vec![0; nb],
+            bins: vec![Bin::default(); nb],
         }
     }
 
     /// Integer sums: associative and commutative, so any merge order gives the same bits.
     fn merge(mut self, o: BucketAcc) -> Self {
         self.nonfinite = self.nonfinite.wrapping_add(o.nonfinite);
-        for (a, b) in self.cnt.iter_mut().zip(&o.cnt) {
-            *a = a.wrapping_add(*b);
-        }
-        for (a, b) in self.sum.iter_mut().zip(&o.sum) {
-            *a = a.wrapping_add(*b);
+        for (a, b) in self.bins.iter_mut().zip(&o.bins) {
+            a.cnt = a.cnt.wrapping_add(b.cnt);
+            a.sum = a.sum.wrapping_add(b.sum);
         }
         self
     }
@@ -958,10 +969,11 @@ fn cpu_bucket<T: Elem>(
                         if b == 0 {
                             return; // below every window: H = 0 for every positive
                         }
-                        acc.cnt[b] += 1;
+                        let bin = &mut acc.bins[b];
+                        bin.cnt += 1;
                         if b < top {
                             // Inside some window: its offset enters the linear part of H.
-                            acc.sum[b] += plan.quant(v) as i128;
+                            bin.sum += plan.quant(v) as i128;
                         }
                     })?;
                 }
@@ -969,7 +981,9 @@ fn cpu_bucket<T: Elem>(
             },
         )
         .try_reduce(|| BucketAcc::new(nb), |a, b| Ok(a.merge(b)))?;
-    Ok((acc.nonfinite, acc.cnt, acc.sum))
+    let cnt = acc.bins.iter().map(|b| b.cnt).collect();
+    let sum = acc.bins.iter().map(|b| b.sum).collect();
+    Ok((acc.nonfinite, cnt, sum))
 }
 
 /// The update of every element of the shard, times `g`.
