@@ -1226,8 +1226,9 @@ mod cuda {
     use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
 
     const MODULE: &str = "candle_detloss_ap_loss";
-    /// Shared memory a bucket block may use without opting in to more than the default 48 KiB.
-    const SMEM_LIMIT: usize = 48 * 1024;
+    /// Dynamic shared memory a bucket block may use: the default 48 KiB per block without an
+    /// opt-in, less room for the kernel's static shared memory (256 bytes).
+    const SMEM_LIMIT: usize = 47 * 1024;
 
     fn kind_suffix(k: Kind) -> &'static str {
         match k {

@@ -1,6 +1,6 @@
 //! ApLoss on CUDA against the CPU path: positives, bucket statistics (bit for bit: integer
 //! sums), loss and update (1e-6 relative), both bucket-accumulation paths (shared memory for
-//! P <= 1023, global atomics above), the warp-aggregated case of nearly equal scores, every
+//! P <= 1002, global atomics above), the warp-aggregated case of nearly equal scores, every
 //! dtype and target form, NaN, bad input and shards. Skipped (with a notice) without a GPU.
 #![cfg(feature = "cuda")]
 
