@@ -1284,7 +1284,7 @@ mod cuda {
         }
     }
 
-    fn sfx<T: CudaDType>(kind: Kind) -> Result<String> {
+    fn sfx<T: CudaDType + candle_core::WithDType>(kind: Kind) -> Result<String> {
         Ok(format!(
             "{}_{}",
             kc::dtype_suffix(T::DTYPE)?,
