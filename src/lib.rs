@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ap_loss;
 mod class_balanced;
 mod common;
 #[cfg(feature = "cuda")]
@@ -46,6 +47,7 @@ mod reduction;
 mod regression;
 mod softmax;
 
+pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use class_balanced::class_balanced_weights;
 pub use focal::SigmoidFocalLoss;
 pub use ghm::GhmcLoss;
