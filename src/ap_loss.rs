@@ -620,8 +620,11 @@ struct Global {
     prec: Vec<f64>,
     /// Update of each positive, `-(1 - prec)/P`.
     pos_upd: Vec<f64>,
-    /// Update of a negative `x` in bucket `b`: `alpha[b] + beta[b]·(x - center)`.
+    /// Update of a negative `x` in bucket `b`: `alpha[b] + beta[b]·(x - center)` (the CUDA
+    /// update kernel reads them separately; the CPU uses `coef`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     alpha: Vec<f64>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     beta: Vec<f64>,
     /// `[alpha[b], beta[b]]` side by side for the CPU update pass.
     coef: Vec<[f64; 2]>,
