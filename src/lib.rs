@@ -34,11 +34,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod anchors;
 mod common;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fastmath;
 mod focal;
+pub mod metrics;
 mod reduction;
 
 pub use focal::SigmoidFocalLoss;
