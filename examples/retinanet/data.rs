@@ -43,7 +43,11 @@ impl Dataset {
         for &i in idx {
             v.extend(self.samples[i].pixels.iter().map(|p| (p - 0.5) * 4.0));
         }
-        Ok(Tensor::from_vec(v, (idx.len(), 3, self.size, self.size), dev)?)
+        Ok(Tensor::from_vec(
+            v,
+            (idx.len(), 3, self.size, self.size),
+            dev,
+        )?)
     }
 }
 
@@ -145,13 +149,21 @@ pub fn shapes_image(cfg: &ShapesConfig, rng: &mut Rng, image_id: u64) -> Sample 
     let sf = s as f32;
     let mut px = vec![0f32; 3 * s * s];
     // background: a base colour, two oriented sinusoid gratings per channel and pixel noise
-    let base: [f32; 3] = [rng.range(0.2, 0.8), rng.range(0.2, 0.8), rng.range(0.2, 0.8)];
+    let base: [f32; 3] = [
+        rng.range(0.2, 0.8),
+        rng.range(0.2, 0.8),
+        rng.range(0.2, 0.8),
+    ];
     let mut waves = Vec::new();
     for _ in 0..2 {
         let ang = rng.range(0.0, std::f32::consts::PI);
         let freq = rng.range(0.05, 0.5);
         let ph = rng.range(0.0, 6.283);
-        let amp = [rng.range(0.0, 0.12), rng.range(0.0, 0.12), rng.range(0.0, 0.12)];
+        let amp = [
+            rng.range(0.0, 0.12),
+            rng.range(0.0, 0.12),
+            rng.range(0.0, 0.12),
+        ];
         waves.push((ang.cos() * freq, ang.sin() * freq, ph, amp));
     }
     let noise = rng.range(0.02, 0.08);
@@ -181,7 +193,7 @@ pub fn shapes_image(cfg: &ShapesConfig, rng: &mut Rng, image_id: u64) -> Sample 
         let y1 = rng.range(0.0, sf - h).round();
         let b = [x1, y1, x1 + w, y1 + h];
         // some overlap allowed, but no object mostly hidden
-        if boxes.iter().any(|o| iou(o, &b) > 0.2) {
+        if boxes.iter().any(|o| iou(o, &b) > 0.1) {
             continue;
         }
         let cls = rng.below(SHAPE_CLASSES.len()) as u32;
@@ -220,7 +232,12 @@ pub fn shapes_image(cfg: &ShapesConfig, rng: &mut Rng, image_id: u64) -> Sample 
             CocoGt::from_xywh(
                 image_id,
                 c as u64 + 1,
-                [b[0] as f64, b[1] as f64, (b[2] - b[0]) as f64, (b[3] - b[1]) as f64],
+                [
+                    b[0] as f64,
+                    b[1] as f64,
+                    (b[2] - b[0]) as f64,
+                    (b[3] - b[1]) as f64,
+                ],
             )
         })
         .collect();
@@ -287,7 +304,10 @@ pub fn load_coco(
         .collect::<Result<_>>()?;
     images.sort();
     let mut anns: std::collections::HashMap<u64, Vec<(u64, [f64; 4], f64)>> = Default::default();
-    for a in v["annotations"].as_array().context("COCO file has no annotations")? {
+    for a in v["annotations"]
+        .as_array()
+        .context("COCO file has no annotations")?
+    {
         if a["iscrowd"].as_u64().unwrap_or(0) != 0 {
             continue;
         }
@@ -303,7 +323,11 @@ pub fn load_coco(
         let area = a["area"].as_f64().unwrap_or(bb[2] * bb[3]);
         anns.entry(a["image_id"].as_u64().context("image_id")?)
             .or_default()
-            .push((a["category_id"].as_u64().context("category_id")?, [bb[0], bb[1], bb[2], bb[3]], area));
+            .push((
+                a["category_id"].as_u64().context("category_id")?,
+                [bb[0], bb[1], bb[2], bb[3]],
+                area,
+            ));
     }
     let cat_index: std::collections::HashMap<u64, u32> = cats
         .iter()
@@ -367,7 +391,8 @@ pub fn load_coco(
     if samples.len() < 2 {
         bail!("{ann_path}: need at least 2 images for a train/val split")
     }
-    let n_val = ((samples.len() as f32 * val_fraction).round() as usize).clamp(1, samples.len() - 1);
+    let n_val =
+        ((samples.len() as f32 * val_fraction).round() as usize).clamp(1, samples.len() - 1);
     let val = samples.split_off(samples.len() - n_val);
     let names: Vec<String> = cats.iter().map(|c| c.1.clone()).collect();
     let ids: Vec<u64> = cats.iter().map(|c| c.0).collect();

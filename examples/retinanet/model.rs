@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Init, VarBuilder};
+use candle_nn::{GroupNorm, Init, VarBuilder};
 
 /// Shape of the network.
 #[derive(Clone, Copy, Debug)]
@@ -29,21 +29,102 @@ fn groups(ch: usize) -> usize {
     (1..=8).rev().find(|g| ch % g == 0).unwrap_or(1)
 }
 
+/// A convolution with `k ∈ {1, 3}` (padding `k / 2`) and stride 1 or 2, computed as im2col
+/// (shifted views of the padded input) and one batched matmul. Same maths and weight layout
+/// `[O, I, k, k]` as `candle_nn::Conv2d`, but its backward is matmuls too: candle's CPU conv
+/// backward runs a direct `conv_transpose2d`, which made training several times slower.
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    k: usize,
+    stride: usize,
+}
+
+impl Conv {
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: Option<f64>,
+        std: Option<f64>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let init = match std {
+            Some(stdev) => Init::Randn { mean: 0.0, stdev },
+            None => candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        };
+        let weight = vb.get_with_hints((cout, cin, k, k), "weight", init)?;
+        let bias = match bias {
+            Some(b) => Some(vb.get_with_hints(cout, "bias", Init::Const(b))?),
+            None => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            k,
+            stride,
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let cout = self.weight.dim(0)?;
+        let s = self.stride;
+        let (ho, wo) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let cols = if self.k == 1 {
+            let x = if s == 1 {
+                x.clone()
+            } else {
+                subsample(x, 0, 0, ho, wo, s)?
+            };
+            x.reshape((b, cin, ho * wo))?
+        } else {
+            let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+            let mut taps = Vec::with_capacity(9);
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    taps.push(subsample(&xp, ky, kx, ho, wo, s)?);
+                }
+            }
+            // [B, I, 9, ho, wo] -> [B, I·9, ho·wo]: row i·9 + ky·3 + kx, the weight's layout
+            Tensor::stack(&taps, 2)?.reshape((b, cin * 9, ho * wo))?
+        };
+        let wmat = self.weight.reshape((cout, cin * self.k * self.k))?;
+        let y = wmat.broadcast_matmul(&cols)?.reshape((b, cout, ho, wo))?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, cout, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x[:, :, oy + s·i, ox + s·j]` for `i < ho`, `j < wo` (stride 1 or 2; even sizes for 2).
+fn subsample(x: &Tensor, oy: usize, ox: usize, ho: usize, wo: usize, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return x.narrow(2, oy, ho)?.narrow(3, ox, wo);
+    }
+    let (b, c, _, _) = x.dims4()?;
+    x.narrow(2, oy, s * ho)?
+        .narrow(3, ox, s * wo)?
+        .reshape((b, c, ho, s, wo, s))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, c, ho, wo))
+}
+
 /// conv 3×3 (no bias) → GroupNorm → ReLU.
 struct ConvGn {
-    conv: Conv2d,
+    conv: Conv,
     gn: GroupNorm,
 }
 
 impl ConvGn {
     fn new(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: candle_nn::conv2d_no_bias(cin, cout, 3, cfg, vb.pp("conv"))?,
+            conv: Conv::new(cin, cout, 3, stride, None, None, vb.pp("conv"))?,
             gn: candle_nn::group_norm(groups(cout), cout, 1e-5, vb.pp("gn"))?,
         })
     }
@@ -58,7 +139,7 @@ impl Module for ConvGn {
 /// A subnet: `head_convs` ConvGn layers and a 3×3 predictor with `out` channels per location.
 struct Subnet {
     layers: Vec<ConvGn>,
-    pred: Conv2d,
+    pred: Conv,
 }
 
 impl Subnet {
@@ -67,23 +148,7 @@ impl Subnet {
             .map(|i| ConvGn::new(cfg.fpn, cfg.fpn, 1, vb.pp(format!("conv{i}"))))
             .collect::<Result<Vec<_>>>()?;
         // predictor: N(0, 0.01) weights as in the paper, bias given
-        let w = vb.pp("pred").get_with_hints(
-            (out, cfg.fpn, 3, 3),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 0.01,
-            },
-        )?;
-        let b = vb.pp("pred").get_with_hints(out, "bias", Init::Const(bias))?;
-        let pred = Conv2d::new(
-            w,
-            Some(b),
-            Conv2dConfig {
-                padding: 1,
-                ..Default::default()
-            },
-        );
+        let pred = Conv::new(cfg.fpn, out, 3, 1, Some(bias), Some(0.01), vb.pp("pred"))?;
         Ok(Self { layers, pred })
     }
 
@@ -103,8 +168,8 @@ pub struct RetinaNet {
     c3: Vec<ConvGn>,
     c4: Vec<ConvGn>,
     c5: Vec<ConvGn>,
-    lateral: Vec<Conv2d>,
-    smooth: Vec<Conv2d>,
+    lateral: Vec<Conv>,
+    smooth: Vec<Conv>,
     cls: Subnet,
     reg: Subnet,
 }
@@ -134,20 +199,26 @@ impl RetinaNet {
             ConvGn::new(w4, w4, 1, vb.pp("c4b"))?,
         ];
         let c5 = vec![ConvGn::new(w4, w5, 2, vb.pp("c5a"))?]; // /32
-        let one = Conv2dConfig::default();
-        let three = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let mut lateral = Vec::new();
         let mut smooth = Vec::new();
         for (i, &w) in cfg.widths.iter().enumerate() {
-            lateral.push(candle_nn::conv2d(w, cfg.fpn, 1, one, vb.pp(format!("lat{i}")))?);
-            smooth.push(candle_nn::conv2d(
-                cfg.fpn,
-                cfg.fpn,
+            let f = cfg.fpn;
+            lateral.push(Conv::new(
+                w,
+                f,
+                1,
+                1,
+                Some(0.0),
+                None,
+                vb.pp(format!("lat{i}")),
+            )?);
+            smooth.push(Conv::new(
+                f,
+                f,
                 3,
-                three,
+                1,
+                Some(0.0),
+                None,
                 vb.pp(format!("fpn{i}")),
             )?);
         }
@@ -203,7 +274,9 @@ impl RetinaNet {
 /// `[B, A·K, H, W]` → `[B, H·W·A, K]`.
 fn flatten(t: &Tensor, k: usize) -> Result<Tensor> {
     let (b, _, h, w) = t.dims4()?;
-    t.permute((0, 2, 3, 1))?.reshape((b, h * w * (t.dim(1)? / k), k))?.contiguous()
+    t.permute((0, 2, 3, 1))?
+        .reshape((b, h * w * (t.dim(1)? / k), k))?
+        .contiguous()
 }
 
 /// Deterministic initialisation from `seed` (candle's CPU generator cannot be seeded): every
@@ -212,7 +285,10 @@ fn flatten(t: &Tensor, k: usize) -> Result<Tensor> {
 /// init. Variables are visited in name order, so the result depends on the seed only.
 pub fn init_weights(varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
     let mut rng = crate::data::Rng::new(seed ^ 0xC0FF_EE00);
-    let data = varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {

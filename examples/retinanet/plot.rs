@@ -35,7 +35,12 @@ fn line(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64), c: Rgb<u
 
 fn rect(img: &mut RgbImage, b: [f32; 4], scale: f32, off: (i64, i64), c: Rgb<u8>) {
     let p = |v: f32| (v * scale).round() as i64;
-    let (x1, y1, x2, y2) = (p(b[0]) + off.0, p(b[1]) + off.1, p(b[2]) + off.0, p(b[3]) + off.1);
+    let (x1, y1, x2, y2) = (
+        p(b[0]) + off.0,
+        p(b[1]) + off.1,
+        p(b[2]) + off.0,
+        p(b[3]) + off.1,
+    );
     line(img, (x1, y1), (x2, y1), c);
     line(img, (x2, y1), (x2, y2), c);
     line(img, (x2, y2), (x1, y2), c);
@@ -68,8 +73,17 @@ pub fn loss_png(total: &[f32], cls: &[f32], reg: &[f32]) -> RgbImage {
     if all.is_empty() {
         return img;
     }
-    let lo = all.iter().fold(f32::INFINITY, |a, &b| a.min(b)).log10().floor();
-    let hi = all.iter().fold(0f32, |a, &b| a.max(b)).log10().ceil().max(lo + 1.0);
+    let lo = all
+        .iter()
+        .fold(f32::INFINITY, |a, &b| a.min(b))
+        .log10()
+        .floor();
+    let hi = all
+        .iter()
+        .fold(0f32, |a, &b| a.max(b))
+        .log10()
+        .ceil()
+        .max(lo + 1.0);
     let n = total.len().max(2);
     let px = |i: usize| m + ((w as i64 - 2 * m) as f32 * i as f32 / (n - 1) as f32) as i64;
     let py = |v: f32| {
@@ -84,7 +98,12 @@ pub fn loss_png(total: &[f32], cls: &[f32], reg: &[f32]) -> RgbImage {
         d += 1.0;
     }
     line(&mut img, (m, m), (m, h as i64 - m), Rgb([0, 0, 0]));
-    line(&mut img, (m, h as i64 - m), (w as i64 - m, h as i64 - m), Rgb([0, 0, 0]));
+    line(
+        &mut img,
+        (m, h as i64 - m),
+        (w as i64 - m, h as i64 - m),
+        Rgb([0, 0, 0]),
+    );
     let series = [
         (total, Rgb([150, 150, 150]), Rgb([0, 0, 0])),
         (cls, Rgb([245, 170, 170]), Rgb([210, 0, 0])),
@@ -92,14 +111,24 @@ pub fn loss_png(total: &[f32], cls: &[f32], reg: &[f32]) -> RgbImage {
     ];
     for (vals, faint, _) in &series {
         for i in 1..vals.len() {
-            line(&mut img, (px(i - 1), py(vals[i - 1])), (px(i), py(vals[i])), *faint);
+            line(
+                &mut img,
+                (px(i - 1), py(vals[i - 1])),
+                (px(i), py(vals[i])),
+                *faint,
+            );
         }
     }
     for (vals, _, bold) in &series {
         let s = smooth(vals, 0.9);
         for i in 1..s.len() {
             for o in 0..2 {
-                line(&mut img, (px(i - 1), py(s[i - 1]) + o), (px(i), py(s[i]) + o), *bold);
+                line(
+                    &mut img,
+                    (px(i - 1), py(s[i - 1]) + o),
+                    (px(i), py(s[i]) + o),
+                    *bold,
+                );
             }
         }
     }
@@ -143,7 +172,18 @@ pub fn detections_png(
         let off = (cx as i64, cy as i64);
         for b in &sample.boxes {
             rect(&mut img, *b, zoom as f32, off, Rgb([0, 255, 0]));
-            rect(&mut img, [b[0] - 1.0 / zoom as f32, b[1] - 1.0 / zoom as f32, b[2] + 1.0 / zoom as f32, b[3] + 1.0 / zoom as f32], zoom as f32, off, Rgb([0, 255, 0]));
+            rect(
+                &mut img,
+                [
+                    b[0] - 1.0 / zoom as f32,
+                    b[1] - 1.0 / zoom as f32,
+                    b[2] + 1.0 / zoom as f32,
+                    b[3] + 1.0 / zoom as f32,
+                ],
+                zoom as f32,
+                off,
+                Rgb([0, 255, 0]),
+            );
         }
         for det in d.iter().filter(|d| d.score >= min_score) {
             let c = CLASS_COLOURS[det.class as usize % CLASS_COLOURS.len()];

@@ -413,7 +413,10 @@ impl Trainer {
         for (bi, &i) in idx.iter().enumerate() {
             let t = &self.targets[i];
             if t.labels.len() != nc || nc != n {
-                bail!("anchor count mismatch: targets {} vs model {n}", t.labels.len())
+                bail!(
+                    "anchor count mismatch: targets {} vs model {n}",
+                    t.labels.len()
+                )
             }
             labels.extend_from_slice(&t.labels);
             for (a, &l) in t.labels.iter().enumerate() {
@@ -599,7 +602,11 @@ pub fn evaluate(
             });
         }
     }
-    let gts: Vec<CocoGt> = ds.samples.iter().flat_map(|s| s.gt.iter().copied()).collect();
+    let gts: Vec<CocoGt> = ds
+        .samples
+        .iter()
+        .flat_map(|s| s.gt.iter().copied())
+        .collect();
     let ids: Vec<u64> = ds.samples.iter().map(|s| s.image_id).collect();
     let stats = evaluate_bbox(&ids, &ds.category_ids, &gts, &dets)?;
     Ok((stats, dets, per_image))
