@@ -116,8 +116,8 @@ fn targets_follow_the_label_convention() {
             if (0..4).contains(&l) {
                 // decoding the target deltas gives back the matched box
                 let back = t.coder.decode_box(&t.anchors[a], &tg.deltas[a]);
-                for k in 0..4 {
-                    assert!((back[k] - tg.boxes[a][k]).abs() < 1e-3);
+                for (v, w) in back.iter().zip(&tg.boxes[a]) {
+                    assert!((v - w).abs() < 1e-3, "{back:?} vs {:?}", tg.boxes[a]);
                 }
             }
         }

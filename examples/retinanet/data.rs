@@ -158,7 +158,7 @@ pub fn shapes_image(cfg: &ShapesConfig, rng: &mut Rng, image_id: u64) -> Sample 
     for _ in 0..2 {
         let ang = rng.range(0.0, std::f32::consts::PI);
         let freq = rng.range(0.05, 0.5);
-        let ph = rng.range(0.0, 6.283);
+        let ph = rng.range(0.0, std::f32::consts::TAU);
         let amp = [
             rng.range(0.0, 0.12),
             rng.range(0.0, 0.12),

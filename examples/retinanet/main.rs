@@ -136,7 +136,7 @@ fn parse_args() -> Result<Args> {
     if a.coco.is_some() != a.images.is_some() {
         bail!("--coco and --images go together")
     }
-    if a.image_size < 32 || a.image_size % 32 != 0 {
+    if a.image_size < 32 || !a.image_size.is_multiple_of(32) {
         bail!("--image-size must be a multiple of 32 (the coarsest level has stride 32)")
     }
     if a.batch_size == 0 || a.epochs == 0 {
@@ -271,10 +271,7 @@ fn run(
         for b in 0..steps_per_epoch {
             let idx = &order[b * a.batch_size..((b + 1) * a.batch_size).min(order.len())];
             let ts = Instant::now();
-            let l = t.train_step(train_ds, idx).map_err(|e| {
-                pb.abandon();
-                e
-            })?;
+            let l = t.train_step(train_ds, idx).inspect_err(|_| pb.abandon())?;
             train_secs += ts.elapsed().as_secs_f64();
             iters += 1;
             h_tot.push(l.total);
@@ -408,8 +405,8 @@ fn main() -> Result<()> {
             }
         }
     }
-    let mut md = format!(
-        "| cls loss | box loss | AP | AP50 | AP75 | time/iter (ms) | train (s) |\n|---|---|---|---|---|---|---|\n"
+    let mut md = String::from(
+        "| cls loss | box loss | AP | AP50 | AP75 | time/iter (ms) | train (s) |\n|---|---|---|---|---|---|---|\n",
     );
     let mut js = String::from("[\n");
     for (i, (cls, r, err)) in rows.iter().enumerate() {

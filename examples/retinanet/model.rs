@@ -26,7 +26,7 @@ pub struct ModelConfig {
 
 /// GroupNorm groups for `ch` channels: 8 where possible, else the largest divisor ≤ 8.
 fn groups(ch: usize) -> usize {
-    (1..=8).rev().find(|g| ch % g == 0).unwrap_or(1)
+    (1..=8).rev().find(|&g| ch.is_multiple_of(g)).unwrap_or(1)
 }
 
 /// A convolution with `k ∈ {1, 3}` (padding `k / 2`) and stride 1 or 2, computed as im2col
