@@ -39,7 +39,7 @@ Data (default: built-in procedural shapes, generated from --seed):
 Training:
   --cls-loss L           focal | cb-focal | ap | ce | ghmc      [focal]
   --box-loss L           smooth-l1 | balanced-l1 | giou | diou | ciou   [smooth-l1]
-  --epochs N             [default 8; quick 3]
+  --epochs N             [default 10; quick 3]
   --batch-size N         [default 8]
   --lr F                 AdamW peak learning rate               [default 2e-3]
   --width N              FPN / head channels                    [default 48]
@@ -90,7 +90,7 @@ fn parse_args() -> Result<Args> {
         image_size: 64,
         cls: ClsLossKind::Focal,
         reg: BoxLossKind::SmoothL1,
-        epochs: if quick { 3 } else { 8 },
+        epochs: if quick { 3 } else { 10 },
         batch_size: 8,
         lr: 2e-3,
         width: if quick { 32 } else { 48 },
