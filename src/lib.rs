@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod anchors;
 mod ap_loss;
 mod class_balanced;
 mod common;
@@ -43,6 +44,7 @@ mod fastmath;
 mod focal;
 mod ghm;
 mod iou;
+pub mod metrics;
 mod reduction;
 mod regression;
 mod softmax;
