@@ -94,31 +94,16 @@ pub struct LossState {
     /// Class-balanced weights (`cb-focal`), from the training set's object counts.
     pub class_counts: Vec<u64>,
     /// GHM-C keeps a running gradient-density histogram (`momentum > 0`).
-    #[cfg(any())]
     pub ghmc: candle_detloss::GhmcLoss,
 }
 
 impl LossState {
     pub fn new(class_counts: Vec<u64>) -> Self {
-        Self {
-            class_counts,
-            #[cfg(any())]
-            ghmc: candle_detloss::GhmcLoss {
-                momentum: 0.75,
-                ..Default::default()
-            },
-        }
+        let mut ghmc = candle_detloss::GhmcLoss::default();
+        ghmc.momentum = 0.75;
+        Self { class_counts, ghmc }
     }
 }
-
-/// Error of a loss whose implementation is not merged into this build yet.
-fn not_available(flag: &str, ty: &str) -> Result<Tensor> {
-    bail!("{flag}: candle_detloss::{ty} is not available in this build")
-}
-
-// LOSS-GATE: the arms below marked `LOSS-GATE(<Type>)` are written against the DESIGN.md API of
-// losses developed on other branches. Once <Type> is merged, delete the `#[cfg(any())]` line and
-// the `not_available(...)` line after it (and the `#[cfg(any())]` on `LossState::ghmc`).
 
 /// The classification loss of `logits` `[M, K]` against anchor labels `[M]` (i64: class,
 /// C = background, -1 ignored), normalised by the number of positive anchors.
@@ -129,67 +114,39 @@ pub fn cls_loss(
     labels: &Tensor,
     num_pos: f64,
 ) -> Result<Tensor> {
-    let _ = &st;
     Ok(match kind {
         ClsLossKind::Focal => SigmoidFocalLoss {
             reduction: Reduction::AvgFactor(num_pos),
             ..Default::default()
         }
         .forward(logits, labels)?,
-        ClsLossKind::CbFocal => {
-            // LOSS-GATE(class_balanced_weights)
-            #[cfg(any())]
-            return Ok(SigmoidFocalLoss {
-                reduction: Reduction::AvgFactor(num_pos),
-                class_weights: Some(candle_detloss::class_balanced_weights(
-                    &st.class_counts,
-                    0.999,
-                    logits.device(),
-                )?),
-                ..Default::default()
-            }
-            .forward(logits, labels)?);
-            not_available("--cls-loss cb-focal", "class_balanced_weights")?
+        // Cui et al.: class-balanced weights from the training set's counts, β = 0.999.
+        ClsLossKind::CbFocal => SigmoidFocalLoss {
+            reduction: Reduction::AvgFactor(num_pos),
+            class_weights: Some(candle_detloss::class_balanced_weights(
+                &st.class_counts,
+                0.999,
+                logits.device(),
+            )?),
+            ..Default::default()
         }
-        ClsLossKind::Ap => {
-            // LOSS-GATE(ApLoss): AP-Loss is already normalised (1 - AP); no avg factor.
-            #[cfg(any())]
-            return Ok(candle_detloss::ApLoss {
-                delta: 1.0,
-                interpolate: true,
-            }
-            .forward(logits, labels)?);
-            not_available("--cls-loss ap", "ApLoss")?
+        .forward(logits, labels)?,
+        // AP-Loss is already normalised (1 - AP); no avg factor.
+        ClsLossKind::Ap => candle_detloss::ApLoss {
+            delta: 1.0,
+            interpolate: true,
         }
-        ClsLossKind::Ce => {
-            // LOSS-GATE(CrossEntropyLoss): softmax over C + 1 columns (the last is background).
-            #[cfg(any())]
-            return Ok(candle_detloss::CrossEntropyLoss {
-                reduction: Reduction::AvgFactor(num_pos),
-                class_weights: None,
-                label_smoothing: 0.0,
-            }
-            .forward(logits, labels)?);
-            not_available("--cls-loss ce", "CrossEntropyLoss")?
+        .forward(logits, labels)?,
+        // Softmax over C + 1 columns (the last is background).
+        ClsLossKind::Ce => candle_detloss::CrossEntropyLoss {
+            reduction: Reduction::AvgFactor(num_pos),
+            class_weights: None,
+            label_smoothing: 0.0,
         }
-        ClsLossKind::Ghmc => {
-            // LOSS-GATE(GhmcLoss): mmdet GHM-C, mean over valid elements.
-            #[cfg(any())]
-            return Ok(st.ghmc.forward(logits, labels)?);
-            not_available("--cls-loss ghmc", "GhmcLoss")?
-        }
+        .forward(logits, labels)?,
+        // mmdet GHM-C, mean over valid elements.
+        ClsLossKind::Ghmc => st.ghmc.forward(logits, labels)?,
     })
-}
-
-/// Smooth L1 composed from candle ops: `|d| < β: 0.5 d²/β, else |d| - 0.5 β`, summed / `avg`.
-/// STAND-IN until `candle_detloss::SmoothL1Loss` is merged (then use the fused loss, as in
-/// the gated arm of [`box_loss`]).
-fn smooth_l1_composed(pred: &Tensor, target: &Tensor, beta: f64, avg: f64) -> Result<Tensor> {
-    let d = (pred - target)?.abs()?;
-    let quad = (d.sqr()? * (0.5 / beta))?;
-    let lin = (&d - 0.5 * beta)?;
-    let l = d.lt(beta)?.where_cond(&quad, &lin)?;
-    Ok((l.sum_all()? / avg)?)
 }
 
 /// Box-regression loss over the `P` positive anchors: `pred` / `target` deltas `[P, 4]`,
@@ -204,47 +161,33 @@ pub fn box_loss(
     gt_boxes: &Tensor,
     num_pos: f64,
 ) -> Result<Tensor> {
-    let _ = (coder, anchors, gt_boxes);
     Ok(match kind {
-        BoxLossKind::SmoothL1 => {
-            // LOSS-GATE(SmoothL1Loss): the fused loss replaces the composed stand-in.
-            #[cfg(any())]
-            return Ok(candle_detloss::SmoothL1Loss {
-                beta: 1.0 / 9.0,
-                reduction: Reduction::AvgFactor(num_pos),
-            }
-            .forward(pred, target)?);
-            smooth_l1_composed(pred, target, 1.0 / 9.0, num_pos)?
+        // β = 1/9 as RetinaNet's configs.
+        BoxLossKind::SmoothL1 => candle_detloss::SmoothL1Loss {
+            beta: 1.0 / 9.0,
+            reduction: Reduction::AvgFactor(num_pos),
         }
-        BoxLossKind::BalancedL1 => {
-            // LOSS-GATE(BalancedL1Loss)
-            #[cfg(any())]
-            return Ok(candle_detloss::BalancedL1Loss {
-                reduction: Reduction::AvgFactor(num_pos),
-                ..Default::default()
-            }
-            .forward(pred, target)?);
-            not_available("--box-loss balanced-l1", "BalancedL1Loss")?
+        .forward(pred, target)?,
+        BoxLossKind::BalancedL1 => candle_detloss::BalancedL1Loss {
+            reduction: Reduction::AvgFactor(num_pos),
+            ..Default::default()
         }
+        .forward(pred, target)?,
+        // On decoded boxes, weight 2 (mmdet's RetinaNet-GIoU config).
         BoxLossKind::Giou | BoxLossKind::Diou | BoxLossKind::Ciou => {
-            // LOSS-GATE(BoxIouLoss): on decoded boxes, weight 2 (mmdet's RetinaNet-GIoU config).
-            #[cfg(any())]
-            {
-                let iou_kind = match kind {
-                    BoxLossKind::Giou => candle_detloss::IouKind::Giou,
-                    BoxLossKind::Diou => candle_detloss::IouKind::Diou,
-                    _ => candle_detloss::IouKind::Ciou,
-                };
-                let boxes = coder.decode(anchors, pred)?;
-                let l = candle_detloss::BoxIouLoss {
-                    kind: iou_kind,
-                    eps: 1e-7,
-                    reduction: Reduction::AvgFactor(num_pos),
-                }
-                .forward(&boxes, gt_boxes)?;
-                return Ok((l * 2.0)?);
+            let iou_kind = match kind {
+                BoxLossKind::Giou => candle_detloss::IouKind::Giou,
+                BoxLossKind::Diou => candle_detloss::IouKind::Diou,
+                _ => candle_detloss::IouKind::Ciou,
+            };
+            let boxes = coder.decode(anchors, pred)?;
+            let l = candle_detloss::BoxIouLoss {
+                kind: iou_kind,
+                eps: 1e-7,
+                reduction: Reduction::AvgFactor(num_pos),
             }
-            not_available(&format!("--box-loss {}", kind.name()), "BoxIouLoss")?
+            .forward(&boxes, gt_boxes)?;
+            (l * 2.0)?
         }
     })
 }
