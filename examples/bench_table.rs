@@ -7,7 +7,9 @@
 //! With `--device cuda` (build with `--features cuda`) every pass is timed with a device
 //! synchronisation, the sizes go up to ~10^8 elements, and the floor is a device-to-device copy
 //! of the same bytes.
-//! Each case: one warm-up, then ≥ 7 timed runs, median. The fused forward+backward is also timed
+//! Each case: the fused and the baseline forward are first checked to agree (a `WARNING` line
+//! otherwise), then each pass gets one warm-up and 7 timed runs, median (3 runs for a baseline
+//! in `--quick` mode and for the slow naive AP-Loss, which gets no warm-up either). The fused forward+backward is also timed
 //! in a 1-thread pool (the `1-thread ms` column). Peak memory (RSS high-water mark, reset before
 //! each measurement) of fused vs composed forward+backward is printed after the table.
 
@@ -16,11 +18,19 @@ mod composed;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_detloss::{Reduction, SigmoidFocalLoss};
+use candle_detloss::{
+    ApLoss, BalancedL1Loss, BoxIouLoss, CrossEntropyLoss, GhmcLoss, IouKind, Reduction,
+    SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss,
+};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 type Job = Box<dyn Fn() -> Result<()> + Send + Sync>;
+/// Fused and baseline forward values of a case, compared before it is timed.
+type Check = Box<dyn Fn() -> Result<(f64, f64)>>;
+/// A loss on the (gradient-receiving) first input.
+type LossFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// One benchmark case: a loss at one size, its fused passes and its baselines.
 struct Case {
@@ -33,6 +43,12 @@ struct Case {
     fused_fwd_bwd: Job,
     composed_fwd: Option<Job>,
     composed_fwd_bwd: Option<Job>,
+    /// Name of the baseline of `composed_*` ("composed", or "naive" for AP-Loss).
+    baseline: &'static str,
+    /// Timed runs of the baseline (fewer for a slow naive one).
+    baseline_runs: usize,
+    /// Fused vs baseline forward value, checked to agree before timing.
+    check: Option<Check>,
     copy: Job,
 }
 
@@ -60,8 +76,10 @@ fn synced(dev: &Device, f: Job) -> Job {
     })
 }
 
-fn median_ms(runs: usize, f: &Job) -> Result<f64> {
-    f()?; // warm-up
+fn median_ms(runs: usize, warm_up: bool, f: &Job) -> Result<f64> {
+    if warm_up {
+        f()?;
+    }
     let mut t = Vec::with_capacity(runs);
     for _ in 0..runs {
         let s = Instant::now();
@@ -230,10 +248,367 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
                     Ok(())
                 }),
             )),
+            baseline: "composed",
+            baseline_runs: 7,
+            check: None,
             copy: synced(dev, copy_floor(inputs, n * c)?),
         });
     }
+    // The sanity check of the focal cases (the closures above are timed as they are).
+    let (xc, lc, dc, oc, mc) = (
+        xt.clone(),
+        lt.clone(),
+        dt.clone(),
+        one_hot.clone(),
+        mask.clone(),
+    );
+    let fc = f.clone();
+    cases[0].check = Some(Box::new(move || {
+        Ok((
+            scalar(&fc.forward(xc.as_tensor(), &lc)?)?,
+            scalar(&composed::sigmoid_focal(
+                xc.as_tensor(),
+                &oc,
+                Some(&mc),
+                0.25,
+                2.0,
+                num_pos,
+            )?)?,
+        ))
+    }));
+    let (xc, fc) = (xt.clone(), f.clone());
+    cases[1].check = Some(Box::new(move || {
+        Ok((
+            scalar(&fc.forward(xc.as_tensor(), &dc)?)?,
+            scalar(&composed::sigmoid_focal(
+                xc.as_tensor(),
+                &dc,
+                None,
+                0.25,
+                2.0,
+                num_pos,
+            )?)?,
+        ))
+    }));
     Ok(cases)
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// A case whose fused loss and composed baseline are both functions of the input `x` (the
+/// one that receives the gradient).
+#[allow(clippy::too_many_arguments)]
+fn loss_case(
+    dev: &Device,
+    loss: &'static str,
+    shape: String,
+    bytes: usize,
+    x: &Var,
+    fused: LossFn,
+    composed: LossFn,
+    copy: Job,
+) -> Case {
+    let fwd = |f: LossFn, bwd: bool| {
+        let x = x.clone();
+        synced(
+            dev,
+            Box::new(move || {
+                let l = f(x.as_tensor())?;
+                if bwd {
+                    l.backward()?;
+                }
+                Ok(())
+            }),
+        )
+    };
+    let (xc, fc, cc) = (x.clone(), fused.clone(), composed.clone());
+    Case {
+        loss,
+        shape,
+        dtype: "f32",
+        bytes,
+        fused_fwd: fwd(fused.clone(), false),
+        fused_fwd_bwd: fwd(fused, true),
+        composed_fwd: Some(fwd(composed.clone(), false)),
+        composed_fwd_bwd: Some(fwd(composed, true)),
+        baseline: "composed",
+        baseline_runs: 7,
+        check: Some(Box::new(move || {
+            Ok((scalar(&fc(xc.as_tensor())?)?, scalar(&cc(xc.as_tensor())?)?))
+        })),
+        copy,
+    }
+}
+
+/// Labels of `n` anchors over `c` classes (RetinaNet-like: 1 % ignored, 3 % positive, the rest
+/// the value `bg`) and their count of non-ignored rows and of positives.
+fn anchor_labels(n: usize, c: usize, bg: usize) -> (Vec<i64>, f64, f64) {
+    let labels: Vec<i64> = (0..n)
+        .map(|i| match i % 100 {
+            0 => -1,
+            1..=3 => (i % c) as i64,
+            _ => bg as i64,
+        })
+        .collect();
+    let valid = labels.iter().filter(|&&l| l >= 0).count() as f64;
+    let pos = labels
+        .iter()
+        .filter(|&&l| l >= 0 && (l as usize) < c && l as usize != bg)
+        .count() as f64;
+    (labels, valid, pos)
+}
+
+/// Softmax cross-entropy and softmax focal loss (`c` columns, the last one background) and
+/// GHM-C (`c - 1` sigmoid classes, 30 bins).
+fn classification_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    // Softmax: labels in 0..c, c - 1 the background column.
+    let (labels, valid, _) = anchor_labels(n, c, c - 1);
+    let x = Var::from_tensor(&Tensor::from_vec(rand_vec(n * c, 5, 4.0), (n, c), dev)?)?;
+    let lt = Tensor::new(labels, dev)?;
+    let (one_hot, mask) = composed::one_hot_and_mask(&lt, c, DType::F32)?;
+    let shape = format!("{n}x{c}");
+    let bytes = n * c * 4 * 2 + n * 8;
+    let copy =
+        || -> Result<Job> { Ok(synced(dev, copy_floor(vec![x.as_tensor().clone()], n * c)?)) };
+    let ce = CrossEntropyLoss::default();
+    let l1 = lt.clone();
+    let (o1, m1) = (one_hot.clone(), mask.clone());
+    cases.push(loss_case(
+        dev,
+        "softmax cross-entropy",
+        shape.clone(),
+        bytes,
+        &x,
+        Arc::new(move |x| Ok(ce.forward(x, &l1)?)),
+        Arc::new(move |x| Ok(composed::cross_entropy(x, &o1, &m1, valid)?)),
+        copy()?,
+    ));
+    let sf = SoftmaxFocalLoss::default();
+    let l2 = lt.clone();
+    let (o2, m2) = (one_hot, mask);
+    cases.push(loss_case(
+        dev,
+        "softmax focal",
+        shape,
+        bytes,
+        &x,
+        Arc::new(move |x| Ok(sf.forward(x, &l2)?)),
+        Arc::new(move |x| Ok(composed::softmax_focal(x, &o2, &m2, 0.25, 2.0, valid)?)),
+        copy()?,
+    ));
+    // GHM-C: sigmoid classes 0..k, k the background label.
+    let k = c - 1;
+    let (labels, _, _) = anchor_labels(n, k, k);
+    let xg = Var::from_tensor(&Tensor::from_vec(rand_vec(n * k, 6, 4.0), (n, k), dev)?)?;
+    let lt = Tensor::new(labels, dev)?;
+    let (one_hot, mask) = composed::one_hot_and_mask(&lt, k, DType::F32)?;
+    let mut g = GhmcLoss::default();
+    g.bins = 30;
+    let g = Mutex::new(g);
+    cases.push(loss_case(
+        dev,
+        "GHM-C (30 bins)",
+        format!("{n}x{k}"),
+        n * k * 4 * 2 + n * 8,
+        &xg,
+        Arc::new(move |x| Ok(g.lock().expect("ghmc").forward(x, &lt)?)),
+        Arc::new(move |x| Ok(composed::ghmc(x, &one_hot, Some(&mask), 30)?)),
+        synced(dev, copy_floor(vec![xg.as_tensor().clone()], n * k)?),
+    ));
+    Ok(cases)
+}
+
+/// Smooth L1 and balanced L1 on `[n, 4]` deltas, GIoU and CIoU on `[n, 4]` box pairs.
+fn box_cases(n: usize, dev: &Device) -> Result<Vec<Case>> {
+    let shape = format!("{n}x4");
+    let bytes = n * 4 * 4 * 3;
+    let mut cases = Vec::new();
+    let dp = Var::from_tensor(&Tensor::from_vec(rand_vec(n * 4, 7, 1.0), (n, 4), dev)?)?;
+    let dt = Tensor::from_vec(rand_vec(n * 4, 8, 1.0), (n, 4), dev)?;
+    let numel = (n * 4) as f64;
+    let copy = |p: &Var, t: &Tensor| -> Result<Job> {
+        Ok(synced(
+            dev,
+            copy_floor(vec![p.as_tensor().clone(), t.clone()], n * 4)?,
+        ))
+    };
+    let beta = 1.0 / 9.0;
+    let sl = SmoothL1Loss {
+        beta,
+        reduction: Reduction::Mean,
+    };
+    let (t1, t2) = (dt.clone(), dt.clone());
+    cases.push(loss_case(
+        dev,
+        "smooth L1 (β = 1/9)",
+        shape.clone(),
+        bytes,
+        &dp,
+        Arc::new(move |x| Ok(sl.forward(x, &t1)?)),
+        Arc::new(move |x| Ok(composed::smooth_l1(x, &t2, beta, numel)?)),
+        copy(&dp, &dt)?,
+    ));
+    let bl = BalancedL1Loss::default();
+    let (t1, t2) = (dt.clone(), dt.clone());
+    cases.push(loss_case(
+        dev,
+        "balanced L1",
+        shape.clone(),
+        bytes,
+        &dp,
+        Arc::new(move |x| Ok(bl.forward(x, &t1)?)),
+        Arc::new(move |x| Ok(composed::balanced_l1(x, &t2, 0.5, 1.5, 1.0, numel)?)),
+        copy(&dp, &dt)?,
+    ));
+    // Boxes (x1, y1, x2, y2): corners in [0, 600), sides in [8, 200); the targets jittered.
+    let boxes = |seed: u64, jitter: Option<&[f32]>| -> Vec<f32> {
+        let r = rand_vec(n * 4, seed, 1.0);
+        (0..n)
+            .flat_map(|i| {
+                let u = |k: usize| r[i * 4 + k] * 0.5 + 0.5;
+                let mut b = [
+                    u(0) * 600.0,
+                    u(1) * 600.0,
+                    8.0 + u(2) * 192.0,
+                    8.0 + u(3) * 192.0,
+                ];
+                if let Some(j) = jitter {
+                    for (k, v) in b.iter_mut().enumerate() {
+                        *v = j[i * 4 + k]
+                            + r[i * 4 + k] * if k < 2 { 20.0 } else { 0.3 * j[i * 4 + k] };
+                    }
+                }
+                [
+                    b[0],
+                    b[1],
+                    b[0] + b[2].abs().max(1.0),
+                    b[1] + b[3].abs().max(1.0),
+                ]
+            })
+            .collect()
+    };
+    let gt_raw: Vec<f32> = {
+        let r = rand_vec(n * 4, 9, 1.0);
+        r.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if i % 4 < 2 {
+                    (v * 0.5 + 0.5) * 600.0
+                } else {
+                    8.0 + (v * 0.5 + 0.5) * 192.0
+                }
+            })
+            .collect()
+    };
+    let gt = boxes(9, None);
+    let pred = boxes(10, Some(&gt_raw));
+    let bp = Var::from_tensor(&Tensor::from_vec(pred, (n, 4), dev)?)?;
+    let bt = Tensor::from_vec(gt, (n, 4), dev)?;
+    for (name, kind) in [("GIoU", IouKind::Giou), ("CIoU", IouKind::Ciou)] {
+        let f = BoxIouLoss {
+            kind,
+            ..Default::default()
+        };
+        let (t1, t2) = (bt.clone(), bt.clone());
+        let eps = f.eps;
+        let nf = n as f64;
+        cases.push(loss_case(
+            dev,
+            name,
+            shape.clone(),
+            bytes,
+            &bp,
+            Arc::new(move |x| Ok(f.forward(x, &t1)?)),
+            Arc::new(move |x| {
+                Ok(if kind == IouKind::Giou {
+                    composed::giou(x, &t2, eps, nf)?
+                } else {
+                    composed::ciou(x, &t2, eps, nf)?
+                })
+            }),
+            copy(&bp, &bt)?,
+        ));
+    }
+    Ok(cases)
+}
+
+/// AP-Loss on `[n, c]` scores with `pos` positive rows (one positive score each), the rest
+/// background, against the literal O(P·(P+N)) definition on the host ("naive"; skipped on a
+/// GPU).
+fn ap_case(n: usize, c: usize, pos: usize, dev: &Device) -> Result<Case> {
+    let step = n / pos;
+    let labels: Vec<i64> = (0..n)
+        .map(|i| {
+            if i % step == 0 && i / step < pos {
+                (i % c) as i64
+            } else {
+                c as i64
+            }
+        })
+        .collect();
+    let scores = rand_vec(n * c, 11, 3.0);
+    let x = Var::from_tensor(&Tensor::from_vec(scores.clone(), (n, c), dev)?)?;
+    let lt = Tensor::new(labels.clone(), dev)?;
+    let ap = ApLoss::default();
+    let fused: LossFn = {
+        let lt = lt.clone();
+        Arc::new(move |x| Ok(ap.forward(x, &lt)?))
+    };
+    let fwd = |bwd: bool| {
+        let (x, f) = (x.clone(), fused.clone());
+        synced(
+            dev,
+            Box::new(move || {
+                let l = f(x.as_tensor())?;
+                if bwd {
+                    l.backward()?;
+                }
+                Ok(())
+            }),
+        )
+    };
+    let host = dev.is_cpu().then(|| {
+        let s: Arc<Vec<f64>> = Arc::new(scores.iter().map(|&v| v as f64).collect());
+        let t: Arc<Vec<i8>> = Arc::new(
+            (0..n * c)
+                .map(|e| (labels[e / c] == (e % c) as i64) as i8)
+                .collect(),
+        );
+        (s, t)
+    });
+    let naive = |update: bool| -> Option<Job> {
+        let (s, t) = host.clone()?;
+        Some(Box::new(move || {
+            std::hint::black_box(composed::naive_ap(&s, &t, ap.delta, update));
+            Ok(())
+        }))
+    };
+    let check: Option<Check> = host.clone().map(|(s, t)| {
+        let (x, f) = (x.clone(), fused.clone());
+        Box::new(move || {
+            Ok((
+                scalar(&f(x.as_tensor())?)?,
+                composed::naive_ap(&s, &t, ap.delta, false).0,
+            ))
+        }) as Check
+    });
+    Ok(Case {
+        loss: "AP-Loss",
+        shape: format!("{n}x{c} ({pos} pos)"),
+        dtype: "f32",
+        bytes: n * c * 4 * 2 + n * 8,
+        fused_fwd: fwd(false),
+        fused_fwd_bwd: fwd(true),
+        composed_fwd: naive(false),
+        composed_fwd_bwd: naive(true),
+        baseline: "naive",
+        baseline_runs: 3,
+        check,
+        copy: synced(dev, copy_floor(vec![x.as_tensor().clone()], n * c)?),
+    })
 }
 
 fn main() -> Result<()> {
@@ -269,20 +644,43 @@ fn main() -> Result<()> {
     let mut cases = Vec::new();
     for &n in &sizes {
         cases.extend(focal_cases(n, 80, &dev)?);
+        cases.extend(classification_cases(n, 81, &dev)?);
+        cases.extend(box_cases(n, &dev)?);
     }
+    // AP-Loss: 1,000 positives among 8M scores (quick: 1M).
+    let ap_rows = if quick { 12_500 } else { 100_000 };
+    cases.push(ap_case(ap_rows, 80, 1_000, &dev)?);
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let bw = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let mut rows = Vec::new();
     let mut mem = Vec::new();
     for case in cases.iter_mut() {
-        let fwd = median_ms(runs, &case.fused_fwd)?;
-        let fb = median_ms(runs, &case.fused_fwd_bwd)?;
+        if let Some(check) = &case.check {
+            let (f, b) = check()?;
+            if (f - b).abs() > 1e-3 * f.abs().max(b.abs()).max(1e-12) {
+                println!(
+                    "WARNING: {} {}: fused forward {f} differs from {} {b} (rel {:.2e})",
+                    case.loss,
+                    case.shape,
+                    case.baseline,
+                    (f - b).abs() / f.abs().max(b.abs())
+                );
+            }
+        }
+        // The naive AP-Loss takes seconds: no warm-up; in `--quick` mode every baseline gets
+        // 3 timed runs.
+        let warm = case.baseline != "naive";
+        if quick {
+            case.baseline_runs = case.baseline_runs.min(3);
+        }
+        let fwd = median_ms(runs, true, &case.fused_fwd)?;
+        let fb = median_ms(runs, true, &case.fused_fwd_bwd)?;
         let fb1 = if cuda {
             None
         } else {
-            Some(one.install(|| median_ms(runs, &case.fused_fwd_bwd))?)
+            Some(one.install(|| median_ms(runs, true, &case.fused_fwd_bwd))?)
         };
-        let copy = median_ms(runs, &case.copy)?;
+        let copy = median_ms(runs, true, &case.copy)?;
         let gbps = |ms: f64| bw(case.bytes, ms);
         let row = |pass, fused_ms, baseline, baseline_ms, floor, one_thread| Row {
             loss: case.loss,
@@ -297,18 +695,12 @@ fn main() -> Result<()> {
             one_thread_ms: one_thread,
         };
         if let Some(cf) = &case.composed_fwd {
-            rows.push(row(
-                "fwd",
-                fwd,
-                "composed",
-                median_ms(runs, cf)?,
-                None,
-                None,
-            ));
+            let bms = median_ms(case.baseline_runs, warm, cf)?;
+            rows.push(row("fwd", fwd, case.baseline, bms, None, None));
         }
         if let Some(cfb) = &case.composed_fwd_bwd {
-            let cms = median_ms(runs.min(7), cfb)?;
-            rows.push(row("fwd+bwd", fb, "composed", cms, None, fb1));
+            let cms = median_ms(case.baseline_runs, warm, cfb)?;
+            rows.push(row("fwd+bwd", fb, case.baseline, cms, None, fb1));
             if peak {
                 let pf = peak_rss_mib(&case.fused_fwd_bwd)?;
                 let pc = peak_rss_mib(cfb)?;
