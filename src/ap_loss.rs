@@ -1056,13 +1056,6 @@ struct ApFwd(ApOp);
 /// `(logits, targets, upstream) -> update · upstream`.
 struct ApUpdate(ApOp);
 
-fn dims2(l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        [n, c] => Ok((*n, *c)),
-        d => bail!("{NAME}: logits must have shape [N, C], got {d:?}"),
-    }
-}
-
 impl CustomOp2 for ApFwd {
     fn name(&self) -> &'static str {
         "ap-loss-fwd"
@@ -1120,7 +1113,7 @@ impl CustomOp3 for ApUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = crate::common::layout_dims2(NAME, l1)?;
         common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
             let tg = Tg::<T>::new(self.0.kind, s2, l2)?;
@@ -1147,7 +1140,7 @@ impl CustomOp3 for ApUpdate {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = crate::common::layout_dims2(NAME, l1)?;
         cuda::update(&self.0.global.0, self.0.kind, s1, l1, s2, l2, s3, l3, n, c)
     }
 }

@@ -269,6 +269,63 @@ pub(crate) fn cpu_slice<'a, T: WithDType>(
     }
 }
 
+/// `(rows, cols)` of a kernel input's layout, which must be of rank 2.
+pub(crate) fn layout_dims2(loss: &str, l: &Layout) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, c] => Ok((*n, *c)),
+        d => bail!("{loss}: logits must have shape [N, C], got {d:?}"),
+    }
+}
+
+/// The targets of one row, as the CPU kernels see them.
+pub(crate) enum RowTarget<'a, T> {
+    Dense(&'a [T]),
+    Label(RowLabel),
+}
+
+/// Typed CPU view of the targets next to `[N, C]` logits.
+pub(crate) enum CpuTargets<'a, T> {
+    Dense(&'a [T]),
+    U32(&'a [u32]),
+    I64(&'a [i64]),
+}
+
+impl<'a, T: Elem> CpuTargets<'a, T> {
+    pub(crate) fn new(loss: &str, kind: TargetKind, s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        Ok(match kind {
+            TargetKind::Dense => Self::Dense(cpu_slice(loss, s, l)?),
+            TargetKind::LabelsU32 => Self::U32(cpu_slice(loss, s, l)?),
+            TargetKind::LabelsI64 => Self::I64(cpu_slice(loss, s, l)?),
+        })
+    }
+
+    /// Row `i` (dense values, or its decoded label against `c` = background).
+    #[inline(always)]
+    pub(crate) fn row(&self, loss: &str, i: usize, c: usize) -> Result<RowTarget<'a, T>> {
+        Ok(match self {
+            Self::Dense(d) => RowTarget::Dense(&d[i * c..(i + 1) * c]),
+            Self::U32(v) => RowTarget::Label(decode_label(loss, v[i].get(), c)?),
+            Self::I64(v) => RowTarget::Label(decode_label(loss, v[i].get(), c)?),
+        })
+    }
+
+    /// Number of non-ignored rows.
+    pub(crate) fn valid_rows(&self, loss: &str, n: usize, c: usize) -> Result<usize> {
+        match self {
+            Self::Dense(_) => Ok(n),
+            Self::U32(_) | Self::I64(_) => {
+                let mut k = 0;
+                for i in 0..n {
+                    if let RowTarget::Label(RowLabel::Class(_)) = self.row(loss, i, c)? {
+                        k += 1;
+                    }
+                }
+                Ok(k)
+            }
+        }
+    }
+}
+
 /// Checks that `t` is a float tensor of rank 2 and returns `(rows, cols)`.
 pub(crate) fn check_float_2d(loss: &str, what: &str, t: &Tensor) -> Result<(usize, usize)> {
     check_float(loss, what, t)?;

@@ -53,6 +53,40 @@ pub(crate) fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
+/// The kernel-name suffix of a target kind (`dense`, `u32`, `i64`).
+pub(crate) fn target_suffix(k: crate::common::TargetKind) -> &'static str {
+    use crate::common::TargetKind;
+    match k {
+        TargetKind::Dense => "dense",
+        TargetKind::LabelsU32 => "u32",
+        TargetKind::LabelsI64 => "i64",
+    }
+}
+
+/// Runs `$body` with `$v` bound to the targets' CUDA view, of the type the kernel expects for
+/// the target kind (`$T` for dense targets, `u32` / `i64` labels).
+macro_rules! with_targets {
+    ($loss:expr, $kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {{
+        use candle_core::cuda_backend::cudarc::driver::CudaView;
+        use $crate::common::TargetKind;
+        match $kind {
+            TargetKind::Dense => {
+                let $v: CudaView<'_, $T> = $crate::cuda::view($loss, $s, $l)?;
+                $body
+            }
+            TargetKind::LabelsU32 => {
+                let $v: CudaView<'_, u32> = $crate::cuda::view($loss, $s, $l)?;
+                $body
+            }
+            TargetKind::LabelsI64 => {
+                let $v: CudaView<'_, i64> = $crate::cuda::view($loss, $s, $l)?;
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_targets;
+
 /// The contiguous view of `T` behind a CUDA storage and its layout.
 pub(crate) fn view<'a, T: DeviceRepr + CudaDType>(
     loss: &str,

@@ -1,8 +1,8 @@
 //! Sigmoid focal loss (Lin et al. 2017, RetinaNet) as a fused Candle custom op.
 
 use crate::common::{
-    self, check_float_2d, check_non_negative, cpu_slice, decode_label, lane_sum, ordered_sum,
-    rows_per_chunk, Acc, Elem, Label, RowLabel, TargetKind,
+    self, check_float_2d, check_non_negative, cpu_slice, lane_sum, layout_dims2, ordered_sum,
+    rows_per_chunk, Acc, CpuTargets, Elem, RowLabel, RowTarget, TargetKind,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -184,53 +184,6 @@ fn focal_elem<A: Acc, const HARD: bool>(p: &Params<A>, x: A, t: A) -> (A, A) {
     (loss, grad)
 }
 
-/// The targets of one row, as the CPU kernels see them.
-enum RowTarget<'a, T> {
-    Dense(&'a [T]),
-    Label(RowLabel),
-}
-
-/// Typed CPU view of the targets.
-enum CpuTargets<'a, T> {
-    Dense(&'a [T]),
-    U32(&'a [u32]),
-    I64(&'a [i64]),
-}
-
-impl<'a, T: Elem> CpuTargets<'a, T> {
-    fn new(kind: TargetKind, s: &'a CpuStorage, l: &Layout) -> Result<Self> {
-        Ok(match kind {
-            TargetKind::Dense => Self::Dense(cpu_slice(NAME, s, l)?),
-            TargetKind::LabelsU32 => Self::U32(cpu_slice(NAME, s, l)?),
-            TargetKind::LabelsI64 => Self::I64(cpu_slice(NAME, s, l)?),
-        })
-    }
-
-    fn row(&self, i: usize, c: usize) -> Result<RowTarget<'a, T>> {
-        Ok(match self {
-            Self::Dense(d) => RowTarget::Dense(&d[i * c..(i + 1) * c]),
-            Self::U32(v) => RowTarget::Label(decode_label(NAME, v[i].get(), c)?),
-            Self::I64(v) => RowTarget::Label(decode_label(NAME, v[i].get(), c)?),
-        })
-    }
-
-    /// Number of non-ignored rows.
-    fn valid_rows(&self, n: usize, c: usize) -> Result<usize> {
-        match self {
-            Self::Dense(_) => Ok(n),
-            Self::U32(_) | Self::I64(_) => {
-                let mut k = 0;
-                for i in 0..n {
-                    if let RowTarget::Label(RowLabel::Class(_)) = self.row(i, c)? {
-                        k += 1;
-                    }
-                }
-                Ok(k)
-            }
-        }
-    }
-}
-
 /// The weight of a row: 1 for dense targets, 0 for an ignored row, `w[label]` otherwise.
 #[inline(always)]
 fn row_weight<A: Acc>(rt: &RowTarget<'_, impl Elem>, w: &[A], c: usize) -> A {
@@ -404,7 +357,7 @@ impl FocalOp {
                     let mut sc = Scratch::new(c);
                     for (r, orow) in o.chunks_mut(c).enumerate() {
                         let i = ci * rpc + r;
-                        let rt = tg.row(i, c)?;
+                        let rt = tg.row(NAME, i, c)?;
                         let wr = row_weight(&rt, &w, c);
                         row_forward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, wr, Some(orow));
                     }
@@ -422,7 +375,7 @@ impl FocalOp {
                 let (mut s, mut k) = (0f64, 0usize);
                 let mut sc = Scratch::new(c);
                 for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    let rt = tg.row(i, c)?;
+                    let rt = tg.row(NAME, i, c)?;
                     if let RowTarget::Label(RowLabel::Ignored) = rt {
                         continue;
                     }
@@ -464,7 +417,9 @@ impl FocalOp {
             bail!("{NAME}: upstream gradient has {} elements", up.len())
         }
         let scale = match self.reduction {
-            Reduction::Mean => self.reduction.scale((tg.valid_rows(n, c)? * c) as f64),
+            Reduction::Mean => self
+                .reduction
+                .scale((tg.valid_rows(NAME, n, c)? * c) as f64),
             r => r.scale(0.0),
         };
         let base = if scalar_up {
@@ -481,7 +436,7 @@ impl FocalOp {
                 let mut sc = Scratch::new(c);
                 for (r, grow) in gc.chunks_mut(c).enumerate() {
                     let i = ci * rpc + r;
-                    let rt = tg.row(i, c)?;
+                    let rt = tg.row(NAME, i, c)?;
                     let coef = T::A::from_f64(base) * row_weight(&rt, &w, c);
                     let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
                     row_backward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, coef, u, grow);
@@ -491,13 +446,6 @@ impl FocalOp {
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
-    }
-}
-
-fn dims2(l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        [n, c] => Ok((*n, *c)),
-        d => bail!("{NAME}: logits must have shape [N, C], got {d:?}"),
     }
 }
 
@@ -513,10 +461,10 @@ impl CustomOp2 for FocalFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
             self.0.cpu_fwd_t(x, &tg, n, c)
         })
     }
@@ -529,7 +477,7 @@ impl CustomOp2 for FocalFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         cuda::forward(&self.0, s1, l1, s2, l2, n, c)
     }
 
@@ -560,10 +508,10 @@ impl CustomOp3 for FocalBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
             let up = cpu_slice::<T>(NAME, s3, l3)?;
             self.0.cpu_bwd_t(x, &tg, up, n, c)
         })
@@ -579,7 +527,7 @@ impl CustomOp3 for FocalBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
     }
 }
@@ -598,34 +546,6 @@ mod cuda {
 
     const MODULE: &str = "candle_detloss_focal";
 
-    fn kind_suffix(k: TargetKind) -> &'static str {
-        match k {
-            TargetKind::Dense => "dense",
-            TargetKind::LabelsU32 => "u32",
-            TargetKind::LabelsI64 => "i64",
-        }
-    }
-
-    /// Pushes the targets view (of the type the kernel expects) as the next argument.
-    macro_rules! with_targets {
-        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
-            match $kind {
-                TargetKind::Dense => {
-                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                TargetKind::LabelsU32 => {
-                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                TargetKind::LabelsI64 => {
-                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-            }
-        };
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn fwd_t<T>(
         op: &FocalOp,
@@ -641,7 +561,11 @@ mod cuda {
         T: Elem + DeviceRepr + CudaDType,
         T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
-        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let sfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kc::target_suffix(op.kind)
+        );
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
         let total = (n * c) as u64;
         let (nn, cc) = (n as u64, c as u64);
@@ -659,7 +583,7 @@ mod cuda {
                         ptx::FOCAL,
                         &format!("sigmoid_focal_fwd_none_{sfx}"),
                     )?;
-                    with_targets!(op.kind, T, s2, l2, tg, {
+                    kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                         let mut b = f.builder();
                         b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
                         b.arg(&alpha).arg(&has_alpha).arg(&gamma).arg(&err);
@@ -679,7 +603,7 @@ mod cuda {
                     ptx::FOCAL,
                     &format!("sigmoid_focal_fwd_partial_{sfx}"),
                 )?;
-                with_targets!(op.kind, T, s2, l2, tg, {
+                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&x)
                         .arg(&tg)
@@ -742,7 +666,11 @@ mod cuda {
         T: Elem + DeviceRepr + CudaDType,
         T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
-        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let sfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kc::target_suffix(op.kind)
+        );
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
         let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
         let total = (n * c) as u64;
@@ -770,16 +698,16 @@ mod cuda {
                     dev,
                     MODULE,
                     ptx::FOCAL,
-                    &format!("sigmoid_focal_count_{}", kind_suffix(op.kind)),
+                    &format!("sigmoid_focal_count_{}", kc::target_suffix(op.kind)),
                 )?;
-                with_targets!(op.kind, T, s2, l2, tg, {
+                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&tg).arg(&nn).arg(&cc).arg(&cnt).arg(&err);
                     kc::launched(unsafe { b.launch(kc::grid(nn, kc::MAX_PARTIAL_BLOCKS)) })?;
                 });
             }
             let f = kc::func(dev, MODULE, ptx::FOCAL, &format!("sigmoid_focal_bwd_{sfx}"))?;
-            with_targets!(op.kind, T, s2, l2, tg, {
+            kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                 let mut b = f.builder();
                 b.arg(&x)
                     .arg(&tg)

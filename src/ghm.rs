@@ -3,8 +3,8 @@
 //! running histogram), then a fused weighted-BCE pass whose backward reuses those weights.
 
 use crate::common::{
-    self, check_float_2d, cpu_slice, decode_label, ordered_sum, rows_per_chunk, Acc, Elem, Label,
-    RowLabel, TargetKind,
+    self, check_float_2d, cpu_slice, layout_dims2, ordered_sum, rows_per_chunk, Acc, CpuTargets,
+    Elem, RowLabel, RowTarget, TargetKind,
 };
 use crate::fastmath;
 use crate::reduction::Reduction;
@@ -236,36 +236,14 @@ enum RowT<'a, T> {
     Ignored,
 }
 
-/// Typed CPU view of the targets.
-enum CpuTargets<'a, T> {
-    Dense(&'a [T]),
-    U32(&'a [u32]),
-    I64(&'a [i64]),
-}
-
-impl<'a, T: Elem> CpuTargets<'a, T> {
-    fn new(kind: TargetKind, s: &'a CpuStorage, l: &Layout) -> Result<Self> {
-        Ok(match kind {
-            TargetKind::Dense => Self::Dense(cpu_slice(NAME, s, l)?),
-            TargetKind::LabelsU32 => Self::U32(cpu_slice(NAME, s, l)?),
-            TargetKind::LabelsI64 => Self::I64(cpu_slice(NAME, s, l)?),
-        })
-    }
-
-    #[inline(always)]
-    fn row(&self, i: usize, c: usize) -> Result<RowT<'a, T>> {
-        let lab = |v: i64| -> Result<RowT<'a, T>> {
-            Ok(match decode_label(NAME, v, c)? {
-                RowLabel::Ignored => RowT::Ignored,
-                RowLabel::Class(k) => RowT::Label(k),
-            })
-        };
-        match self {
-            Self::Dense(d) => Ok(RowT::Dense(&d[i * c..(i + 1) * c])),
-            Self::U32(v) => lab(v[i].get()),
-            Self::I64(v) => lab(v[i].get()),
-        }
-    }
+/// Row `i` of the targets in GHM-C's form.
+#[inline(always)]
+fn ghm_row<'a, T: Elem>(tg: &CpuTargets<'a, T>, i: usize, c: usize) -> Result<RowT<'a, T>> {
+    Ok(match tg.row(NAME, i, c)? {
+        RowTarget::Dense(d) => RowT::Dense(d),
+        RowTarget::Label(RowLabel::Ignored) => RowT::Ignored,
+        RowTarget::Label(RowLabel::Class(k)) => RowT::Label(k),
+    })
 }
 
 /// Histogram op: `(logits, targets) -> [bins + 1]` i64 (per-bin counts, then valid elements).
@@ -290,13 +268,6 @@ struct GhmcOp {
 struct GhmcFwd(GhmcOp);
 /// Backward op: `(logits, targets, upstream) -> ∂loss/∂logits`.
 struct GhmcBwd(GhmcOp);
-
-fn dims2(l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        [n, c] => Ok((*n, *c)),
-        d => bail!("{NAME}: logits must have shape [N, C], got {d:?}"),
-    }
-}
 
 fn check_dense_target<A: Acc>(t: A) -> Result<()> {
     if t < A::ZERO || t > A::ONE {
@@ -336,7 +307,7 @@ impl GhmcHist {
                             h[bin_of(g, &e, bins)] += 1;
                         }
                     };
-                    match tg.row(i, c)? {
+                    match ghm_row(tg, i, c)? {
                         RowT::Ignored => continue,
                         RowT::Label(k) => {
                             for (j, xv) in xr.iter().enumerate() {
@@ -379,10 +350,10 @@ impl CustomOp2 for GhmcHist {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         let h = crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(self.kind, s2, l2)?;
+            let tg = CpuTargets::<T>::new(NAME, self.kind, s2, l2)?;
             self.cpu_t(x, &tg, n, c)?
         });
         Ok((CpuStorage::I64(h), Shape::from(self.bins + 1)))
@@ -396,7 +367,7 @@ impl CustomOp2 for GhmcHist {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         cuda::hist(self.bins, self.kind, s1, l1, s2, l2, n, c)
     }
 }
@@ -440,7 +411,7 @@ impl GhmcOp {
                     for (r, orow) in o.chunks_mut(c).enumerate() {
                         let i = ci * rpc + r;
                         let xr = &x[i * c..(i + 1) * c];
-                        match tg.row(i, c)? {
+                        match ghm_row(tg, i, c)? {
                             RowT::Ignored => {}
                             RowT::Label(k) => {
                                 for (j, (oj, xv)) in orow.iter_mut().zip(xr).enumerate() {
@@ -468,7 +439,7 @@ impl GhmcOp {
                 for i in ci * rpc..((ci + 1) * rpc).min(n) {
                     let xr = &x[i * c..(i + 1) * c];
                     let mut rs = T::A::ZERO;
-                    match tg.row(i, c)? {
+                    match ghm_row(tg, i, c)? {
                         RowT::Ignored => {}
                         RowT::Label(k) => {
                             for (j, xv) in xr.iter().enumerate() {
@@ -538,7 +509,7 @@ impl GhmcOp {
                             up[i * c + j].to_acc()
                         }
                     };
-                    match tg.row(i, c)? {
+                    match ghm_row(tg, i, c)? {
                         RowT::Ignored => {}
                         RowT::Label(k) => {
                             for (j, (gj, xv)) in grow.iter_mut().zip(xr).enumerate() {
@@ -573,10 +544,10 @@ impl CustomOp2 for GhmcFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
             self.0.cpu_fwd_t(x, &tg, n, c)
         })
     }
@@ -589,7 +560,7 @@ impl CustomOp2 for GhmcFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         cuda::forward(&self.0, s1, l1, s2, l2, n, c)
     }
 
@@ -620,10 +591,10 @@ impl CustomOp3 for GhmcBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(self.0.kind, s2, l2)?;
+            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
             let up = cpu_slice::<T>(NAME, s3, l3)?;
             self.0.cpu_bwd_t(x, &tg, up, n, c)
         })
@@ -639,7 +610,7 @@ impl CustomOp3 for GhmcBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = dims2(l1)?;
+        let (n, c) = layout_dims2(NAME, l1)?;
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
     }
 }
@@ -659,34 +630,6 @@ mod cuda {
     const MODULE: &str = "candle_detloss_ghm";
     /// Histograms of at most this many bins live in shared memory (u32 per bin).
     const SHARED_MAX_BINS: usize = 8192;
-
-    fn kind_suffix(k: TargetKind) -> &'static str {
-        match k {
-            TargetKind::Dense => "dense",
-            TargetKind::LabelsU32 => "u32",
-            TargetKind::LabelsI64 => "i64",
-        }
-    }
-
-    /// Binds `$v` to the targets view of the type the kernel expects.
-    macro_rules! with_targets {
-        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
-            match $kind {
-                TargetKind::Dense => {
-                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                TargetKind::LabelsU32 => {
-                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                TargetKind::LabelsI64 => {
-                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-            }
-        };
-    }
 
     /// Turns the kernels' `[flag, value]` error buffer into an `Err` (1: label, 2: dense target).
     fn check_flag(dev: &CudaDevice, err: &CudaSlice<u64>, c: usize) -> Result<()> {
@@ -713,7 +656,11 @@ mod cuda {
     where
         T: Elem + DeviceRepr + CudaDType,
     {
-        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(kind));
+        let sfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kc::target_suffix(kind)
+        );
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
         let total = (n * c) as u64;
         let (nn, cc) = (n as u64, c as u64);
@@ -728,7 +675,7 @@ mod cuda {
             }
             let nbins = bins as i32;
             let f = dev.get_or_load_custom_func(&format!("ghmc_hist_{sfx}"), MODULE, ptx::GHM)?;
-            with_targets!(kind, T, s2, l2, tg, {
+            kc::with_targets!(NAME, kind, T, s2, l2, tg, {
                 let mut b = f.builder();
                 b.arg(&x)
                     .arg(&tg)
@@ -791,7 +738,11 @@ mod cuda {
         T: Elem + DeviceRepr + CudaDType,
         T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
-        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let sfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kc::target_suffix(op.kind)
+        );
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
         let total = (n * c) as u64;
         let (nn, cc) = (n as u64, c as u64);
@@ -806,7 +757,7 @@ mod cuda {
                         MODULE,
                         ptx::GHM,
                     )?;
-                    with_targets!(op.kind, T, s2, l2, tg, {
+                    kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                         let mut b = f.builder();
                         b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
                         b.arg(&nbins).arg(&err);
@@ -824,7 +775,7 @@ mod cuda {
                     MODULE,
                     ptx::GHM,
                 )?;
-                with_targets!(op.kind, T, s2, l2, tg, {
+                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&x).arg(&tg).arg(w).arg(&psum).arg(&nn).arg(&cc);
                     b.arg(&nbins).arg(&err);
@@ -868,7 +819,11 @@ mod cuda {
         T: Elem + DeviceRepr + CudaDType,
         T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
     {
-        let sfx = format!("{}_{}", kc::dtype_suffix(T::DTYPE)?, kind_suffix(op.kind));
+        let sfx = format!(
+            "{}_{}",
+            kc::dtype_suffix(T::DTYPE)?,
+            kc::target_suffix(op.kind)
+        );
         let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
         let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
         let total = (n * c) as u64;
@@ -882,7 +837,7 @@ mod cuda {
             if total > 0 {
                 let f =
                     dev.get_or_load_custom_func(&format!("ghmc_bwd_{sfx}"), MODULE, ptx::GHM)?;
-                with_targets!(op.kind, T, s2, l2, tg, {
+                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
                     let mut b = f.builder();
                     b.arg(&x).arg(&tg).arg(w).arg(&up).arg(&up_scalar).arg(&g);
                     b.arg(&nn).arg(&cc).arg(&nbins).arg(&scale).arg(&err);

@@ -747,13 +747,6 @@ impl SoftmaxOp {
     }
 }
 
-fn dims2(name: &str, l: &Layout) -> Result<(usize, usize)> {
-    match l.dims() {
-        [n, k] => Ok((*n, *k)),
-        d => bail!("{name}: logits must have shape [N, K], got {d:?}"),
-    }
-}
-
 impl CustomOp2 for SoftmaxFwd {
     fn name(&self) -> &'static str {
         match self.0.kind {
@@ -770,7 +763,7 @@ impl CustomOp2 for SoftmaxFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let (n, k) = dims2(op.name, l1)?;
+        let (n, k) = crate::common::layout_dims2(op.name, l1)?;
         crate::common::with_float_type!(op.name, s1.dtype(), T, {
             let x = cpu_slice::<T>(op.name, s1, l1)?;
             let lab = CpuLabels::new(op.labels, op.name, s2, l2)?;
@@ -790,7 +783,7 @@ impl CustomOp2 for SoftmaxFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = dims2(self.0.name, l1)?;
+        let (n, k) = crate::common::layout_dims2(self.0.name, l1)?;
         cuda::forward(&self.0, s1, l1, s2, l2, n, k)
     }
 
@@ -825,7 +818,7 @@ impl CustomOp3 for SoftmaxBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
-        let (n, k) = dims2(op.name, l1)?;
+        let (n, k) = crate::common::layout_dims2(op.name, l1)?;
         crate::common::with_float_type!(op.name, s1.dtype(), T, {
             let x = cpu_slice::<T>(op.name, s1, l1)?;
             let lab = CpuLabels::new(op.labels, op.name, s2, l2)?;
@@ -848,7 +841,7 @@ impl CustomOp3 for SoftmaxBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = dims2(self.0.name, l1)?;
+        let (n, k) = crate::common::layout_dims2(self.0.name, l1)?;
         cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, k)
     }
 }
