@@ -42,6 +42,12 @@ make_stubs() {
   done
 }
 
+# candle-kernels links the CUDA runtime too: link against the real libcudart from the pinned
+# wheel (its SONAME, libcudart.so.13, is what the GPU machine provides).
+cudart="$(ls "$CUDA_ROOT"/lib/libcudart.so.* 2>/dev/null | head -n 1)"
+[ -n "$cudart" ] || { echo "gpu-build: libcudart.so.* not found under $CUDA_ROOT/lib" >&2; exit 1; }
+ln -sf "$cudart" "$STUBS/libcudart.so"
+
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$STUBS"
 build() {
   cargo test --release --features cuda --no-run --message-format=json 2>"$CARGO_TARGET_DIR/gpu-build.err" \
@@ -50,22 +56,32 @@ build() {
     2>>"$CARGO_TARGET_DIR/gpu-build.err" >> "$CARGO_TARGET_DIR/gpu-build.json" || return 1
 }
 
-# First link attempt with empty stubs: the linker's "undefined reference" list is exactly the
-# set of symbols the binaries need. Then stubs with those symbols, and the real link.
+# Link with empty stubs first: the linker's "undefined" list is exactly the set of symbols the
+# binaries need. Add them to the stubs and link again, until the link succeeds (lld reports at
+# most 20 errors per link, so this can take a few rounds).
 : > "$STUBS/symbols.txt"
 make_stubs "$STUBS/symbols.txt"
-if ! build; then
-  grep -oE "undefined reference to \`[A-Za-z0-9_]+'" "$CARGO_TARGET_DIR/gpu-build.err" \
-    | sed -E "s/undefined reference to \`([A-Za-z0-9_]+)'/\1/" | sort -u > "$STUBS/symbols.txt"
-  if [ ! -s "$STUBS/symbols.txt" ]; then
-    cat "$CARGO_TARGET_DIR/gpu-build.err" >&2
+for round in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  if build; then
+    break
+  fi
+  # GNU ld says "undefined reference to `sym'", lld "undefined symbol: sym"; with
+  # --message-format=json the linker output is inside the JSON on stdout.
+  before=$(wc -l < "$STUBS/symbols.txt")
+  cat "$CARGO_TARGET_DIR/gpu-build.err" "$CARGO_TARGET_DIR/gpu-build.json" \
+    | grep -oE "(undefined reference to .|undefined symbol: )[A-Za-z_][A-Za-z0-9_]*" \
+    | sed -E "s/^(undefined reference to .|undefined symbol: )//" \
+    | cat - "$STUBS/symbols.txt" | sort -u > "$STUBS/symbols.new"
+  mv "$STUBS/symbols.new" "$STUBS/symbols.txt"
+  if [ "$(wc -l < "$STUBS/symbols.txt")" -eq "$before" ]; then
+    tail -n 40 "$CARGO_TARGET_DIR/gpu-build.err" >&2
     echo "gpu-build: the build failed for another reason than missing CUDA symbols" >&2
     exit 1
   fi
-  echo "gpu-build: $(wc -l < "$STUBS/symbols.txt") CUDA symbols needed; generating stubs"
+  echo "gpu-build: round $round: $(wc -l < "$STUBS/symbols.txt") CUDA symbols needed; regenerating stubs"
   make_stubs "$STUBS/symbols.txt"
-  build || { tail -n 40 "$CARGO_TARGET_DIR/gpu-build.err" >&2; exit 1; }
-fi
+done
+build >/dev/null 2>&1 || { echo "gpu-build: link still failing after 20 rounds" >&2; exit 1; }
 
 rm -rf "$OUT"
 mkdir -p "$OUT/bin"
