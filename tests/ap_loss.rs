@@ -451,13 +451,6 @@ fn nan_propagates_to_loss_and_every_valid_update() {
     assert!(l[0].is_finite());
 }
 
-fn err_of<T>(r: candle_core::Result<T>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
-}
-
 fn check_err<T>(r: candle_core::Result<T>, needles: &[&str]) {
     let e = err_of(r);
     assert!(e.contains("ApLoss"), "{e}");

@@ -816,13 +816,6 @@ fn nan_propagates() {
     }
 }
 
-fn err_of(r: candle_core::Result<Tensor>) -> String {
-    match r {
-        Ok(_) => panic!("expected an error"),
-        Err(e) => e.to_string(),
-    }
-}
-
 #[test]
 fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     let dev = Device::Cpu;

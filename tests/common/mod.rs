@@ -90,6 +90,14 @@ pub fn loss_and_grad(
     Ok((loss, g))
 }
 
+/// The message of an expected error (panics, failing the test, if `r` is `Ok`).
+pub fn err_of<T>(r: Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// Central finite differences of `f` (scalar f64 valued) at `x` (f64).
 pub fn finite_diff(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut xs = x.to_vec();
