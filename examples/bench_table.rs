@@ -2,7 +2,7 @@
 //! candle's autograd for the backward) and against a plain pass over the same bytes (the memory
 //! floor), on the CPU.
 //!
-//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda]`
+//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda] [--only TEXT]`
 //!
 //! With `--device cuda` (build with `--features cuda`) every pass is timed with a device
 //! synchronisation, the sizes go up to ~10^8 elements, and the floor is a device-to-device copy
@@ -128,11 +128,27 @@ fn copy_floor(inputs: Vec<Tensor>, out_len: usize) -> Result<Job> {
         .map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()))
         .collect::<candle_core::Result<_>>()?;
     Ok(Box::new(move || {
-        let mut out = vec![0f32; out_len];
+        // Allocated as the fused kernels allocate their outputs (huge pages advised, no fill
+        // pass), then written once: the first input copied, the others added chunk by chunk
+        // while the chunk is in cache.
+        let mut out: Vec<f32> = Vec::with_capacity(out_len);
+        advise_huge(&mut out);
         let chunk = 16 * 1024;
+        let first = &inputs[0];
+        out.spare_capacity_mut()
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(ci, o)| {
+                let off = ci * chunk;
+                for (k, d) in o.iter_mut().enumerate() {
+                    d.write(first.get(off + k).copied().unwrap_or(0.0));
+                }
+            });
+        // SAFETY: every element of the spare capacity was written just above.
+        unsafe { out.set_len(out_len) };
         out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
             let off = ci * chunk;
-            for input in &inputs {
+            for input in &inputs[1..] {
                 let src = &input[off.min(input.len())..(off + o.len()).min(input.len())];
                 for (d, s) in o.iter_mut().zip(src) {
                     *d += *s;
@@ -142,6 +158,23 @@ fn copy_floor(inputs: Vec<Tensor>, out_len: usize) -> Result<Job> {
         std::hint::black_box(&out);
         Ok(())
     }))
+}
+
+/// `MADV_HUGEPAGE` on a vector's (untouched) capacity, as the crate does for its gradients.
+fn advise_huge(v: &mut Vec<f32>) {
+    #[cfg(target_os = "linux")]
+    {
+        let p = v.as_mut_ptr() as usize;
+        let start = p.next_multiple_of(4096);
+        let end = (p + v.capacity() * 4) & !4095;
+        if end > start {
+            // SAFETY: the range lies inside the vector's allocation; the advice changes no
+            // contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
@@ -222,7 +255,9 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
             fused_fwd: synced(
                 dev,
                 Box::new(move || {
-                    f1.forward(x1.as_tensor(), &t1)?;
+                    // The loss value alone (validation): on a tensor that tracks gradients the
+                    // forward also computes the gradient, which the fwd+bwd rows time.
+                    f1.forward(&x1.as_tensor().detach(), &t1)?;
                     Ok(())
                 }),
             ),
@@ -236,7 +271,8 @@ fn focal_cases(n: usize, c: usize, dev: &Device) -> Result<Vec<Case>> {
             composed_fwd: Some(synced(
                 dev,
                 Box::new(move || {
-                    composed::sigmoid_focal(x3.as_tensor(), &c1, m1.as_ref(), 0.25, 2.0, num_pos)?;
+                    let x = x3.as_tensor().detach();
+                    composed::sigmoid_focal(&x, &c1, m1.as_ref(), 0.25, 2.0, num_pos)?;
                     Ok(())
                 }),
             )),
@@ -315,9 +351,13 @@ fn loss_case(
         synced(
             dev,
             Box::new(move || {
-                let l = f(x.as_tensor())?;
                 if bwd {
-                    l.backward()?;
+                    f(x.as_tensor())?.backward()?;
+                } else {
+                    // The loss value alone (validation), for the fused and the composed loss
+                    // alike: on a tensor that tracks gradients the fused forward also computes
+                    // the gradient, which the fwd+bwd rows time.
+                    f(&x.as_tensor().detach())?;
                 }
                 Ok(())
             }),
@@ -562,9 +602,13 @@ fn ap_case(n: usize, c: usize, pos: usize, dev: &Device) -> Result<Case> {
         synced(
             dev,
             Box::new(move || {
-                let l = f(x.as_tensor())?;
                 if bwd {
-                    l.backward()?;
+                    f(x.as_tensor())?.backward()?;
+                } else {
+                    // The loss value alone (validation), for the fused and the composed loss
+                    // alike: on a tensor that tracks gradients the fused forward also computes
+                    // the gradient, which the fwd+bwd rows time.
+                    f(&x.as_tensor().detach())?;
                 }
                 Ok(())
             }),
@@ -650,6 +694,14 @@ fn main() -> Result<()> {
     // AP-Loss: 1,000 positives among 8M scores (quick: 1M).
     let ap_rows = if quick { 12_500 } else { 100_000 };
     cases.push(ap_case(ap_rows, 80, 1_000, &dev)?);
+    // `--only TEXT`: the cases whose loss name contains TEXT.
+    if let Some(only) = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+    {
+        cases.retain(|c| c.loss.contains(only.as_str()));
+    }
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let bw = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let mut rows = Vec::new();

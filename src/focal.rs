@@ -2,7 +2,8 @@
 
 use crate::common::{
     self, check_float_2d, check_non_negative, cpu_slice, lane_sum, layout_dims2, ordered_sum,
-    rows_per_chunk, Acc, CpuTargets, Elem, RowLabel, RowTarget, TargetKind,
+    rows_per_chunk, vectorized, zeroed_vec, Acc, CpuTargets, Elem, RowLabel, RowTarget, SavedGrad,
+    TargetKind,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -107,13 +108,18 @@ impl SigmoidFocalLoss {
             bail!("{NAME}: class_weights need integer labels; weight dense targets by multiplying the Reduction::None result")
         }
         let weights = common::row_weights(NAME, logits, c, self.class_weights.as_ref())?;
-        let op = FocalFwd(FocalOp {
-            alpha: self.alpha,
-            gamma: self.gamma,
-            reduction: self.reduction,
-            kind,
-            weights,
-        });
+        let op = FocalFwd {
+            op: FocalOp {
+                alpha: self.alpha,
+                gamma: self.gamma,
+                reduction: self.reduction,
+                kind,
+                weights,
+            },
+            // Training (a scalar loss of logits that track gradients): the forward pass also
+            // computes the gradient, and the backward only scales it.
+            saved: (self.reduction.is_scalar() && logits.track_op()).then(SavedGrad::default),
+        };
         logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
     }
 }
@@ -129,8 +135,11 @@ struct FocalOp {
     weights: Tensor,
 }
 
-/// Forward op: `(logits, targets) -> loss`.
-struct FocalFwd(FocalOp);
+/// Forward op: `(logits, targets) -> loss`; with `saved`, the CPU pass also stores the gradient.
+struct FocalFwd {
+    op: FocalOp,
+    saved: Option<SavedGrad>,
+}
 /// Backward op: `(logits, targets, upstream gradient) -> ∂loss/∂logits`.
 struct FocalBwd(FocalOp);
 
@@ -244,6 +253,21 @@ impl<A: Acc> Scratch<A> {
         }
     }
 
+    /// `v[j] = loss(x[j], t[j])` and `g[j] = coef · ∂loss/∂x[j]` in the same pass.
+    #[inline(always)]
+    fn eval_fused<const HARD: bool, T: Elem<A = A>>(
+        &mut self,
+        p: &Params<A>,
+        coef: A,
+        g: &mut [T],
+    ) {
+        for (((v, g), &x), &t) in self.v.iter_mut().zip(g).zip(&self.x).zip(&self.t) {
+            let (l, d) = focal_elem::<A, HARD>(p, x, t);
+            *v = l;
+            *g = T::from_acc(coef * d);
+        }
+    }
+
     #[inline(always)]
     fn eval_row<const GRAD: bool>(&mut self, p: &Params<A>, hard: bool) {
         if hard {
@@ -281,6 +305,28 @@ fn row_forward<T: Elem>(
         }
         None => lane_sum(&s.v),
     }
+}
+
+/// Loss and gradient of one non-ignored row: writes `g[j] = coef · ∂l/∂x[j]` and returns the
+/// row's loss sum before the row weight (the same bits as `row_forward`).
+#[inline(always)]
+fn row_fused<T: Elem>(
+    p: &Params<T::A>,
+    s: &mut Scratch<T::A>,
+    x: &[T],
+    rt: &RowTarget<'_, T>,
+    coef: T::A,
+    g: &mut [T],
+) -> T::A {
+    if !s.load(x, rt) {
+        return T::A::ZERO;
+    }
+    if matches!(rt, RowTarget::Label(_)) {
+        s.eval_fused::<true, T>(p, coef, g)
+    } else {
+        s.eval_fused::<false, T>(p, coef, g)
+    }
+    lane_sum(&s.v)
 }
 
 /// Gradient of one row: `g[j] = coef · up[j] · ∂l/∂x[j]`, `up` = `None` for a scalar upstream.
@@ -341,6 +387,7 @@ impl FocalOp {
         tg: &CpuTargets<'_, T>,
         n: usize,
         c: usize,
+        saved: Option<&SavedGrad>,
     ) -> Result<(CpuStorage, Shape)>
     where
         T::A: candle_core::WithDType,
@@ -348,20 +395,29 @@ impl FocalOp {
         let p = self.params::<T::A>();
         let w = self.cpu_weights::<T::A>()?;
         let rpc = rows_per_chunk(c);
+        if let (Some(saved), true) = (saved, self.reduction.is_scalar()) {
+            return self.cpu_fused_t(x, tg, n, c, &p, &w, saved);
+        }
         if self.reduction == Reduction::None {
-            let mut out = vec![T::from_acc(T::A::ZERO); n * c];
+            let mut out = zeroed_vec::<T>(n * c)?;
             let res: Vec<Result<()>> = out
                 .par_chunks_mut((rpc * c).max(1))
                 .enumerate()
                 .map(|(ci, o)| {
-                    let mut sc = Scratch::new(c);
-                    for (r, orow) in o.chunks_mut(c).enumerate() {
-                        let i = ci * rpc + r;
-                        let rt = tg.row(NAME, i, c)?;
-                        let wr = row_weight(&rt, &w, c);
-                        row_forward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, wr, Some(orow));
-                    }
-                    Ok(())
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let mut sc = Scratch::new(c);
+                            for (r, orow) in o.chunks_mut(c).enumerate() {
+                                let i = ci * rpc + r;
+                                let rt = tg.row(NAME, i, c)?;
+                                let wr = row_weight(&rt, &w, c);
+                                let xr = &x[i * c..(i + 1) * c];
+                                row_forward(&p, &mut sc, xr, &rt, wr, Some(orow));
+                            }
+                            Ok(())
+                        },
+                    )
                 })
                 .collect();
             res.into_iter().collect::<Result<Vec<()>>>()?;
@@ -372,19 +428,24 @@ impl FocalOp {
         let parts: Vec<Result<(f64, usize)>> = (0..chunks)
             .into_par_iter()
             .map(|ci| {
-                let (mut s, mut k) = (0f64, 0usize);
-                let mut sc = Scratch::new(c);
-                for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    let rt = tg.row(NAME, i, c)?;
-                    if let RowTarget::Label(RowLabel::Ignored) = rt {
-                        continue;
-                    }
-                    let wr = row_weight(&rt, &w, c);
-                    let row = &x[i * c..(i + 1) * c];
-                    s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
-                    k += 1;
-                }
-                Ok((s, k))
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (mut s, mut k) = (0f64, 0usize);
+                        let mut sc = Scratch::new(c);
+                        for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                            let rt = tg.row(NAME, i, c)?;
+                            if let RowTarget::Label(RowLabel::Ignored) = rt {
+                                continue;
+                            }
+                            let wr = row_weight(&rt, &w, c);
+                            let row = &x[i * c..(i + 1) * c];
+                            s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
+                            k += 1;
+                        }
+                        Ok((s, k))
+                    },
+                )
             })
             .collect();
         let mut sums = Vec::with_capacity(chunks);
@@ -395,6 +456,59 @@ impl FocalOp {
             rows += k;
         }
         let total = ordered_sum(&sums) * self.reduction.scale((rows * c) as f64);
+        let out = vec![T::from_acc(T::A::from_f64(total))];
+        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+    }
+
+    /// Scalar loss and its gradient in one pass; the gradient (already times the reduction's
+    /// normaliser and the row weights) goes to `saved`. Same chunks, so the same loss bits, as
+    /// the loss-only pass.
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fused_t<T: Elem>(
+        &self,
+        x: &[T],
+        tg: &CpuTargets<'_, T>,
+        n: usize,
+        c: usize,
+        p: &Params<T::A>,
+        w: &[T::A],
+        saved: &SavedGrad,
+    ) -> Result<(CpuStorage, Shape)>
+    where
+        T::A: candle_core::WithDType,
+    {
+        let rows = tg.valid_rows(NAME, n, c)?;
+        let scale = self.reduction.scale((rows * c) as f64);
+        let coef = T::A::from_f64(scale);
+        let rpc = rows_per_chunk(c);
+        let mut g = zeroed_vec::<T>(n * c)?;
+        let parts: Vec<Result<f64>> = g
+            .par_chunks_mut((rpc * c).max(1))
+            .enumerate()
+            .map(|(ci, gc)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut s = 0f64;
+                        let mut sc = Scratch::new(c);
+                        for (r, grow) in gc.chunks_mut(c).enumerate() {
+                            let i = ci * rpc + r;
+                            let rt = tg.row(NAME, i, c)?;
+                            if let RowTarget::Label(RowLabel::Ignored) = rt {
+                                continue; // its gradient row stays 0
+                            }
+                            let wr = row_weight(&rt, w, c);
+                            let row = &x[i * c..(i + 1) * c];
+                            s += (wr * row_fused(p, &mut sc, row, &rt, coef * wr, grow)).to_f64();
+                        }
+                        Ok(s)
+                    },
+                )
+            })
+            .collect();
+        let sums = parts.into_iter().collect::<Result<Vec<f64>>>()?;
+        saved.put(T::to_cpu_storage_owned(g), Shape::from((n, c)));
+        let total = ordered_sum(&sums) * scale;
         let out = vec![T::from_acc(T::A::from_f64(total))];
         Ok((T::to_cpu_storage_owned(out), Shape::from(())))
     }
@@ -422,29 +536,37 @@ impl FocalOp {
                 .scale((tg.valid_rows(NAME, n, c)? * c) as f64),
             r => r.scale(0.0),
         };
-        let base = if scalar_up {
-            up[0].to_acc().to_f64()
-        } else {
-            1.0
-        } * scale;
         let rpc = rows_per_chunk(c);
-        let mut g = vec![T::from_acc(T::A::ZERO); n * c];
+        let mut g = zeroed_vec::<T>(n * c)?;
         let res: Vec<Result<()>> = g
             .par_chunks_mut((rpc * c).max(1))
             .enumerate()
             .map(|(ci, gc)| {
-                let mut sc = Scratch::new(c);
-                for (r, grow) in gc.chunks_mut(c).enumerate() {
-                    let i = ci * rpc + r;
-                    let rt = tg.row(NAME, i, c)?;
-                    let coef = T::A::from_f64(base) * row_weight(&rt, &w, c);
-                    let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
-                    row_backward(&p, &mut sc, &x[i * c..(i + 1) * c], &rt, coef, u, grow);
-                }
-                Ok(())
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut sc = Scratch::new(c);
+                        for (r, grow) in gc.chunks_mut(c).enumerate() {
+                            let i = ci * rpc + r;
+                            let rt = tg.row(NAME, i, c)?;
+                            let coef = T::A::from_f64(scale) * row_weight(&rt, &w, c);
+                            let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
+                            let xr = &x[i * c..(i + 1) * c];
+                            row_backward(&p, &mut sc, xr, &rt, coef, u, grow);
+                        }
+                        Ok(())
+                    },
+                )
             })
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;
+        // A scalar upstream scales afterwards, exactly as a gradient saved by the forward is.
+        if let (true, Some(u)) = (scalar_up, up.first()) {
+            let u = u.to_acc().to_f64();
+            if u != 1.0 {
+                common::scale_in_place(&mut g, u);
+            }
+        }
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
 }
@@ -464,8 +586,8 @@ impl CustomOp2 for FocalFwd {
         let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
-            self.0.cpu_fwd_t(x, &tg, n, c)
+            let tg = CpuTargets::<T>::new(NAME, self.op.kind, s2, l2)?;
+            self.op.cpu_fwd_t(x, &tg, n, c, self.saved.as_ref())
         })
     }
 
@@ -478,7 +600,7 @@ impl CustomOp2 for FocalFwd {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (n, c) = layout_dims2(NAME, l1)?;
-        cuda::forward(&self.0, s1, l1, s2, l2, n, c)
+        cuda::forward(&self.op, s1, l1, s2, l2, n, c)
     }
 
     fn bwd(
@@ -488,8 +610,14 @@ impl CustomOp2 for FocalFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(g) = match &self.saved {
+            Some(saved) => saved.take(NAME, grad_res)?,
+            None => None,
+        } {
+            return Ok((Some(g), None));
+        }
         let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(targets, &up, &FocalBwd(self.0.clone()))?;
+        let g = logits.apply_op3_no_bwd(targets, &up, &FocalBwd(self.op.clone()))?;
         Ok((Some(g), None))
     }
 }

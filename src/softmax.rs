@@ -8,7 +8,8 @@
 
 use crate::common::{
     acc_dtype, check_float_2d, check_non_negative, check_same_device, cpu_slice, decode_label,
-    ordered_sum, rows_per_chunk, Acc, Elem, RowLabel,
+    lane_max, lane_sum, ordered_sum, rows_per_chunk, vectorized, zeroed_vec, Acc, Elem, RowLabel,
+    SavedGrad,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -277,9 +278,12 @@ fn apply(
         labels: labels_kind,
         weights,
     };
+    // Training (a scalar loss of logits that track gradients): the forward pass also computes
+    // the gradient, and the backward only scales it.
+    let saved = (reduction.is_scalar() && logits.track_op()).then(SavedGrad::default);
     logits
         .contiguous()?
-        .apply_op2(&labels.contiguous()?, SoftmaxFwd(op))
+        .apply_op2(&labels.contiguous()?, SoftmaxFwd { op, saved })
 }
 
 /// Parameters shared by the forward and backward ops.
@@ -293,17 +297,17 @@ struct SoftmaxOp {
     weights: Option<(Tensor, Tensor)>,
 }
 
-/// Forward op: `(logits, labels) -> loss`.
-struct SoftmaxFwd(SoftmaxOp);
+/// Forward op: `(logits, labels) -> loss`; with `saved`, the CPU pass also stores the gradient.
+struct SoftmaxFwd {
+    op: SoftmaxOp,
+    saved: Option<SavedGrad>,
+}
 /// Backward op: `(logits, labels, upstream gradient) -> ∂loss/∂logits`.
 struct SoftmaxBwd(SoftmaxOp);
 
 // ---------------------------------------------------------------------------------------------
 // CPU row kernel
 // ---------------------------------------------------------------------------------------------
-
-/// Independent accumulator lanes of the online softmax (vectorised across lanes).
-const LANES: usize = 8;
 
 /// Softmax statistics of one row with label column `t`, relative to the row max `m`.
 #[derive(Clone, Copy)]
@@ -316,98 +320,42 @@ struct RowStats<A> {
     sw: A,
 }
 
-/// One online step of a lane: `m` the lane max, `so = Σ_{k≠t} e^{x_k - m}`, `sw = Σ w_k (m - x_k)`,
-/// `ws = Σ w_k` over the lane's elements so far. One `exp` per element: `e = e^{-|x - m|}` is
-/// either the new term (x ≤ m) or the factor rescaling the old sums to the new max (x > m).
+/// The softmax statistics of row `x` with label column `t`, in plain sweeps of the row (which
+/// is in L1) that LLVM vectorises: the max, then `e[k] = e^{x_k - m}` (one `exp` per element,
+/// kept in `e` for the gradient), then fixed-order lane sums. `w` (class weights) and the
+/// scratch `d` are used only with `SMOOTH`.
 #[inline(always)]
-fn lane_step<A: Acc, const SMOOTH: bool>(
-    m: &mut A,
-    so: &mut A,
-    sw: &mut A,
-    ws: &mut A,
-    x: A,
-    keep: A,
-    w: A,
-) {
-    let d = x - *m;
-    let up = d > A::ZERO; // NaN: false, and the NaN reaches `so` through e
-    let ad = d.abs();
-    let e = (-ad).exp();
-    *so = if up { *so * e + keep } else { *so + e * keep };
-    if SMOOTH {
-        // Moving the reference from m to x adds ws·(x - m) to Σ w_k (m - x_k).
-        *sw += if up { *ws * ad } else { w * ad };
-        *ws += w;
-    }
-    *m = if up { x } else { *m };
-}
-
-/// The online softmax statistics of row `x` with label column `t` (`w`: class weights, read only
-/// with `SMOOTH`).
-#[inline(always)]
-fn row_stats<T: Elem, const SMOOTH: bool>(x: &[T], t: usize, w: &[T::A]) -> RowStats<T::A> {
-    // Lanes start at a finite "lowest" max, so the first step of a lane needs no special case
-    // and -inf logits (masked classes) contribute e^{-inf} = 0.
-    let lowest = <T::A as Acc>::from_f64(f32::MIN as f64);
+fn row_stats<T: Elem, const SMOOTH: bool>(
+    x: &[T],
+    t: usize,
+    w: &[T::A],
+    e: &mut [T::A],
+    d: &mut [T::A],
+) -> RowStats<T::A> {
     let zero = <T::A as Acc>::ZERO;
-    let one = <T::A as Acc>::ONE;
-    let mut m = [lowest; LANES];
-    let mut so = [zero; LANES];
-    let mut sw = [zero; LANES];
-    let mut ws = [zero; LANES];
-    let xc = x.chunks_exact(LANES);
-    let wc = w.chunks_exact(LANES);
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (ci, (xs, wv)) in xc.zip(wc).enumerate() {
-        let base = ci * LANES;
-        for l in 0..LANES {
-            let keep = if base + l != t { one } else { zero };
-            lane_step::<_, SMOOTH>(
-                &mut m[l],
-                &mut so[l],
-                &mut sw[l],
-                &mut ws[l],
-                xs[l].to_acc(),
-                keep,
-                wv[l],
-            );
+    for (ev, xv) in e.iter_mut().zip(x) {
+        *ev = xv.to_acc();
+    }
+    // The max starts at a finite "lowest", so -inf logits (masked classes) give e = 0; a NaN is
+    // never selected and reaches the sums through its e.
+    let m = lane_max(e, <T::A as Acc>::from_f64(f32::MIN as f64));
+    if SMOOTH {
+        for ((dv, ev), wv) in d.iter_mut().zip(e.iter()).zip(w) {
+            *dv = *wv * (m - *ev);
         }
     }
-    let base = x.len() - xr.len();
-    for (l, (xv, wv)) in xr.iter().zip(wr).enumerate() {
-        let keep = if base + l != t { one } else { zero };
-        lane_step::<_, SMOOTH>(
-            &mut m[l],
-            &mut so[l],
-            &mut sw[l],
-            &mut ws[l],
-            xv.to_acc(),
-            keep,
-            *wv,
-        );
+    for ev in e.iter_mut() {
+        *ev = (*ev - m).exp();
     }
-    // Merge the lanes onto the row max.
-    let mut mm = m[0];
-    for &v in &m[1..] {
-        if v > mm {
-            mm = v;
-        }
-    }
-    let mut s_oth = zero;
-    let mut swt = zero;
-    for l in 0..LANES {
-        s_oth += so[l] * (m[l] - mm).exp();
-        if SMOOTH {
-            swt += sw[l];
-            if ws[l] != zero {
-                swt += ws[l] * (mm - m[l]);
-            }
-        }
-    }
+    // Σ over the other classes (e_t left out, not subtracted): q = 1 - p_t keeps its digits as
+    // p_t → 1.
+    let e_t = std::mem::replace(&mut e[t], zero);
+    let s_oth = lane_sum(e);
+    e[t] = e_t;
     RowStats {
-        m: mm,
+        m,
         s_oth,
-        sw: swt,
+        sw: if SMOOTH { lane_sum(d) } else { zero },
     }
 }
 
@@ -463,40 +411,35 @@ fn pow_q<A: Acc>(q: A, gamma: A) -> A {
     }
 }
 
-/// Loss of one (non-ignored) row with label `t` and weight `w_t`.
+/// Loss of one (non-ignored) row with label `t`, from its statistics.
 #[inline(always)]
-fn row_loss<T: Elem, const SMOOTH: bool>(p: &Params<T::A>, x: &[T], t: usize, w: &[T::A]) -> T::A {
-    let st = row_stats::<T, SMOOTH>(x, t, w);
-    let r = row_softmax(&st, x[t].to_acc());
-    let wt = w[t];
+fn row_loss<A: Acc>(p: &Params<A>, st: &RowStats<A>, r: &RowSoftmax<A>, wt: A, smooth: bool) -> A {
     if p.focal {
         // -α w_t (1-p_t)^γ log p_t
         p.a * wt * pow_q(r.q, p.gamma) * r.nll
     } else {
         // (1-ε) w_t (lse - x_t) + (ε/K) Σ_k w_k (lse - x_k), with lse = m + log s:
         // Σ_k w_k (lse - x_k) = Σ_k w_k (m - x_k) + W log s.
-        let smooth = if SMOOTH {
+        let smooth = if smooth {
             p.c * (st.sw + p.wsum * r.s.ln())
         } else {
-            <T::A as Acc>::ZERO
+            A::ZERO
         };
         p.a * wt * r.nll + smooth
     }
 }
 
-/// Gradient of one row, `g_j = coef·∂l/∂x_j`; `g` is left untouched for the caller to zero when
-/// the row is ignored.
+/// Gradient of one row from its statistics and `e[j] = e^{x_j - m}`: `g_j = coef·∂l/∂x_j`.
 #[inline(always)]
 fn row_grad<T: Elem, const SMOOTH: bool>(
     p: &Params<T::A>,
-    x: &[T],
+    r: &RowSoftmax<T::A>,
+    e: &[T::A],
     t: usize,
     w: &[T::A],
     coef: T::A,
     g: &mut [T],
 ) {
-    let st = row_stats::<T, SMOOTH>(x, t, w);
-    let r = row_softmax(&st, x[t].to_acc());
     let wt = w[t];
     // ∂l/∂x_j = a_j·p_j - b·δ_jt - c·w_j, written for j = t as -b·q + (a_t·p_t - c·w_t - b + b)
     // with q = 1 - p_t (no cancellation at p_t → 1).
@@ -522,14 +465,12 @@ fn row_grad<T: Elem, const SMOOTH: bool>(
     let ca = coef * a;
     if SMOOTH {
         let cc = coef * p.c;
-        for ((gj, xj), wj) in g.iter_mut().zip(x).zip(w) {
-            let pj = (xj.to_acc() - st.m).exp() * inv_s;
-            *gj = T::from_acc(ca * pj - cc * *wj);
+        for ((gj, ej), wj) in g.iter_mut().zip(e).zip(w) {
+            *gj = T::from_acc(ca * (*ej * inv_s) - cc * *wj);
         }
     } else {
-        for (gj, xj) in g.iter_mut().zip(x) {
-            let pj = (xj.to_acc() - st.m).exp() * inv_s;
-            *gj = T::from_acc(ca * pj);
+        for (gj, ej) in g.iter_mut().zip(e) {
+            *gj = T::from_acc(ca * (*ej * inv_s));
         }
     }
     let smooth_t = if SMOOTH {
@@ -538,6 +479,25 @@ fn row_grad<T: Elem, const SMOOTH: bool>(
         <T::A as Acc>::ZERO
     };
     g[t] = T::from_acc(coef * (smooth_t - b * r.q));
+}
+
+/// One non-ignored row: its loss, and with `g` its gradient times `coef`.
+#[inline(always)]
+fn row_eval<T: Elem, const SMOOTH: bool>(
+    p: &Params<T::A>,
+    x: &[T],
+    t: usize,
+    w: &[T::A],
+    (e, d): (&mut [T::A], &mut [T::A]),
+    coef: T::A,
+    g: Option<&mut [T]>,
+) -> T::A {
+    let st = row_stats::<T, SMOOTH>(x, t, w, e, d);
+    let r = row_softmax(&st, x[t].to_acc());
+    if let Some(g) = g {
+        row_grad::<T, SMOOTH>(p, &r, e, t, w, coef, g);
+    }
+    row_loss(p, &st, &r, w[t], SMOOTH)
 }
 
 /// Typed CPU view of the labels.
@@ -631,12 +591,15 @@ impl SoftmaxOp {
         Ok(ordered_sum(&parts))
     }
 
+    /// The forward: per-row losses (`Reduction::None`) or the reduced loss; with `saved` (a
+    /// scalar reduction) the same pass writes the gradient for the backward.
     fn cpu_fwd_t<T: Elem, const SMOOTH: bool>(
         &self,
         x: &[T],
         lab: &CpuLabels<'_>,
         n: usize,
         k: usize,
+        saved: Option<&SavedGrad>,
     ) -> Result<(CpuStorage, Shape)>
     where
         T::A: WithDType,
@@ -645,55 +608,91 @@ impl SoftmaxOp {
         let p = self.params::<T::A>(k, wsum);
         let rpc = rows_per_chunk(k);
         let name = self.name;
+        let zero = <T::A as Acc>::ZERO;
         if self.reduction == Reduction::None {
-            let mut out = vec![T::from_acc(<T::A as Acc>::ZERO); n];
+            let mut out = vec![T::from_acc(zero); n];
             let res: Vec<Result<()>> = out
                 .par_chunks_mut(rpc)
                 .enumerate()
                 .map(|(ci, o)| {
-                    for (r, oi) in o.iter_mut().enumerate() {
-                        let i = ci * rpc + r;
-                        if let Some(t) = lab.get(name, i, k)? {
-                            *oi = T::from_acc(row_loss::<T, SMOOTH>(
-                                &p,
-                                &x[i * k..(i + 1) * k],
-                                t,
-                                &w,
-                            ));
-                        }
-                    }
-                    Ok(())
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let (mut e, mut d) = (vec![zero; k], vec![zero; k]);
+                            for (r, oi) in o.iter_mut().enumerate() {
+                                let i = ci * rpc + r;
+                                if let Some(t) = lab.get(name, i, k)? {
+                                    let xr = &x[i * k..(i + 1) * k];
+                                    let l = row_eval::<T, SMOOTH>(
+                                        &p,
+                                        xr,
+                                        t,
+                                        &w,
+                                        (&mut e, &mut d),
+                                        zero,
+                                        None,
+                                    );
+                                    *oi = T::from_acc(l);
+                                }
+                            }
+                            Ok(())
+                        },
+                    )
                 })
                 .collect();
             res.into_iter().collect::<Result<Vec<()>>>()?;
             return Ok((T::to_cpu_storage_owned(out), Shape::from(n)));
         }
-        // (Σ l, Σ w_label) per chunk, merged in chunk order.
-        let parts: Vec<Result<(f64, f64)>> = (0..n.div_ceil(rpc))
-            .into_par_iter()
-            .map(|ci| {
-                let (mut s, mut ws) = (0f64, 0f64);
-                for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    if let Some(t) = lab.get(name, i, k)? {
-                        s += Acc::to_f64(row_loss::<T, SMOOTH>(&p, &x[i * k..(i + 1) * k], t, &w));
-                        ws += Acc::to_f64(w[t]);
+        // The normaliser first, so that a fused pass can scale the gradient as it writes it.
+        let scale = self.reduction.scale(self.weight_sum(lab, &w, n, k)?);
+        let coef = <T::A as Acc>::from_f64(scale);
+        let mut g = match saved {
+            Some(_) => zeroed_vec::<T>(n * k)?,
+            None => Vec::new(),
+        };
+        // Σ l per chunk of rows, merged in chunk order; the gradient chunk (empty without
+        // `saved`) rides along.
+        let chunk = |ci: usize, mut gc: Option<&mut [T]>| -> Result<f64> {
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut s = 0f64;
+                    let (mut e, mut d) = (vec![zero; k], vec![zero; k]);
+                    for (r, i) in (ci * rpc..((ci + 1) * rpc).min(n)).enumerate() {
+                        if let Some(t) = lab.get(name, i, k)? {
+                            let xr = &x[i * k..(i + 1) * k];
+                            let grow = gc.as_deref_mut().map(|g| &mut g[r * k..(r + 1) * k]);
+                            let l =
+                                row_eval::<T, SMOOTH>(&p, xr, t, &w, (&mut e, &mut d), coef, grow);
+                            s += Acc::to_f64(l);
+                        }
                     }
-                }
-                Ok((s, ws))
-            })
-            .collect();
-        let mut sums = Vec::with_capacity(parts.len());
-        let mut wsums = Vec::with_capacity(parts.len());
-        for part in parts {
-            let (s, ws) = part?;
-            sums.push(s);
-            wsums.push(ws);
+                    Ok(s)
+                },
+            )
+        };
+        let parts: Vec<Result<f64>> = if saved.is_some() {
+            g.par_chunks_mut(rpc * k)
+                .enumerate()
+                .map(|(ci, gc)| chunk(ci, Some(gc)))
+                .collect()
+        } else {
+            (0..n.div_ceil(rpc))
+                .into_par_iter()
+                .map(|ci| chunk(ci, None))
+                .collect()
+        };
+        let sums = parts.into_iter().collect::<Result<Vec<f64>>>()?;
+        if let Some(saved) = saved {
+            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, k)));
         }
-        let total = ordered_sum(&sums) * self.reduction.scale(ordered_sum(&wsums));
+        let total = ordered_sum(&sums) * scale;
         let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
         Ok((T::to_cpu_storage_owned(out), Shape::from(())))
     }
 
+    /// The backward when the forward saved nothing (or for `Reduction::None`): the same row
+    /// kernel, so the same bits as the gradient a fused forward saves.
     fn cpu_bwd_t<T: Elem, const SMOOTH: bool>(
         &self,
         x: &[T],
@@ -715,41 +714,58 @@ impl SoftmaxOp {
             Reduction::Mean => self.reduction.scale(self.weight_sum(lab, &w, n, k)?),
             r => r.scale(0.0),
         };
-        let base = if scalar_up {
-            Acc::to_f64(up[0].to_acc()) * scale
-        } else {
-            scale
-        };
         let rpc = rows_per_chunk(k);
         let name = self.name;
-        let mut g = vec![T::from_acc(<T::A as Acc>::ZERO); n * k];
+        let zero = <T::A as Acc>::ZERO;
+        let mut g = zeroed_vec::<T>(n * k)?;
         let res: Vec<Result<()>> = g
             .par_chunks_mut(rpc * k)
             .enumerate()
             .map(|(ci, gc)| {
-                for (r, grow) in gc.chunks_mut(k).enumerate() {
-                    let i = ci * rpc + r;
-                    if let Some(t) = lab.get(name, i, k)? {
-                        let u = if scalar_up {
-                            1.0
-                        } else {
-                            Acc::to_f64(up[i].to_acc())
-                        };
-                        let coef = <T::A as Acc>::from_f64(base * u);
-                        row_grad::<T, SMOOTH>(&p, &x[i * k..(i + 1) * k], t, &w, coef, grow);
-                    }
-                }
-                Ok(())
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let (mut e, mut d) = (vec![zero; k], vec![zero; k]);
+                        for (r, grow) in gc.chunks_mut(k).enumerate() {
+                            let i = ci * rpc + r;
+                            if let Some(t) = lab.get(name, i, k)? {
+                                let coef = if scalar_up {
+                                    <T::A as Acc>::from_f64(scale)
+                                } else {
+                                    <T::A as Acc>::from_f64(scale * Acc::to_f64(up[i].to_acc()))
+                                };
+                                let xr = &x[i * k..(i + 1) * k];
+                                row_eval::<T, SMOOTH>(
+                                    &p,
+                                    xr,
+                                    t,
+                                    &w,
+                                    (&mut e, &mut d),
+                                    coef,
+                                    Some(grow),
+                                );
+                            }
+                        }
+                        Ok(())
+                    },
+                )
             })
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;
+        // A scalar upstream scales afterwards, exactly as a gradient saved by the forward is.
+        if let (true, Some(u)) = (scalar_up, up.first()) {
+            let u = Acc::to_f64(u.to_acc());
+            if u != 1.0 {
+                crate::common::scale_in_place(&mut g, u);
+            }
+        }
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, k))))
     }
 }
 
 impl CustomOp2 for SoftmaxFwd {
     fn name(&self) -> &'static str {
-        match self.0.kind {
+        match self.op.kind {
             Kind::Ce { .. } => "cross-entropy-fwd",
             Kind::Focal { .. } => "softmax-focal-fwd",
         }
@@ -762,15 +778,16 @@ impl CustomOp2 for SoftmaxFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = &self.0;
+        let op = &self.op;
         let (n, k) = crate::common::layout_dims2(op.name, l1)?;
+        let saved = self.saved.as_ref();
         crate::common::with_float_type!(op.name, s1.dtype(), T, {
             let x = cpu_slice::<T>(op.name, s1, l1)?;
             let lab = CpuLabels::new(op.labels, op.name, s2, l2)?;
             if op.smooth() {
-                op.cpu_fwd_t::<T, true>(x, &lab, n, k)
+                op.cpu_fwd_t::<T, true>(x, &lab, n, k, saved)
             } else {
-                op.cpu_fwd_t::<T, false>(x, &lab, n, k)
+                op.cpu_fwd_t::<T, false>(x, &lab, n, k, saved)
             }
         })
     }
@@ -783,8 +800,8 @@ impl CustomOp2 for SoftmaxFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = crate::common::layout_dims2(self.0.name, l1)?;
-        cuda::forward(&self.0, s1, l1, s2, l2, n, k)
+        let (n, k) = crate::common::layout_dims2(self.op.name, l1)?;
+        cuda::forward(&self.op, s1, l1, s2, l2, n, k)
     }
 
     fn bwd(
@@ -794,8 +811,14 @@ impl CustomOp2 for SoftmaxFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(g) = match &self.saved {
+            Some(saved) => saved.take(self.op.name, grad_res)?,
+            None => None,
+        } {
+            return Ok((Some(g), None));
+        }
         let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(labels, &up, &SoftmaxBwd(self.0.clone()))?;
+        let g = logits.apply_op3_no_bwd(labels, &up, &SoftmaxBwd(self.op.clone()))?;
         Ok((Some(g), None))
     }
 }
