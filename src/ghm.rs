@@ -1,12 +1,13 @@
-//! Gradient harmonizing classification loss (GHM-C, Li et al. 2019) with mmdet's semantics: a
-//! fused histogram pass over the gradient norms, per-bin weights on the host (with the optional
-//! running histogram), then a fused weighted-BCE pass whose backward reuses those weights.
+//! Gradient harmonizing classification loss (GHM-C, Li et al. 2019) with mmdet's semantics. On
+//! the CPU one fused pass gives the histogram of the gradient norms and the BCE sum of each bin,
+//! so that the per-bin weights (computed on the host, with the optional running histogram) give
+//! any scalar loss without a second pass; the backward is one pass that recomputes `σ(x) - t`
+//! and its bin. On CUDA the histogram and the weighted BCE are two kernels.
 
 use crate::common::{
-    self, check_float_2d, cpu_slice, layout_dims2, ordered_sum, rows_per_chunk, Acc, CpuTargets,
-    Elem, RowLabel, RowTarget, TargetKind,
+    self, check_float_2d, cpu_slice, layout_dims2, rows_per_chunk, vectorized, zeroed_vec, Acc,
+    CpuTargets, Elem, RowLabel, RowTarget, TargetKind,
 };
-use crate::fastmath;
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -15,6 +16,8 @@ use candle_core::{
 use rayon::prelude::*;
 
 const NAME: &str = "GhmcLoss";
+/// Upper bound on `bins` (bin indices are `i32` in the kernels; mmdet uses 10 or 30).
+const MAX_BINS: usize = 1 << 20;
 
 /// Gradient harmonizing classification loss (Li et al., *Gradient Harmonized Single-stage
 /// Detector*, AAAI 2019), with the semantics of mmdet's `GHMC`.
@@ -33,9 +36,10 @@ const NAME: &str = "GhmcLoss";
 /// ```
 ///
 /// The weights `β` are constants for the gradient, `∂l/∂x = β·(σ(x) - t)`, and the backward
-/// reuses the weights of its own forward even when the running histogram has moved on. The
-/// histogram is one fused pass over the inputs (per-chunk histograms merged in a fixed order);
-/// the loss and its reduction are a second fused pass.
+/// reuses the weights of its own forward even when the running histogram has moved on. On the
+/// CPU the histogram and the per-bin BCE sums are one fused pass (per-chunk partials merged in
+/// a fixed order), and a scalar loss is `Σ_b β_b·(Σ_{e∈b} bce_e)` scaled by the reduction; on
+/// CUDA the weighted BCE is a second kernel.
 ///
 /// Reductions: `None` gives `[N, C]` (ignored rows 0); `Sum`; `Mean` = sum / `tot` (mmdet's loss;
 /// 0 when every row is ignored); `AvgFactor(f)` = sum / f.
@@ -49,7 +53,7 @@ const NAME: &str = "GhmcLoss";
 ///
 /// # Errors
 ///
-/// Every message starts with `GhmcLoss:`. `bins = 0`; `momentum` outside `[0, 1)`; logits not
+/// Every message starts with `GhmcLoss:`. `bins` not in `1..=2^20`; `momentum` outside `[0, 1)`; logits not
 /// of rank 2 or not a float dtype; targets of another shape, dtype or device; a label outside
 /// `0..=C` and not `-1`; a dense target outside `[0, 1]`; `AvgFactor` not finite and > 0.
 ///
@@ -102,8 +106,8 @@ impl GhmcLoss {
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         let bins = self.bins;
-        if bins == 0 {
-            bail!("{NAME}: bins must be >= 1, got 0")
+        if bins == 0 || bins > MAX_BINS {
+            bail!("{NAME}: bins must be in 1..={MAX_BINS}, got {bins}")
         }
         let mom = self.momentum;
         if !(0.0..1.0).contains(&mom) {
@@ -114,10 +118,17 @@ impl GhmcLoss {
         let x = logits.contiguous()?;
         let tg = targets.contiguous()?;
         // Pass 1: the histogram of g over the valid elements, plus their number (last entry).
+        let hist_op = GhmcHist {
+            bins,
+            kind,
+            sums: Default::default(),
+        };
         let hist = x
             .detach()
-            .apply_op2_no_bwd(&tg, &GhmcHist { bins, kind })?
+            .apply_op2_no_bwd(&tg, &hist_op)?
             .to_vec1::<i64>()?;
+        // CPU: the per-bin BCE sums of the same pass.
+        let sums = hist_op.sums.lock().ok().and_then(|mut s| s.take());
         let (counts, valid) = hist.split_at(bins);
         let tot = (valid.first().copied().unwrap_or(0) as f64).max(1.0);
         if self.acc_sum.len() != bins {
@@ -142,6 +153,16 @@ impl GhmcLoss {
                 *w /= nonempty as f64;
             }
         }
+        // CPU, scalar reduction: l = Σ_b β_b · (Σ_{e in b} bce_e), no second pass.
+        let cpu_loss = match (&sums, self.reduction.is_scalar()) {
+            (Some(sums), true) => {
+                let s = weights.iter().zip(sums).fold(0.0, |a, (w, s)| a + w * s);
+                // The NaN elements' sum (0, or NaN): a NaN input makes the loss NaN.
+                let nan = sums.get(bins).copied().unwrap_or(0.0) * 0.0;
+                Some((s + nan) * self.reduction.scale(tot))
+            }
+            _ => None,
+        };
         let acc = common::acc_dtype(logits.dtype());
         let weights = Tensor::new(weights, logits.device())?.to_dtype(acc)?;
         let op = GhmcOp {
@@ -150,81 +171,143 @@ impl GhmcLoss {
             reduction: self.reduction,
             mean_denom: tot,
             weights,
+            cpu_loss,
         };
-        // Pass 2: the weighted BCE, reduced in the kernel.
+        // Carries the loss into the graph (CUDA and `Reduction::None`: pass 2, the weighted
+        // BCE reduced in the kernel).
         x.apply_op2(&tg, GhmcFwd(op))
     }
 }
 
-/// `σ` and softplus in the accumulator type (f32: the crate's branch-free fast versions).
-pub(crate) trait Logistic: Acc {
-    fn sigmoid(self) -> Self;
-    fn softplus(self) -> Self;
+/// The two conversions the branch-free bin index needs, in the accumulator type.
+pub(crate) trait BinMath: Acc {
+    /// `self as i32` (truncation, saturating; NaN gives 0).
+    fn trunc_i32(self) -> i32;
+    /// mmdet's edge `i / bins`, computed in f32.
+    fn edge(i: i32, bins: f32) -> Self;
 }
 
-impl Logistic for f32 {
+impl BinMath for f32 {
     #[inline(always)]
-    fn sigmoid(self) -> Self {
-        fastmath::sigmoid_f32(self)
+    fn trunc_i32(self) -> i32 {
+        self as i32
     }
     #[inline(always)]
-    fn softplus(self) -> Self {
-        fastmath::softplus_f32(self)
+    fn edge(i: i32, bins: f32) -> Self {
+        i as f32 / bins
     }
 }
 
-impl Logistic for f64 {
+impl BinMath for f64 {
     #[inline(always)]
-    fn sigmoid(self) -> Self {
-        let e = (-self.abs()).exp();
-        if self >= 0.0 {
-            1.0 / (1.0 + e)
-        } else {
-            e / (1.0 + e)
+    fn trunc_i32(self) -> i32 {
+        self as i32
+    }
+    #[inline(always)]
+    fn edge(i: i32, bins: f32) -> Self {
+        (i as f32 / bins) as f64
+    }
+}
+
+/// The bin `b` with `edge(b) ≤ g < edge(b+1)` of `g ∈ [0, 1]` (mmdet's edges `i / bins` in
+/// f32; the last one `1 + 1e-6` is above every `g`), and `bins` for a NaN `g` (valid but in no
+/// bin, as in mmdet). The guess `⌊g·bins⌋` corrected by one step against the edges, with
+/// selects only so that the row loops vectorise.
+#[inline(always)]
+fn bin_of<A: BinMath>(g: A, bins: i32, bins_f: A, bins_f32: f32) -> i32 {
+    let guess = (g * bins_f).trunc_i32();
+    let b = if guess < bins - 1 { guess } else { bins - 1 };
+    let b = if b > 0 { b } else { 0 };
+    let down = b > 0 && g < A::edge(b, bins_f32);
+    let up = b + 1 < bins && g >= A::edge(b + 1, bins_f32);
+    let b = b - down as i32 + up as i32;
+    if g <= A::ONE {
+        b
+    } else {
+        bins
+    }
+}
+
+/// Per-row scratch: the targets, `d = σ(x) - t`, the BCE and the bin of each element.
+struct Scratch<A> {
+    t: Vec<A>,
+    d: Vec<A>,
+    ce: Vec<A>,
+    bin: Vec<i32>,
+}
+
+impl<A: BinMath> Scratch<A> {
+    fn new(c: usize) -> Self {
+        Self {
+            t: vec![A::ZERO; c],
+            d: vec![A::ZERO; c],
+            ce: vec![A::ZERO; c],
+            bin: vec![0; c],
         }
     }
+
+    /// Loads the targets of row `i`; false for an ignored row; an error for a dense target
+    /// outside `[0, 1]`.
     #[inline(always)]
-    fn softplus(self) -> Self {
-        // max ignores NaN, the log1p term carries it
-        self.max(0.0) + (-self.abs()).exp().ln_1p()
+    fn load<T: Elem<A = A>>(&mut self, tg: &CpuTargets<'_, T>, i: usize, c: usize) -> Result<bool> {
+        match ghm_row(tg, i, c)? {
+            RowT::Ignored => return Ok(false),
+            RowT::Label(k) => {
+                self.t.fill(A::ZERO);
+                if let Some(t) = self.t.get_mut(k) {
+                    *t = A::ONE; // k == C (background): all negative
+                }
+            }
+            RowT::Dense(tr) => {
+                let mut bad = false;
+                for (t, v) in self.t.iter_mut().zip(tr) {
+                    *t = v.to_acc();
+                    bad |= *t < A::ZERO || *t > A::ONE;
+                }
+                if bad {
+                    if let Some(t) = self.t.iter().find(|t| **t < A::ZERO || **t > A::ONE) {
+                        check_dense_target(*t)?;
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
-}
 
-/// mmdet's bin edges: `i / bins` in f32, the last raised by 1e-6 (in f32), in the accumulator
-/// type.
-fn edges<A: Acc>(bins: usize) -> Vec<A> {
-    let mut e: Vec<A> = (0..=bins)
-        .map(|i| A::from_f64((i as f32 / bins as f32) as f64))
-        .collect();
-    e[bins] = A::from_f64((1f32 + 1e-6f32) as f64);
-    e
-}
-
-/// The bin `b` with `edges[b] ≤ g < edges[b+1]` of a finite `g ∈ [0, 1]`: the guess
-/// `⌊g·bins⌋` corrected by one step against the f32 edges.
-#[inline(always)]
-fn bin_of<A: Acc>(g: A, edges: &[A], bins: usize) -> usize {
-    let guess = (g * A::from_f64(bins as f64)).to_f64();
-    let mut b = if guess > 0.0 {
-        (guess as usize).min(bins - 1)
-    } else {
-        0
-    };
-    if b > 0 && g < edges[b] {
-        b -= 1;
-    } else if b + 1 < bins && g >= edges[b + 1] {
-        b += 1;
+    /// `d`, `bin` (and `ce` with `CE`) of row `x` against the loaded targets.
+    #[inline(always)]
+    fn eval<T: Elem<A = A>, const CE: bool>(&mut self, x: &[T], bins: usize) {
+        let (bins_i, bins_f32) = (bins as i32, bins as f32);
+        let bins_f = A::from_f64(bins as f64);
+        let it = self.d.iter_mut().zip(&mut self.ce).zip(&mut self.bin);
+        for (((d, ce), b), (xv, t)) in it.zip(x.iter().zip(&self.t)) {
+            let (g, c, dv) = elem(xv.to_acc(), *t);
+            *d = dv;
+            if CE {
+                *ce = c;
+            }
+            *b = bin_of(g, bins_i, bins_f, bins_f32);
+        }
     }
-    b
 }
 
 /// `(g, bce, σ(x) - t)` of one element, `g = |σ(x) - t|` (mmdet's gradient norm).
 #[inline(always)]
-fn elem<A: Logistic>(x: A, t: A) -> (A, A, A) {
-    // σ(x) - t = σ(x)(1-t) - σ(-x)t: no cancellation at σ(x) → t = 1 (e^{-|x|} is shared by the
-    // two sigmoids and the two softplus terms after inlining).
-    let d = x.sigmoid() * (A::ONE - t) - (-x).sigmoid() * t;
-    let ce = t * (-x).softplus() + (A::ONE - t) * x.softplus(); // BCE with logits, both ≥ 0
+fn elem<A: BinMath>(x: A, t: A) -> (A, A, A) {
+    // One exp, one log1p and one division give both sigmoids and both softplus terms.
+    let one = A::ONE;
+    let e = x.exp_neg_abs(); // e^{-|x|} ∈ (0, 1]
+    let lp = e.log1p_unit(); // log(1 + e^{-|x|})
+    let sp_pos = x.relu() + lp; // softplus(x) = -log σ(-x)
+    let sp_neg = (-x).relu() + lp; // softplus(-x) = -log σ(x)
+    let inv = one / (one + e);
+    let pos = x >= A::ZERO;
+    let s_pos = if pos { inv } else { e * inv }; // σ(x)
+    let s_neg = if pos { e * inv } else { inv }; // σ(-x) = 1 - σ(x), no cancellation
+    let u = one - t;
+    // σ(x) - t = σ(x)(1-t) - σ(-x)t: no cancellation at σ(x) → t = 1.
+    let d = s_pos * u - s_neg * t;
+    let ce = t * sp_neg + u * sp_pos; // BCE with logits, both terms ≥ 0
     (d.abs(), ce, d)
 }
 
@@ -247,9 +330,11 @@ fn ghm_row<'a, T: Elem>(tg: &CpuTargets<'a, T>, i: usize, c: usize) -> Result<Ro
 }
 
 /// Histogram op: `(logits, targets) -> [bins + 1]` i64 (per-bin counts, then valid elements).
+/// On the CPU the same pass leaves the per-bin BCE sums in `sums`.
 struct GhmcHist {
     bins: usize,
     kind: TargetKind,
+    sums: std::sync::Mutex<Option<Vec<f64>>>,
 }
 
 /// Parameters of the loss ops.
@@ -262,6 +347,8 @@ struct GhmcOp {
     mean_denom: f64,
     /// Per-bin weights `β_b` `[bins]` in the accumulator dtype, fixed by the forward.
     weights: Tensor,
+    /// The reduced loss when the CPU histogram pass already gave it.
+    cpu_loss: Option<f64>,
 }
 
 /// Forward op: `(logits, targets) -> loss`.
@@ -279,62 +366,83 @@ fn check_dense_target<A: Acc>(t: A) -> Result<()> {
     Ok(())
 }
 
+/// Per-chunk histogram: `COPIES` interleaved copies of the counts and BCE sums (element `j`
+/// of a row goes to copy `j % COPIES`), so that runs of elements in the same bin do not wait on
+/// each other's store; folded in copy order at the end of the chunk (a fixed order).
+const COPIES: usize = 4;
+
+/// One chunk's counts per bin, BCE sums per slot (bins + NaN) and number of valid elements.
+type ChunkHist = (Vec<u64>, Vec<f64>, u64);
+
 impl GhmcHist {
+    /// Counts per bin, then the number of valid elements (`[bins + 1]`), and the BCE sum per
+    /// bin plus one for the NaN elements (`[bins + 1]`, f64): one pass, from which the loss of
+    /// any scalar reduction follows.
     fn cpu_t<T: Elem>(
         &self,
         x: &[T],
         tg: &CpuTargets<'_, T>,
         n: usize,
         c: usize,
-    ) -> Result<Vec<i64>>
+    ) -> Result<(Vec<i64>, Vec<f64>)>
     where
-        T::A: Logistic,
+        T::A: BinMath,
     {
         let bins = self.bins;
-        let e = edges::<T::A>(bins);
+        // Slot `bins` collects the NaN elements (valid, in no bin).
+        let slots = bins + 1;
         let rpc = rows_per_chunk(c);
-        // Per-chunk histograms (integer counts, merged below in chunk order).
-        let parts: Vec<Result<Vec<u64>>> = (0..n.div_ceil(rpc))
+        let parts: Vec<Result<ChunkHist>> = (0..n.div_ceil(rpc))
             .into_par_iter()
             .map(|ci| {
-                let mut h = vec![0u64; bins + 1];
-                for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    let xr = &x[i * c..(i + 1) * c];
-                    let mut add = |xv: T::A, t: T::A| {
-                        let g = elem(xv, t).0;
-                        // g ∈ [0, 1]; a NaN g (NaN input) is valid but in no bin, as in mmdet.
-                        if g <= T::A::ONE {
-                            h[bin_of(g, &e, bins)] += 1;
-                        }
-                    };
-                    match ghm_row(tg, i, c)? {
-                        RowT::Ignored => continue,
-                        RowT::Label(k) => {
-                            for (j, xv) in xr.iter().enumerate() {
-                                let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                                add(xv.to_acc(), t);
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut cnt = vec![0u64; COPIES * slots];
+                        let mut sum = vec![0f64; COPIES * slots];
+                        let mut valid = 0u64;
+                        let mut sc = Scratch::<T::A>::new(c);
+                        for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                            if !sc.load(tg, i, c)? {
+                                continue;
                             }
-                        }
-                        RowT::Dense(tr) => {
-                            for (xv, tv) in xr.iter().zip(tr) {
-                                let t = tv.to_acc();
-                                check_dense_target(t)?;
-                                add(xv.to_acc(), t);
+                            sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
+                            for (j, (&b, &ce)) in sc.bin.iter().zip(&sc.ce).enumerate() {
+                                let k = (j % COPIES) * slots + (b as usize).min(bins);
+                                cnt[k] += 1;
+                                sum[k] += Acc::to_f64(ce);
                             }
+                            valid += c as u64;
                         }
-                    }
-                    h[bins] += c as u64;
-                }
-                Ok(h)
+                        let fold = |v: &mut [f64], w: &[f64]| {
+                            v.iter_mut().zip(w).for_each(|(a, b)| *a += *b)
+                        };
+                        let (s0, rest) = sum.split_at_mut(slots);
+                        rest.chunks(slots).for_each(|w| fold(s0, w));
+                        let (c0, rest) = cnt.split_at_mut(slots);
+                        for w in rest.chunks(slots) {
+                            c0.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
+                        }
+                        cnt.truncate(bins);
+                        sum.truncate(slots);
+                        Ok((cnt, sum, valid))
+                    },
+                )
             })
             .collect();
-        let mut hist = vec![0u64; bins + 1];
+        let mut hist = vec![0i64; bins + 1];
+        let mut sums = vec![0f64; slots];
         for p in parts {
-            for (a, b) in hist.iter_mut().zip(p?) {
-                *a += b;
+            let (cnt, sum, valid) = p?;
+            for (a, b) in hist.iter_mut().zip(&cnt) {
+                *a += *b as i64;
             }
+            for (a, b) in sums.iter_mut().zip(&sum) {
+                *a += *b;
+            }
+            hist[bins] += valid as i64;
         }
-        Ok(hist.into_iter().map(|v| v as i64).collect())
+        Ok((hist, sums))
     }
 }
 
@@ -351,11 +459,14 @@ impl CustomOp2 for GhmcHist {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c) = layout_dims2(NAME, l1)?;
-        let h = crate::common::with_float_type!(NAME, s1.dtype(), T, {
+        let (h, sums) = crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
             let tg = CpuTargets::<T>::new(NAME, self.kind, s2, l2)?;
             self.cpu_t(x, &tg, n, c)?
         });
+        if let Ok(mut s) = self.sums.lock() {
+            *s = Some(sums);
+        }
         Ok((CpuStorage::I64(h), Shape::from(self.bins + 1)))
     }
 
@@ -382,6 +493,13 @@ impl GhmcOp {
         }
     }
 
+    /// The weights with a last entry for the NaN slot (any value: NaN · w stays NaN).
+    fn cpu_weights_ext<A: Acc + WithDType>(&self) -> Result<Vec<A>> {
+        let mut w = self.cpu_weights::<A>()?;
+        w.resize(self.bins + 1, A::ZERO);
+        Ok(w)
+    }
+
     fn cpu_fwd_t<T: Elem>(
         &self,
         x: &[T],
@@ -390,78 +508,44 @@ impl GhmcOp {
         c: usize,
     ) -> Result<(CpuStorage, Shape)>
     where
-        T::A: Logistic + WithDType,
+        T::A: BinMath + WithDType,
     {
-        let bins = self.bins;
-        let e = edges::<T::A>(bins);
-        let w = self.cpu_weights::<T::A>()?;
-        let zero = T::from_acc(T::A::ZERO);
-        // β·bce of one element.
-        let el = |xv: T::A, t: T::A| -> T::A {
-            let (g, ce, _) = elem(xv, t);
-            w[bin_of(g, &e, bins)] * ce
-        };
-        let rpc = rows_per_chunk(c);
-        if self.reduction == Reduction::None {
-            let mut out = vec![zero; n * c];
-            let res: Vec<Result<()>> = out
-                .par_chunks_mut((rpc * c).max(1))
-                .enumerate()
-                .map(|(ci, o)| {
-                    for (r, orow) in o.chunks_mut(c).enumerate() {
-                        let i = ci * rpc + r;
-                        let xr = &x[i * c..(i + 1) * c];
-                        match ghm_row(tg, i, c)? {
-                            RowT::Ignored => {}
-                            RowT::Label(k) => {
-                                for (j, (oj, xv)) in orow.iter_mut().zip(xr).enumerate() {
-                                    let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                                    *oj = T::from_acc(el(xv.to_acc(), t));
-                                }
-                            }
-                            RowT::Dense(tr) => {
-                                for ((oj, xv), tv) in orow.iter_mut().zip(xr).zip(tr) {
-                                    *oj = T::from_acc(el(xv.to_acc(), tv.to_acc()));
-                                }
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-                .collect();
-            res.into_iter().collect::<Result<Vec<()>>>()?;
-            return Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))));
+        if self.reduction.is_scalar() {
+            let Some(loss) = self.cpu_loss else {
+                bail!("{NAME}: internal error: the histogram pass gave no loss")
+            };
+            let out = vec![T::from_acc(<T::A as Acc>::from_f64(loss))];
+            return Ok((T::to_cpu_storage_owned(out), Shape::from(())));
         }
-        let parts: Vec<Result<f64>> = (0..n.div_ceil(rpc))
-            .into_par_iter()
-            .map(|ci| {
-                let mut s = 0f64;
-                for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    let xr = &x[i * c..(i + 1) * c];
-                    let mut rs = T::A::ZERO;
-                    match ghm_row(tg, i, c)? {
-                        RowT::Ignored => {}
-                        RowT::Label(k) => {
-                            for (j, xv) in xr.iter().enumerate() {
-                                let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                                rs += el(xv.to_acc(), t);
+        let bins = self.bins;
+        let w = self.cpu_weights_ext::<T::A>()?;
+        let rpc = rows_per_chunk(c);
+        let mut out = zeroed_vec::<T>(n * c)?;
+        let res: Vec<Result<()>> = out
+            .par_chunks_mut((rpc * c).max(1))
+            .enumerate()
+            .map(|(ci, o)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut sc = Scratch::<T::A>::new(c);
+                        for (r, orow) in o.chunks_mut(c).enumerate() {
+                            let i = ci * rpc + r;
+                            if !sc.load(tg, i, c)? {
+                                continue;
+                            }
+                            sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
+                            for ((oj, &b), &ce) in orow.iter_mut().zip(&sc.bin).zip(&sc.ce) {
+                                *oj = T::from_acc(w[(b as usize).min(bins)] * ce);
                             }
                         }
-                        RowT::Dense(tr) => {
-                            for (xv, tv) in xr.iter().zip(tr) {
-                                rs += el(xv.to_acc(), tv.to_acc());
-                            }
-                        }
-                    }
-                    s += Acc::to_f64(rs);
-                }
-                Ok(s)
+                        Ok(())
+                    },
+                )
             })
             .collect();
-        let parts = parts.into_iter().collect::<Result<Vec<f64>>>()?;
-        let total = ordered_sum(&parts) * self.reduction.scale(self.mean_denom);
-        let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
-        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+        res.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))))
     }
 
     fn cpu_bwd_t<T: Elem>(
@@ -473,11 +557,10 @@ impl GhmcOp {
         c: usize,
     ) -> Result<(CpuStorage, Shape)>
     where
-        T::A: Logistic + WithDType,
+        T::A: BinMath + WithDType,
     {
         let bins = self.bins;
-        let e = edges::<T::A>(bins);
-        let w = self.cpu_weights::<T::A>()?;
+        let w = self.cpu_weights_ext::<T::A>()?;
         let scalar_up = self.reduction.is_scalar();
         if scalar_up && up.len() != 1 || !scalar_up && up.len() != n * c {
             bail!("{NAME}: upstream gradient has {} elements", up.len())
@@ -488,43 +571,39 @@ impl GhmcOp {
         } else {
             scale
         });
-        // β·(σ(x) - t), the weights held constant.
-        let el = |xv: T::A, t: T::A| -> T::A {
-            let (g, _, d) = elem(xv, t);
-            w[bin_of(g, &e, bins)] * d
-        };
         let rpc = rows_per_chunk(c);
-        let mut g = vec![T::from_acc(T::A::ZERO); n * c];
+        let mut g = zeroed_vec::<T>(n * c)?;
         let res: Vec<Result<()>> = g
             .par_chunks_mut((rpc * c).max(1))
             .enumerate()
             .map(|(ci, gc)| {
-                for (r, grow) in gc.chunks_mut(c).enumerate() {
-                    let i = ci * rpc + r;
-                    let xr = &x[i * c..(i + 1) * c];
-                    let upv = |j: usize| {
-                        if scalar_up {
-                            T::A::ONE
-                        } else {
-                            up[i * c + j].to_acc()
-                        }
-                    };
-                    match ghm_row(tg, i, c)? {
-                        RowT::Ignored => {}
-                        RowT::Label(k) => {
-                            for (j, (gj, xv)) in grow.iter_mut().zip(xr).enumerate() {
-                                let t = if j == k { T::A::ONE } else { T::A::ZERO };
-                                *gj = T::from_acc(base * upv(j) * el(xv.to_acc(), t));
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut sc = Scratch::<T::A>::new(c);
+                        for (r, grow) in gc.chunks_mut(c).enumerate() {
+                            let i = ci * rpc + r;
+                            if !sc.load(tg, i, c)? {
+                                continue;
+                            }
+                            sc.eval::<T, false>(&x[i * c..(i + 1) * c], bins);
+                            // β·(σ(x) - t), the weights held constant.
+                            let it = grow.iter_mut().zip(&sc.bin).zip(&sc.d);
+                            if scalar_up {
+                                for ((gj, &b), &d) in it {
+                                    *gj = T::from_acc(base * (w[(b as usize).min(bins)] * d));
+                                }
+                            } else {
+                                let ur = &up[i * c..(i + 1) * c];
+                                for (((gj, &b), &d), u) in it.zip(ur) {
+                                    let wd = w[(b as usize).min(bins)] * d;
+                                    *gj = T::from_acc(base * u.to_acc() * wd);
+                                }
                             }
                         }
-                        RowT::Dense(tr) => {
-                            for (j, ((gj, xv), tv)) in grow.iter_mut().zip(xr).zip(tr).enumerate() {
-                                *gj = T::from_acc(base * upv(j) * el(xv.to_acc(), tv.to_acc()));
-                            }
-                        }
-                    }
-                }
-                Ok(())
+                        Ok(())
+                    },
+                )
             })
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;

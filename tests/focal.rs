@@ -831,3 +831,33 @@ fn bitwise_deterministic_for_any_thread_count() {
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
 }
+
+#[test]
+fn fused_training_pass_equals_loss_only_and_recomputed_gradient() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(91);
+    let (n, c) = (300, 7);
+    for dtype in [DType::F32, DType::F16, DType::F64] {
+        let xv = rng.vec_normal(n * c, 3.0);
+        let x = candle_core::Var::from_tensor(
+            &Tensor::from_vec(xv, (n, c), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        for dense in [false, true] {
+            let tg = make_targets(&mut rng, n, c, dense, false);
+            let t = targets_tensor(&tg, n, c, dtype, &dev);
+            for reduction in [Reduction::Mean, Reduction::Sum, Reduction::AvgFactor(17.0)] {
+                let f = SigmoidFocalLoss {
+                    reduction,
+                    alpha: Some(0.25),
+                    ..Default::default()
+                };
+                let what = format!("{dtype:?} dense={dense} {reduction:?}");
+                check_fused_equals_recomputed(&what, &x, |x| f.forward(x, &t));
+            }
+        }
+    }
+}

@@ -921,3 +921,43 @@ fn bitwise_deterministic_for_any_thread_count() {
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
 }
+
+#[test]
+fn fused_training_pass_equals_loss_only_and_recomputed_gradient() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(92);
+    let (n, k) = (300, 21);
+    let labels = Tensor::new(make_labels(&mut rng, n, k), &dev).unwrap();
+    let wv: Vec<f64> = (0..k).map(|_| 0.5 + rng.uniform()).collect();
+    for dtype in [DType::F32, DType::F16, DType::F64] {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::from_vec(rng.vec_normal(n * k, 3.0), (n, k), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        let w = Tensor::new(wv.clone(), &dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        for reduction in [Reduction::Mean, Reduction::Sum, Reduction::AvgFactor(17.0)] {
+            for (smoothing, weights) in [(0.0, None), (0.1, Some(w.clone()))] {
+                let ce = CrossEntropyLoss {
+                    reduction,
+                    class_weights: weights.clone(),
+                    label_smoothing: smoothing,
+                };
+                let what = format!("CE {dtype:?} {reduction:?} eps={smoothing}");
+                check_fused_equals_recomputed(&what, &x, |x| ce.forward(x, &labels));
+                let sf = SoftmaxFocalLoss {
+                    reduction,
+                    class_weights: weights,
+                    ..Default::default()
+                };
+                let what = format!("softmax focal {dtype:?} {reduction:?}");
+                check_fused_equals_recomputed(&what, &x, |x| sf.forward(x, &labels));
+            }
+        }
+    }
+}
