@@ -467,8 +467,9 @@ impl Plan {
         // below the i64 limit of 2^63).
         let e = t.log2().ceil() as i32;
         let f = (61 - e).clamp(-1000, 1000);
-        // Two cells per edge on average.
-        let ncell = 2 * edges.len();
+        // Sixteen cells per edge on average: most cells then hold no edge, and a lookup is one
+        // read of the (L2-resident) cell table plus at most a compare or two.
+        let ncell = 16 * edges.len();
         plan.cell_scale = ncell as f64 / (hi - lo);
         plan.cells = vec![0u32; ncell + 1];
         for &e in &edges {
@@ -887,11 +888,16 @@ fn cpu_gather<T: Elem>(x: &[T], tg: &Tg<'_, T>, n: usize, c: usize) -> Result<Ve
             let mut out = Vec::new();
             for i in ci * rpc..((ci + 1) * rpc).min(n) {
                 let xr = &x[i * c..(i + 1) * c];
-                tg.row(i, c, |j, r| {
-                    if r == Role::Pos {
-                        out.push(xr[j].to_f64());
-                    }
-                })?;
+                tg.row(
+                    i,
+                    c,
+                    #[inline(always)]
+                    |j, r| {
+                        if r == Role::Pos {
+                            out.push(xr[j].to_f64());
+                        }
+                    },
+                )?;
             }
             Ok(out)
         })
@@ -959,26 +965,31 @@ fn cpu_bucket<T: Elem>(
             |mut acc, ci| -> Result<BucketAcc> {
                 for i in ci * rpc..((ci + 1) * rpc).min(n) {
                     let xr = &x[i * c..(i + 1) * c];
-                    tg.row(i, c, |j, r| {
-                        if r != Role::Neg {
-                            return;
-                        }
-                        let v = xr[j].to_f64();
-                        if !v.is_finite() {
-                            acc.nonfinite += 1;
-                            return;
-                        }
-                        let b = plan.bucket(v);
-                        if b == 0 {
-                            return; // below every window: H = 0 for every positive
-                        }
-                        let bin = &mut acc.bins[b];
-                        bin.cnt += 1;
-                        if b < top {
-                            // Inside some window: its offset enters the linear part of H.
-                            bin.sum += plan.quant(v) as i128;
-                        }
-                    })?;
+                    tg.row(
+                        i,
+                        c,
+                        #[inline(always)]
+                        |j, r| {
+                            if r != Role::Neg {
+                                return;
+                            }
+                            let v = xr[j].to_f64();
+                            if !v.is_finite() {
+                                acc.nonfinite += 1;
+                                return;
+                            }
+                            let b = plan.bucket(v);
+                            if b == 0 {
+                                return; // below every window: H = 0 for every positive
+                            }
+                            let bin = &mut acc.bins[b];
+                            bin.cnt += 1;
+                            if b < top {
+                                // Inside some window: its offset enters the linear part of H.
+                                bin.sum += plan.quant(v) as i128;
+                            }
+                        },
+                    )?;
                 }
                 Ok(acc)
             },
@@ -1012,7 +1023,7 @@ fn cpu_update<T: Elem>(
                 let i = ci * rpc + r;
                 let xr = &x[i * c..(i + 1) * c];
                 let mut missing = None;
-                tg.row(i, c, |j, role| {
+                tg.row(i, c, #[inline(always)] |j, role| {
                     let v = xr[j].to_f64();
                     let d = match role {
                         Role::Ignored => return,
