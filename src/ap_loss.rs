@@ -12,14 +12,18 @@
 //! a negative `x` is affine in `x` inside each bucket, `α_b + β_b (x - centre)`, with
 //! `α_b, β_b` from prefix sums of `f_i / (a_i + b_i)` over the sorted positives; a second pass
 //! finds each score's bucket by binary search. Negatives below `min(s_P) - δ` fall into bucket 0
-//! and touch nothing. No N×P matrix, no sort of the negatives.
+//! and touch nothing. No N×P matrix, no sort of the negatives. On the CPU, `forward` of logits
+//! that track gradients is one training step: the bucket pass records each negative's bucket
+//! (in a per-thread workspace) and the update pass reuses it, and the backward only scales the
+//! saved update.
 //!
 //! The bucket sums are integers (fixed point with a power-of-two scale chosen from the range of
 //! the positives), so merging partial results is exact and order-independent: the CPU result is
 //! bitwise identical for any thread count, the CUDA kernels (integer atomics) give the same
 //! statistics bit for bit, and shards merged by an all-reduce give exactly the pooled result.
 
-use crate::common::{self, check_float_2d, cpu_slice, decode_label, rows_per_chunk, Acc, Elem};
+use crate::common::{self, check_float_2d, cpu_slice, decode_label, rows_per_chunk, zeroed_vec};
+use crate::common::{Acc, Elem, SavedGrad};
 use crate::common::{Label, RowLabel, TargetKind};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
@@ -28,6 +32,12 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 const NAME: &str = "ApLoss";
+
+thread_local! {
+    /// Workspace of [`ApLoss::forward`]'s CPU training step: one bucket id per score, grown to
+    /// the largest batch seen on this thread and reused (its contents are rewritten each step).
+    static IDS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// AP-Loss of Chen et al. (CVPR 2019): `1 - AP` over all valid anchor×class scores, ranked
 /// jointly with a smoothed step, trained with the paper's error-driven update (the official
@@ -244,8 +254,60 @@ impl ApLoss {
     /// `{-1, 0, 1}` `[N, C]`), ranking all valid scores of the tensor jointly. `backward()`
     /// gives the error-driven update as the logits' gradient.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if logits.device().is_cpu() && logits.track_op() {
+            return self.forward_fused_cpu(logits, targets);
+        }
         let global = self.global(logits, targets)?;
         self.forward_shard(logits, targets, &global)
+    }
+
+    /// A CPU training step: the three phases and the update in one forward (the backward only
+    /// scales the saved update), each negative's bucket looked up once and reused by the update
+    /// pass. The same statistics, loss and update as the phases give.
+    fn forward_fused_cpu(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let pos = self.gather_positives(logits, targets)?;
+        let inp = self.prepare(logits, targets)?;
+        let plan = Arc::new(Plan::new(self.delta, &pos)?);
+        let saved = SavedGrad::default();
+        let global = {
+            let (s1, l1) = inp.logits.storage_and_layout();
+            let (s2, l2) = inp.targets.storage_and_layout();
+            let (kind, n, c) = (inp.kind, inp.n, inp.c);
+            let (Storage::Cpu(a), Storage::Cpu(b)) = (&*s1, &*s2) else {
+                bail!("{NAME}: logits and targets must both be on the CPU or on one CUDA device")
+            };
+            common::with_float_type!(NAME, a.dtype(), T, {
+                let x = cpu_slice::<T>(NAME, a, l1)?;
+                let tg = Tg::<T>::new(kind, b, l2)?;
+                // The bucket ids live in a per-thread workspace kept from one step to the next:
+                // on a VM, fresh pages cost about as much as the second lookup they save.
+                let mut ids = IDS.with(|w| w.take());
+                if ids.len() < n * c {
+                    ids = zeroed_vec::<u32>(n * c)?;
+                }
+                let (nonfinite, cnt, sum) =
+                    cpu_bucket(&plan, x, &tg, n, c, Some(&mut ids[..n * c]))?;
+                let stats = ApStats {
+                    plan: plan.clone(),
+                    nonfinite,
+                    cnt,
+                    sum,
+                };
+                let global = self.finish(&stats)?;
+                let upd = cpu_update(&global.0, x, &tg, 1.0, n, c, Some(&ids[..n * c]))?;
+                IDS.with(|w| w.replace(ids));
+                saved.put(T::to_cpu_storage_owned(upd), Shape::from((n, c)));
+                global
+            })
+        };
+        let op = ApFwd {
+            op: ApOp {
+                global,
+                kind: inp.kind,
+            },
+            saved: Some(saved),
+        };
+        inp.logits.apply_op2(&inp.targets, op)
     }
 
     /// Phases 1-3 on one device: the [`ApGlobal`] of this batch alone (what
@@ -296,7 +358,7 @@ impl ApLoss {
             (Storage::Cpu(a), Storage::Cpu(b)) => {
                 common::with_float_type!(NAME, a.dtype(), T, {
                     let x = cpu_slice::<T>(NAME, a, l1)?;
-                    cpu_bucket(&plan, x, &Tg::<T>::new(kind, b, l2)?, n, c)?
+                    cpu_bucket(&plan, x, &Tg::<T>::new(kind, b, l2)?, n, c, None)?
                 })
             }
             #[cfg(feature = "cuda")]
@@ -336,10 +398,13 @@ impl ApLoss {
     ) -> Result<Tensor> {
         let inp = self.prepare(logits, targets)?;
         self.check_global(global)?;
-        let op = ApFwd(ApOp {
-            global: global.clone(),
-            kind: inp.kind,
-        });
+        let op = ApFwd {
+            op: ApOp {
+                global: global.clone(),
+                kind: inp.kind,
+            },
+            saved: None,
+        };
         inp.logits.apply_op2(&inp.targets, op)
     }
 
@@ -772,7 +837,13 @@ impl Global {
     /// The update of a negative score `v` (finite, as `nan` is false).
     #[inline(always)]
     fn neg_update(&self, v: f64) -> f64 {
-        match self.plan.bucket(v) {
+        self.neg_update_in(self.plan.bucket(v), v)
+    }
+
+    /// The update of a negative score `v` in bucket `b`.
+    #[inline(always)]
+    fn neg_update_in(&self, b: usize, v: f64) -> f64 {
+        match b.min(self.coef.len() - 1) {
             0 => 0.0,
             b => {
                 let [a, s] = self.coef[b];
@@ -951,56 +1022,75 @@ fn cpu_bucket<T: Elem>(
     tg: &Tg<'_, T>,
     n: usize,
     c: usize,
+    ids: Option<&mut [u32]>,
 ) -> Result<BucketResult> {
     let nb = plan.buckets();
     let top = nb - 1;
     let rpc = rows_per_chunk(c);
     // Each task folds several chunks into one accumulator of 2P+1 buckets.
     let min_chunks = (nb * 4).div_ceil(rpc * c.max(1)).max(1);
-    let acc = (0..n.div_ceil(rpc))
-        .into_par_iter()
-        .with_min_len(min_chunks)
-        .try_fold(
-            || BucketAcc::new(nb),
-            |mut acc, ci| -> Result<BucketAcc> {
-                for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                    let xr = &x[i * c..(i + 1) * c];
-                    tg.row(
-                        i,
-                        c,
-                        #[inline(always)]
-                        |j, r| {
-                            if r != Role::Neg {
-                                return;
-                            }
-                            let v = xr[j].to_f64();
-                            if !v.is_finite() {
-                                acc.nonfinite += 1;
-                                return;
-                            }
-                            let b = plan.bucket(v);
-                            if b == 0 {
-                                return; // below every window: H = 0 for every positive
-                            }
-                            let bin = &mut acc.bins[b];
-                            bin.cnt += 1;
-                            if b < top {
-                                // Inside some window: its offset enters the linear part of H.
-                                bin.sum += plan.quant(v) as i128;
-                            }
-                        },
-                    )?;
-                }
-                Ok(acc)
-            },
-        )
-        .try_reduce(|| BucketAcc::new(nb), |a, b| Ok(a.merge(b)))?;
+    // One chunk of rows; with `ids`, each negative's bucket is also recorded there (for an
+    // update pass in the same forward, which then needs no second lookup).
+    let body = |mut acc: BucketAcc, ci: usize, mut ids: Option<&mut [u32]>| -> Result<BucketAcc> {
+        for i in ci * rpc..((ci + 1) * rpc).min(n) {
+            let xr = &x[i * c..(i + 1) * c];
+            let row0 = (i - ci * rpc) * c;
+            tg.row(
+                i,
+                c,
+                #[inline(always)]
+                |j, r| {
+                    if r != Role::Neg {
+                        return;
+                    }
+                    let v = xr[j].to_f64();
+                    if !v.is_finite() {
+                        acc.nonfinite += 1;
+                        return;
+                    }
+                    let b = plan.bucket(v);
+                    if let Some(slot) = ids.as_deref_mut().and_then(|d| d.get_mut(row0 + j)) {
+                        *slot = b as u32;
+                    }
+                    if b == 0 {
+                        return; // below every window: H = 0 for every positive
+                    }
+                    let bin = &mut acc.bins[b];
+                    bin.cnt += 1;
+                    if b < top {
+                        // Inside some window: its offset enters the linear part of H.
+                        bin.sum += plan.quant(v) as i128;
+                    }
+                },
+            )?;
+        }
+        Ok(acc)
+    };
+    let merge = |a: BucketAcc, b: BucketAcc| Ok(a.merge(b));
+    let acc = match ids {
+        Some(ids) if c > 0 => ids
+            .par_chunks_mut(rpc * c)
+            .enumerate()
+            .with_min_len(min_chunks)
+            .try_fold(
+                || BucketAcc::new(nb),
+                |acc, (ci, chunk)| body(acc, ci, Some(chunk)),
+            )
+            .try_reduce(|| BucketAcc::new(nb), merge)?,
+        _ => (0..n.div_ceil(rpc))
+            .into_par_iter()
+            .with_min_len(min_chunks)
+            .try_fold(|| BucketAcc::new(nb), |acc, ci| body(acc, ci, None))
+            .try_reduce(|| BucketAcc::new(nb), merge)?,
+    };
     let cnt = acc.bins.iter().map(|b| b.cnt).collect();
     let sum = acc.bins.iter().map(|b| b.sum).collect();
     Ok((acc.nonfinite, cnt, sum))
 }
 
-/// The update of every element of the shard, times `g`.
+/// The update of every element of the shard, times `g` (rounded to `T`, then scaled by `g`
+/// when it is not 1, as a saved update is). `ids`: the negatives' buckets recorded by the
+/// bucket pass (else looked up again).
 fn cpu_update<T: Elem>(
     gl: &Global,
     x: &[T],
@@ -1008,9 +1098,9 @@ fn cpu_update<T: Elem>(
     g: f64,
     n: usize,
     c: usize,
+    ids: Option<&[u32]>,
 ) -> Result<Vec<T>> {
-    let zero = T::from_acc(T::A::ZERO);
-    let mut out = vec![zero; n * c];
+    let mut out = zeroed_vec::<T>(n * c)?;
     if c == 0 {
         return Ok(out);
     }
@@ -1028,7 +1118,10 @@ fn cpu_update<T: Elem>(
                     let d = match role {
                         Role::Ignored => return,
                         _ if gl.nan => f64::NAN,
-                        Role::Neg => gl.neg_update(v),
+                        Role::Neg => match ids.and_then(|d| d.get(i * c + j)) {
+                            Some(&b) => gl.neg_update_in(b as usize, v),
+                            None => gl.neg_update(v),
+                        },
                         Role::Pos => match gl.pos_update(v) {
                             Some(d) => d,
                             None => {
@@ -1038,7 +1131,7 @@ fn cpu_update<T: Elem>(
                         },
                     };
                     // Rounded through the accumulator type, as the CUDA kernel does.
-                    orow[j] = T::from_acc(T::A::from_f64(d * g));
+                    orow[j] = T::from_acc(T::A::from_f64(d));
                 })?;
                 if let Some((v, j)) = missing {
                     bail!("{NAME}: positive score {v} at [{i}, {j}] is not among the global positives (ApGlobal from other inputs?)")
@@ -1048,6 +1141,9 @@ fn cpu_update<T: Elem>(
         })
         .collect();
     res.into_iter().collect::<Result<Vec<()>>>()?;
+    if g != 1.0 {
+        common::scale_in_place(&mut out, g);
+    }
     Ok(out)
 }
 
@@ -1063,7 +1159,11 @@ struct ApOp {
 
 /// `(logits, targets) -> loss`; the loss was computed by the phases, the op carries it into
 /// the graph so that `backward()` reaches the update.
-struct ApFwd(ApOp);
+struct ApFwd {
+    op: ApOp,
+    /// The update, when the forward computed it (CPU training step).
+    saved: Option<SavedGrad>,
+}
 /// `(logits, targets, upstream) -> update · upstream`.
 struct ApUpdate(ApOp);
 
@@ -1079,7 +1179,7 @@ impl CustomOp2 for ApFwd {
         _s2: &CpuStorage,
         _l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let loss = self.0.global.0.loss;
+        let loss = self.op.global.0.loss;
         common::with_float_type!(NAME, s1.dtype(), T, {
             let v = T::from_acc(<<T as Elem>::A as Acc>::from_f64(loss));
             Ok((T::to_cpu_storage_owned(vec![v]), Shape::from(())))
@@ -1094,7 +1194,7 @@ impl CustomOp2 for ApFwd {
         _s2: &candle_core::CudaStorage,
         _l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::scalar(s1, self.0.global.0.loss)
+        cuda::scalar(s1, self.op.global.0.loss)
     }
 
     fn bwd(
@@ -1104,8 +1204,14 @@ impl CustomOp2 for ApFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(g) = match &self.saved {
+            Some(saved) => saved.take(NAME, grad_res)?,
+            None => None,
+        } {
+            return Ok((Some(g), None));
+        }
         let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(targets, &up, &ApUpdate(self.0.clone()))?;
+        let g = logits.apply_op3_no_bwd(targets, &up, &ApUpdate(self.op.clone()))?;
         Ok((Some(g), None))
     }
 }
@@ -1136,7 +1242,7 @@ impl CustomOp3 for ApUpdate {
                 )
             };
             let g = candle_core::WithDType::to_f64(*g);
-            let out = cpu_update(&self.0.global.0, x, &tg, g, n, c)?;
+            let out = cpu_update(&self.0.global.0, x, &tg, g, n, c, None)?;
             Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))))
         })
     }

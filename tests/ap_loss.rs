@@ -709,3 +709,35 @@ fn shards_1_2_5_equal_the_pooled_call_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn fused_training_step_equals_the_phases_and_the_recomputed_update() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(93);
+    let (n, c) = (400, 9);
+    for dtype in [DType::F32, DType::F16, DType::F64] {
+        let x = candle_core::Var::from_tensor(
+            &Tensor::from_vec(scores(&mut rng, n * c), (n, c), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+        .unwrap();
+        for (form, tg) in [
+            ("labels", labels(&mut rng, n, c, true)),
+            ("dense", dense(&mut rng, n, c)),
+        ] {
+            for t in target_tensors(&tg, n, c, dtype, &dev) {
+                for interpolate in [true, false] {
+                    let ap = ApLoss {
+                        interpolate,
+                        ..Default::default()
+                    };
+                    let what =
+                        format!("{dtype:?} {form} {:?} interpolate={interpolate}", t.dtype());
+                    check_fused_equals_recomputed(&what, &x, |x| ap.forward(x, &t));
+                }
+            }
+        }
+    }
+}
