@@ -35,7 +35,10 @@ const NAME: &str = "SigmoidFocalLoss";
 ///
 /// Reductions: `None` gives `[N, C]`; `Sum`; `Mean` = sum / (number of non-ignored rows × C)
 /// (0 when every row is ignored); `AvgFactor(f)` = sum / f (RetinaNet: the number of positive
-/// anchors). Scalar reductions are computed inside the kernel.
+/// anchors). Scalar reductions are computed inside the kernel. On the CPU, a scalar loss of
+/// logits that track gradients (a training step) writes the gradient in the same pass as the
+/// loss, and the backward only scales it by the upstream gradient; the loss value is bitwise the
+/// same as for detached logits.
 ///
 /// # Shapes
 ///

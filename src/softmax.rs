@@ -1,10 +1,12 @@
 //! Softmax cross-entropy (the Faster R-CNN classification loss) and the softmax focal loss, as
 //! fused Candle custom ops sharing one row kernel.
 //!
-//! Each row is read once to get its softmax statistics (online max, log-sum-exp and, for label
-//! smoothing, the weighted sum of `lse - x_k`), from which the row loss follows. The backward op
-//! recomputes the statistics from the logits (no `[N, K]` softmax is stored by the forward) and
-//! writes `∂l/∂x_j = a·p_j - c·w_j` (plus a label-column correction) in a second sweep.
+//! Each row (in L1) is swept a few times with vectorised loops: its max, then `e^{x_k - m}`
+//! (one `exp` per element, kept in a scratch row) and the sums, from which the row loss
+//! follows; the gradient `∂l/∂x_j = a·p_j - c·w_j` (plus a label-column correction) comes from
+//! the same scratch row. A scalar loss of logits that track gradients writes the gradient in
+//! that same pass, and the backward only scales it; otherwise the backward op recomputes the
+//! rows (bitwise the same result).
 
 use crate::common::{
     acc_dtype, check_float_2d, check_non_negative, check_same_device, cpu_slice, decode_label,
