@@ -431,7 +431,9 @@ impl<A: IouAcc> Block<A> {
 
     /// Loss (and, with `GRAD`, gradient times `up`) of every pair of the block: a loop of fixed
     /// length over unit-stride arrays, with no branch on the data, so that it vectorises.
+    /// (Indexed by row: one index into the 14 arrays, of a constant trip count.)
     #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
     fn eval<const K: u8, const GRAD: bool>(&mut self, eps: A, vc: A) {
         let c = &self.c;
         for i in 0..BLOCK_ROWS {
@@ -440,8 +442,8 @@ impl<A: IouAcc> Block<A> {
             let (l, di) = box_pair::<A, K, GRAD>(p, g, eps, vc, self.up[i]);
             self.loss[i] = l;
             if GRAD {
-                for j in 0..4 {
-                    self.d[j][i] = di[j];
+                for (dj, v) in self.d.iter_mut().zip(di) {
+                    dj[i] = v;
                 }
             }
         }
@@ -451,8 +453,8 @@ impl<A: IouAcc> Block<A> {
     #[inline(always)]
     fn store_grad<T: Elem<A = A>>(&self, gb: &mut [T]) {
         for (i, gr) in gb.chunks_exact_mut(4).take(BLOCK_ROWS).enumerate() {
-            for j in 0..4 {
-                gr[j] = T::from_acc(self.d[j][i]);
+            for (v, dj) in gr.iter_mut().zip(&self.d) {
+                *v = T::from_acc(dj[i]);
             }
         }
     }
