@@ -761,7 +761,7 @@ fn bitwise_deterministic_for_any_thread_count() {
 }
 
 /// The bits of a float tensor (f16 and f32 convert to f32 exactly).
-fn bits_of(t: &Tensor) -> Vec<u32> {
+fn f32_bits(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
@@ -816,7 +816,7 @@ fn fused_forward_gradient_equals_the_recomputed_one_bitwise() {
                 let what = format!("{loss:?} {red:?} {dtype:?}");
                 let l = forward(loss, red, var.as_tensor(), &tt).unwrap();
                 let detached = forward(loss, red, &var.as_tensor().detach(), &tt).unwrap();
-                assert_eq!(bits_of(&l), bits_of(&detached), "{what}: loss");
+                assert_eq!(f32_bits(&l), f32_bits(&detached), "{what}: loss");
                 for up in [1.0, 3.0] {
                     let l = forward(loss, red, var.as_tensor(), &tt).unwrap();
                     let obj = if up == 1.0 {
@@ -827,7 +827,11 @@ fn fused_forward_gradient_equals_the_recomputed_one_bitwise() {
                     let fused = obj.backward().unwrap();
                     let recomputed = obj.backward().unwrap();
                     let (a, b) = (fused.get(&var).unwrap(), recomputed.get(&var).unwrap());
-                    assert_eq!(bits_of(a), bits_of(b), "{what}: gradient, upstream {up}");
+                    assert_eq!(f32_bits(a), f32_bits(b), "{what}: gradient, upstream {up}");
+                    assert!(
+                        f32_bits(a).iter().any(|v| *v != 0 && *v != 1 << 31),
+                        "{what}: zero gradient"
+                    );
                 }
             }
         }
