@@ -2,7 +2,8 @@
 //! hand-derived backward; torchvision semantics and eps placement.
 
 use crate::common::{
-    check_float, check_same_device, cpu_slice, ordered_sum, rows_per_chunk, Acc, Elem,
+    check_float, check_same_device, cpu_slice, lane_sum, ordered_sum, rows_per_chunk,
+    scale_in_place, vectorized, zeroed_vec, Acc, Elem, SavedGrad,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -156,8 +157,11 @@ impl BoxIouLoss {
             eps: self.eps,
             reduction: self.reduction,
         };
+        // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also
+        // computes the gradient, and the backward only scales it.
+        let saved = (self.reduction.is_scalar() && pred.track_op()).then(SavedGrad::default);
         pred.contiguous()?
-            .apply_op2(&target.contiguous()?, IouFwd(op))
+            .apply_op2(&target.contiguous()?, IouFwd { op, saved })
     }
 }
 
@@ -169,8 +173,11 @@ struct IouOp {
     reduction: Reduction,
 }
 
-/// Forward op: `(pred, target) -> loss`.
-struct IouFwd(IouOp);
+/// Forward op: `(pred, target) -> loss`; with `saved`, the CPU pass also stores the gradient.
+struct IouFwd {
+    op: IouOp,
+    saved: Option<SavedGrad>,
+}
 /// Backward op: `(pred, target, upstream gradient) -> ∂loss/∂pred`.
 struct IouBwd(IouOp);
 
@@ -380,8 +387,7 @@ fn box_pair<A: IouAcc, const K: u8, const GRAD: bool>(
     (loss, [gx1_, gy1_, gx2_, gy2_])
 }
 
-/// Independent accumulators, and rows per block, of the scalar reductions.
-const LANES: usize = 8;
+/// Rows per block of the CPU kernels.
 const BLOCK_ROWS: usize = 256;
 
 /// A block of up to `BLOCK_ROWS` box pairs deinterleaved into one array per coordinate
@@ -389,16 +395,26 @@ const BLOCK_ROWS: usize = 256;
 /// a loop over unit-stride arrays, which LLVM vectorises; the `[N, 4]` rows are strided by 4.
 struct Block<A> {
     c: [[A; BLOCK_ROWS]; 8],
+    /// Per-row upstream gradient (or the scalar coefficient in every row).
+    up: [A; BLOCK_ROWS],
+    /// Per-row losses.
+    loss: [A; BLOCK_ROWS],
+    /// Per-row gradient, one array per coordinate.
+    d: [[A; BLOCK_ROWS]; 4],
 }
 
-impl<A: Acc> Block<A> {
-    fn new() -> Self {
+impl<A: IouAcc> Block<A> {
+    fn new(up: A) -> Self {
         Self {
             c: [[A::ZERO; BLOCK_ROWS]; 8],
+            up: [up; BLOCK_ROWS],
+            loss: [A::ZERO; BLOCK_ROWS],
+            d: [[A::ZERO; BLOCK_ROWS]; 4],
         }
     }
 
-    /// Loads the rows of `p` and `g` (at most `BLOCK_ROWS`); returns the number of rows.
+    /// Loads the rows of `p` and `g` (at most `BLOCK_ROWS`); returns the number of rows. Rows
+    /// past it keep older values: they are computed but never read.
     #[inline(always)]
     fn load<T: Elem<A = A>>(&mut self, p: &[T], g: &[T]) -> usize {
         let rows = p.chunks_exact(4).zip(g.chunks_exact(4)).take(BLOCK_ROWS);
@@ -413,30 +429,74 @@ impl<A: Acc> Block<A> {
         m
     }
 
+    /// Loss (and, with `GRAD`, gradient times `up`) of every pair of the block: a loop of fixed
+    /// length over unit-stride arrays, with no branch on the data, so that it vectorises.
+    /// (Indexed by row: one index into the 14 arrays, of a constant trip count.)
     #[inline(always)]
-    fn pair(&self, i: usize) -> ([A; 4], [A; 4]) {
+    #[allow(clippy::needless_range_loop)]
+    fn eval<const K: u8, const GRAD: bool>(&mut self, eps: A, vc: A) {
         let c = &self.c;
-        (
-            [c[0][i], c[1][i], c[2][i], c[3][i]],
-            [c[4][i], c[5][i], c[6][i], c[7][i]],
-        )
+        for i in 0..BLOCK_ROWS {
+            let p = [c[0][i], c[1][i], c[2][i], c[3][i]];
+            let g = [c[4][i], c[5][i], c[6][i], c[7][i]];
+            let (l, di) = box_pair::<A, K, GRAD>(p, g, eps, vc, self.up[i]);
+            self.loss[i] = l;
+            if GRAD {
+                for (dj, v) in self.d.iter_mut().zip(di) {
+                    dj[i] = v;
+                }
+            }
+        }
     }
 
-    /// The losses of the first `m` pairs into `out`.
+    /// Writes the gradient of the first `gb.len() / 4` rows, interleaved, into `gb`.
     #[inline(always)]
-    fn losses<const K: u8>(&self, m: usize, eps: A, vc: A, out: &mut [A; BLOCK_ROWS])
-    where
-        A: IouAcc,
-    {
-        let m = m.min(BLOCK_ROWS);
-        for (i, o) in out[..m].iter_mut().enumerate() {
-            let (p, g) = self.pair(i);
-            *o = box_pair::<A, K, false>(p, g, eps, vc, A::ONE).0;
+    fn store_grad<T: Elem<A = A>>(&self, gb: &mut [T]) {
+        for (i, gr) in gb.chunks_exact_mut(4).take(BLOCK_ROWS).enumerate() {
+            for (v, dj) in gr.iter_mut().zip(&self.d) {
+                *v = T::from_acc(dj[i]);
+            }
         }
     }
 }
 
-fn cpu_fwd_t<T: Elem, const K: u8>(op: &IouOp, x: &[T], t: &[T]) -> Result<(CpuStorage, Shape)>
+/// Loss sum of the rows of one chunk, blocks summed with [`lane_sum`] and flushed to f64 per
+/// block (a fixed order: deterministic); with `GRAD` it also writes `coef · ∂l/∂pred` into `g`
+/// (the chunk's `[rows, 4]` gradient). The sum has the same bits either way.
+#[inline(always)]
+fn chunk_sum<T: Elem, const K: u8, const GRAD: bool>(
+    xs: &[T],
+    ts: &[T],
+    eps: T::A,
+    vc: T::A,
+    coef: T::A,
+    g: &mut [T],
+) -> f64
+where
+    T::A: IouAcc,
+{
+    let mut s = 0f64;
+    let mut blk = Block::<T::A>::new(coef);
+    let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
+    for (bi, (xb, tb)) in blocks.enumerate() {
+        let m = blk.load(xb, tb).min(BLOCK_ROWS);
+        blk.eval::<K, GRAD>(eps, vc);
+        s += lane_sum(&blk.loss[..m]).to_f64();
+        if GRAD {
+            let start = (bi * 4 * BLOCK_ROWS).min(g.len());
+            let end = (start + 4 * m).min(g.len());
+            blk.store_grad(&mut g[start..end]);
+        }
+    }
+    s
+}
+
+fn cpu_fwd_t<T: Elem, const K: u8>(
+    op: &IouOp,
+    x: &[T],
+    t: &[T],
+    saved: Option<&SavedGrad>,
+) -> Result<(CpuStorage, Shape)>
 where
     T::A: IouAcc,
 {
@@ -445,52 +505,58 @@ where
     let vc = T::A::from_f64(V_COEF);
     let rpc = rows_per_chunk(4);
     if op.reduction == Reduction::None {
-        let mut out = vec![T::from_acc(T::A::ZERO); n];
+        let mut out = zeroed_vec::<T>(n)?;
         out.par_chunks_mut(rpc)
             .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
             .for_each(|(o, (xs, ts))| {
-                let mut blk = Block::<T::A>::new();
-                let mut buf = [T::A::ZERO; BLOCK_ROWS];
-                let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
-                for (ob, (xb, tb)) in o.chunks_mut(BLOCK_ROWS).zip(blocks) {
-                    let m = blk.load(xb, tb);
-                    blk.losses::<K>(m, eps, vc, &mut buf);
-                    for (oi, l) in ob.iter_mut().zip(&buf[..m]) {
-                        *oi = T::from_acc(*l);
-                    }
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut blk = Block::<T::A>::new(T::A::ONE);
+                        let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
+                        for (ob, (xb, tb)) in o.chunks_mut(BLOCK_ROWS).zip(blocks) {
+                            let m = blk.load(xb, tb).min(BLOCK_ROWS);
+                            blk.eval::<K, false>(eps, vc);
+                            for (oi, l) in ob.iter_mut().zip(&blk.loss[..m]) {
+                                *oi = T::from_acc(*l);
+                            }
+                        }
+                    },
+                )
             });
         return Ok((T::to_cpu_storage_owned(out), Shape::from(n)));
     }
-    let parts: Vec<f64> = x
-        .par_chunks(rpc * 4)
-        .zip(t.par_chunks(rpc * 4))
-        .map(|(xs, ts)| {
-            // Losses of a block into a buffer, then summed into LANES independent accumulators
-            // and flushed to f64 per block: a fixed order.
-            let mut s = 0f64;
-            let mut blk = Block::<T::A>::new();
-            let mut buf = [T::A::ZERO; BLOCK_ROWS];
-            for (xb, tb) in xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS)) {
-                let m = blk.load(xb, tb);
-                blk.losses::<K>(m, eps, vc, &mut buf);
-                let mut lanes = [T::A::ZERO; LANES];
-                let full = m - m % LANES;
-                for v in buf[..full].chunks_exact(LANES) {
-                    for k in 0..LANES {
-                        lanes[k] += v[k];
-                    }
-                }
-                let mut bs = 0f64;
-                for v in lanes.into_iter().chain(buf[full..m].iter().copied()) {
-                    bs += v.to_f64();
-                }
-                s += bs;
-            }
-            s
-        })
-        .collect();
-    let total = ordered_sum(&parts) * op.reduction.scale(n as f64);
+    let scale = op.reduction.scale(n as f64);
+    let parts: Vec<f64> = match saved {
+        // Training: the same pass also writes the gradient (for an upstream gradient of 1).
+        Some(saved) => {
+            let coef = T::A::from_f64(scale);
+            let mut g = zeroed_vec::<T>(n * 4)?;
+            let parts = g
+                .par_chunks_mut(rpc * 4)
+                .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
+                .map(|(gs, (xs, ts))| {
+                    vectorized(
+                        #[inline(always)]
+                        || chunk_sum::<T, K, true>(xs, ts, eps, vc, coef, gs),
+                    )
+                })
+                .collect();
+            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, 4)));
+            parts
+        }
+        None => x
+            .par_chunks(rpc * 4)
+            .zip(t.par_chunks(rpc * 4))
+            .map(|(xs, ts)| {
+                vectorized(
+                    #[inline(always)]
+                    || chunk_sum::<T, K, false>(xs, ts, eps, vc, T::A::ONE, &mut []),
+                )
+            })
+            .collect(),
+    };
+    let total = ordered_sum(&parts) * scale;
     Ok((
         T::to_cpu_storage_owned(vec![T::from_acc(T::A::from_f64(total))]),
         Shape::from(()),
@@ -518,43 +584,45 @@ where
     let eps = T::A::from_f64(op.eps);
     let vc = T::A::from_f64(V_COEF);
     let rpc = rows_per_chunk(4);
-    let coef = if scalar_up {
-        up[0].to_acc().to_f64() * op.reduction.scale(n as f64)
+    // A scalar upstream is applied afterwards, exactly as to a gradient saved by the forward.
+    let coef = T::A::from_f64(if scalar_up {
+        op.reduction.scale(n as f64)
     } else {
         1.0
-    };
-    let coef = T::A::from_f64(coef);
-    let mut g = vec![T::from_acc(T::A::ZERO); n * 4];
+    });
+    let mut g = zeroed_vec::<T>(n * 4)?;
     g.par_chunks_mut(rpc * 4)
         .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
         .enumerate()
         .for_each(|(ci, (gs, (xs, ts)))| {
-            let mut blk = Block::<T::A>::new();
-            let mut ups = [coef; BLOCK_ROWS];
-            let mut d = [[T::A::ZERO; BLOCK_ROWS]; 4];
-            let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
-            for (bi, (gb, (xb, tb))) in gs.chunks_mut(4 * BLOCK_ROWS).zip(blocks).enumerate() {
-                let m = blk.load(xb, tb).min(BLOCK_ROWS);
-                if !scalar_up {
-                    let r0 = ci * rpc + bi * BLOCK_ROWS;
-                    for (u, v) in ups[..m].iter_mut().zip(&up[r0..r0 + m]) {
-                        *u = v.to_acc();
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mut blk = Block::<T::A>::new(coef);
+                    let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
+                    for (bi, (gb, (xb, tb))) in
+                        gs.chunks_mut(4 * BLOCK_ROWS).zip(blocks).enumerate()
+                    {
+                        let m = blk.load(xb, tb).min(BLOCK_ROWS);
+                        if !scalar_up {
+                            let r0 = (ci * rpc + bi * BLOCK_ROWS).min(up.len());
+                            let r1 = (r0 + m).min(up.len());
+                            for (u, v) in blk.up.iter_mut().zip(&up[r0..r1]) {
+                                *u = v.to_acc();
+                            }
+                        }
+                        blk.eval::<K, true>(eps, vc);
+                        blk.store_grad(gb);
                     }
-                }
-                for i in 0..m {
-                    let (p, tg) = blk.pair(i);
-                    let (_, di) = box_pair::<T::A, K, true>(p, tg, eps, vc, ups[i]);
-                    for j in 0..4 {
-                        d[j][i] = di[j];
-                    }
-                }
-                for (i, gr) in gb.chunks_exact_mut(4).enumerate().take(m) {
-                    for j in 0..4 {
-                        gr[j] = T::from_acc(d[j][i]);
-                    }
-                }
-            }
+                },
+            )
         });
+    if let (true, Some(u)) = (scalar_up, up.first()) {
+        let u = u.to_acc().to_f64();
+        if u != 1.0 {
+            scale_in_place(&mut g, u);
+        }
+    }
     Ok((T::to_cpu_storage_owned(g), Shape::from((n, 4))))
 }
 
@@ -600,7 +668,8 @@ impl CustomOp2 for IouFwd {
                     t.len()
                 )
             }
-            by_kind!(self.0.kind, cpu_fwd_t, T, &self.0, x, t)
+            let saved = self.saved.as_ref();
+            by_kind!(self.op.kind, cpu_fwd_t, T, &self.op, x, t, saved)
         })
     }
 
@@ -613,7 +682,7 @@ impl CustomOp2 for IouFwd {
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         check_rows(l1)?;
-        cuda::forward(&self.0, s1, l1, s2, l2)
+        cuda::forward(&self.op, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -623,8 +692,14 @@ impl CustomOp2 for IouFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(g) = match &self.saved {
+            Some(saved) => saved.take(NAME, grad_res)?,
+            None => None,
+        } {
+            return Ok((Some(g), None));
+        }
         let up = grad_res.contiguous()?;
-        let g = pred.apply_op3_no_bwd(target, &up, &IouBwd(self.0))?;
+        let g = pred.apply_op3_no_bwd(target, &up, &IouBwd(self.op))?;
         // The target boxes are constants of the loss: they get no gradient.
         Ok((Some(g), None))
     }

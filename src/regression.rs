@@ -2,7 +2,8 @@
 //! 2019, Libra R-CNN), fused into one custom op each with a hand-written backward.
 
 use crate::common::{
-    check_float, check_same_device, cpu_slice, ordered_sum, Acc, Elem, CHUNK_ELEMS,
+    check_float, check_same_device, cpu_slice, lane_sum, ordered_sum, scale_in_place, vectorized,
+    zeroed_vec, Acc, Elem, SavedGrad, CHUNK_ELEMS,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -229,8 +230,11 @@ fn apply(op: RegOp, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
             pred.dims()
         )
     }
+    // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also computes
+    // the gradient, and the backward only scales it.
+    let saved = (op.reduction.is_scalar() && pred.track_op()).then(SavedGrad::default);
     pred.contiguous()?
-        .apply_op2(&target.contiguous()?, RegFwd(op))
+        .apply_op2(&target.contiguous()?, RegFwd { op, saved })
 }
 
 /// Which loss, with its hyper-parameters.
@@ -247,8 +251,11 @@ struct RegOp {
     reduction: Reduction,
 }
 
-/// Forward op: `(pred, target) -> loss`.
-struct RegFwd(RegOp);
+/// Forward op: `(pred, target) -> loss`; with `saved`, the CPU pass also stores the gradient.
+struct RegFwd {
+    op: RegOp,
+    saved: Option<SavedGrad>,
+}
 /// Backward op: `(pred, target, upstream gradient) -> ∂loss/∂pred`.
 struct RegBwd(RegOp);
 
@@ -348,8 +355,11 @@ impl<A: Acc> ElemLoss<A> for Smooth<A> {
     }
 }
 
+/// `UNIT_BETA`: β = 1 (the default), where the gradient's `(1-β)/(b|d| + β)` is `+0` (or NaN
+/// for a NaN `d`, which then gives NaN anyway) and is left out, a division less per element,
+/// with bitwise the same result.
 #[derive(Clone, Copy)]
-struct Balanced<A> {
+struct Balanced<A, const UNIT_BETA: bool> {
     beta: A,
     alpha: A,
     b: A,
@@ -360,7 +370,7 @@ struct Balanced<A> {
     one_minus_beta: A,
 }
 
-impl<A: Acc> ElemLoss<A> for Balanced<A> {
+impl<A: Acc, const UNIT_BETA: bool> ElemLoss<A> for Balanced<A, UNIT_BETA> {
     fn new(c: &[f64; 8]) -> Self {
         Self {
             beta: A::from_f64(c[0]),
@@ -393,41 +403,53 @@ impl<A: Acc> ElemLoss<A> for Balanced<A> {
         let ln = (self.b_over_beta * ad).log1p();
         // d/d|d| of the inner branch: α ln(b|d|/β + 1) + α (b|d| + 1)/(b|d| + β) - α
         //                           = α [ln(b|d|/β + 1) + (1 - β)/(b|d| + β)]
-        let inner = self.alpha * (ln + self.one_minus_beta / (self.b * ad + self.beta));
+        let inner = if UNIT_BETA {
+            // ln ≥ +0 (never -0), so ln + (+0) would be ln: the same bits.
+            self.alpha * ln
+        } else {
+            self.alpha * (ln + self.one_minus_beta / (self.b * ad + self.beta))
+        };
         let m = if ad < self.beta { inner } else { self.gamma };
         sign(d) * m
     }
 }
 
 /// Elements per block of the scalar reductions: the losses of a block are written to a stack
-/// buffer by a plain map loop (which vectorises like the `None` path), then summed into `LANES`
-/// independent accumulators in the accumulator type (a vector add) and flushed to f64 once per
-/// block, always in the same order (deterministic).
-const LANES: usize = 8;
+/// buffer by a plain map loop (which vectorises like the `None` path), then summed with
+/// [`lane_sum`] in the accumulator type and flushed to f64 once per block, always in the same
+/// order (deterministic).
 const BLOCK: usize = 256;
 
-/// Sum of the losses of one chunk, in a fixed order (deterministic).
+/// Sum of the losses of one chunk, in a fixed order (deterministic); with `GRAD` it also writes
+/// `g[j] = coef · ∂l/∂x[j]` (`g` has the chunk's length; without `GRAD` it is not touched). The
+/// loss sum has the same bits either way: the same expressions, blocks and summation order.
 #[inline(always)]
-fn chunk_sum<T: Elem, L: ElemLoss<T::A>>(l: &L, x: &[T], t: &[T]) -> f64 {
+fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool>(
+    l: &L,
+    x: &[T],
+    t: &[T],
+    coef: T::A,
+    g: &mut [T],
+) -> f64 {
     let mut total = 0f64;
     let mut buf = [T::A::ZERO; BLOCK];
-    for (xb, tb) in x.chunks(BLOCK).zip(t.chunks(BLOCK)) {
-        let m = xb.len();
-        for ((b, a), c) in buf.iter_mut().zip(xb).zip(tb) {
-            *b = l.loss(a.to_acc() - c.to_acc());
-        }
-        let mut lanes = [T::A::ZERO; LANES];
-        let full = m - m % LANES;
-        for v in buf[..full].chunks_exact(LANES) {
-            for k in 0..LANES {
-                lanes[k] += v[k];
+    for (bi, (xb, tb)) in x.chunks(BLOCK).zip(t.chunks(BLOCK)).enumerate() {
+        let m = xb.len().min(tb.len());
+        if GRAD {
+            let start = (bi * BLOCK).min(g.len());
+            let end = (start + m).min(g.len());
+            let gb = &mut g[start..end];
+            for (((b, gj), a), c) in buf.iter_mut().zip(gb).zip(xb).zip(tb) {
+                let d = a.to_acc() - c.to_acc();
+                *b = l.loss(d);
+                *gj = T::from_acc(coef * l.grad(d));
+            }
+        } else {
+            for ((b, a), c) in buf.iter_mut().zip(xb).zip(tb) {
+                *b = l.loss(a.to_acc() - c.to_acc());
             }
         }
-        let mut s = 0f64;
-        for v in lanes.into_iter().chain(buf[full..m].iter().copied()) {
-            s += v.to_f64();
-        }
-        total += s;
+        total += lane_sum(&buf[..m]).to_f64();
     }
     total
 }
@@ -437,6 +459,7 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
     x: &[T],
     t: &[T],
     shape: &Shape,
+    saved: Option<&SavedGrad>,
 ) -> Result<(CpuStorage, Shape)> {
     let l = L::new(&consts(op.kind));
     let n = x.len();
@@ -448,22 +471,52 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
         )
     }
     if op.reduction == Reduction::None {
-        let mut out = vec![T::from_acc(T::A::ZERO); n];
+        let mut out = zeroed_vec::<T>(n)?;
         out.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
             .for_each(|(o, (xs, ts))| {
-                for ((oj, a), b) in o.iter_mut().zip(xs).zip(ts) {
-                    *oj = T::from_acc(l.loss(a.to_acc() - b.to_acc()));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((oj, a), b) in o.iter_mut().zip(xs).zip(ts) {
+                            *oj = T::from_acc(l.loss(a.to_acc() - b.to_acc()));
+                        }
+                    },
+                )
             });
         return Ok((T::to_cpu_storage_owned(out), shape.clone()));
     }
-    let parts: Vec<f64> = x
-        .par_chunks(CHUNK_ELEMS)
-        .zip(t.par_chunks(CHUNK_ELEMS))
-        .map(|(xs, ts)| chunk_sum::<T, L>(&l, xs, ts))
-        .collect();
-    let total = ordered_sum(&parts) * op.reduction.scale(n as f64);
+    let scale = op.reduction.scale(n as f64);
+    let parts: Vec<f64> = match saved {
+        // Training: the same pass also writes the gradient (for an upstream gradient of 1).
+        Some(saved) => {
+            let coef = T::A::from_f64(scale);
+            let mut g = zeroed_vec::<T>(n)?;
+            let parts = g
+                .par_chunks_mut(CHUNK_ELEMS)
+                .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
+                .map(|(gs, (xs, ts))| {
+                    vectorized(
+                        #[inline(always)]
+                        || chunk_pass::<T, L, true>(&l, xs, ts, coef, gs),
+                    )
+                })
+                .collect();
+            saved.put(T::to_cpu_storage_owned(g), shape.clone());
+            parts
+        }
+        None => x
+            .par_chunks(CHUNK_ELEMS)
+            .zip(t.par_chunks(CHUNK_ELEMS))
+            .map(|(xs, ts)| {
+                vectorized(
+                    #[inline(always)]
+                    || chunk_pass::<T, L, false>(&l, xs, ts, T::A::ZERO, &mut []),
+                )
+            })
+            .collect(),
+    };
+    let total = ordered_sum(&parts) * scale;
     let out = vec![T::from_acc(T::A::from_f64(total))];
     Ok((T::to_cpu_storage_owned(out), Shape::from(())))
 }
@@ -486,24 +539,40 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
             up.len()
         )
     }
-    let mut g = vec![T::from_acc(T::A::ZERO); n];
-    if scalar_up {
-        let coef = T::A::from_f64(up[0].to_acc().to_f64() * op.reduction.scale(n as f64));
+    let mut g = zeroed_vec::<T>(n)?;
+    if let (true, Some(u)) = (scalar_up, up.first()) {
+        // As the fused forward: the gradient for an upstream of 1, then scaled by the upstream
+        // scalar (bit for bit what a gradient saved by the forward becomes).
+        let coef = T::A::from_f64(op.reduction.scale(n as f64));
         g.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
             .for_each(|(gs, (xs, ts))| {
-                for ((gj, a), b) in gs.iter_mut().zip(xs).zip(ts) {
-                    *gj = T::from_acc(coef * l.grad(a.to_acc() - b.to_acc()));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((gj, a), b) in gs.iter_mut().zip(xs).zip(ts) {
+                            *gj = T::from_acc(coef * l.grad(a.to_acc() - b.to_acc()));
+                        }
+                    },
+                )
             });
+        let u = u.to_acc().to_f64();
+        if u != 1.0 {
+            scale_in_place(&mut g, u);
+        }
     } else {
         g.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
             .zip(up.par_chunks(CHUNK_ELEMS))
             .for_each(|((gs, (xs, ts)), us)| {
-                for (((gj, a), b), u) in gs.iter_mut().zip(xs).zip(ts).zip(us) {
-                    *gj = T::from_acc(u.to_acc() * l.grad(a.to_acc() - b.to_acc()));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (((gj, a), b), u) in gs.iter_mut().zip(xs).zip(ts).zip(us) {
+                            *gj = T::from_acc(u.to_acc() * l.grad(a.to_acc() - b.to_acc()));
+                        }
+                    },
+                )
             });
     }
     Ok((T::to_cpu_storage_owned(g), shape.clone()))
@@ -511,7 +580,7 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
 
 impl CustomOp2 for RegFwd {
     fn name(&self) -> &'static str {
-        match self.0.kind {
+        match self.op.kind {
             Kind::Smooth { .. } => "smooth-l1-fwd",
             Kind::Balanced { .. } => "balanced-l1-fwd",
         }
@@ -524,15 +593,22 @@ impl CustomOp2 for RegFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let op = &self.0;
+        let op = &self.op;
         let name = op.name();
+        let saved = self.saved.as_ref();
         crate::common::with_float_type!(name, s1.dtype(), T, {
             let x = cpu_slice::<T>(name, s1, l1)?;
             let t = cpu_slice::<T>(name, s2, l2)?;
+            let shape = l1.shape();
             match op.kind {
-                Kind::Smooth { .. } => cpu_fwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, l1.shape()),
+                Kind::Smooth { .. } => {
+                    cpu_fwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, shape, saved)
+                }
+                Kind::Balanced { beta: 1.0, .. } => {
+                    cpu_fwd_t::<T, Balanced<<T as Elem>::A, true>>(op, x, t, shape, saved)
+                }
                 Kind::Balanced { .. } => {
-                    cpu_fwd_t::<T, Balanced<<T as Elem>::A>>(op, x, t, l1.shape())
+                    cpu_fwd_t::<T, Balanced<<T as Elem>::A, false>>(op, x, t, shape, saved)
                 }
             }
         })
@@ -546,7 +622,7 @@ impl CustomOp2 for RegFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(&self.0, s1, l1, s2, l2)
+        cuda::forward(&self.op, s1, l1, s2, l2)
     }
 
     fn bwd(
@@ -556,8 +632,14 @@ impl CustomOp2 for RegFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if let Some(g) = match &self.saved {
+            Some(saved) => saved.take(self.op.name(), grad_res)?,
+            None => None,
+        } {
+            return Ok((Some(g), None));
+        }
         let up = grad_res.contiguous()?;
-        let g = pred.apply_op3_no_bwd(target, &up, &RegBwd(self.0))?;
+        let g = pred.apply_op3_no_bwd(target, &up, &RegBwd(self.op))?;
         // The target is a constant of the loss: it gets no gradient.
         Ok((Some(g), None))
     }
@@ -590,8 +672,11 @@ impl CustomOp3 for RegBwd {
                 Kind::Smooth { .. } => {
                     cpu_bwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, up, l1.shape())
                 }
+                Kind::Balanced { beta: 1.0, .. } => {
+                    cpu_bwd_t::<T, Balanced<<T as Elem>::A, true>>(op, x, t, up, l1.shape())
+                }
                 Kind::Balanced { .. } => {
-                    cpu_bwd_t::<T, Balanced<<T as Elem>::A>>(op, x, t, up, l1.shape())
+                    cpu_bwd_t::<T, Balanced<<T as Elem>::A, false>>(op, x, t, up, l1.shape())
                 }
             }
         })
