@@ -9,9 +9,14 @@
 //! of the same bytes.
 //! Each case: the fused and the baseline forward are first checked to agree (a `WARNING` line
 //! otherwise), then each pass gets one warm-up and 7 timed runs, median (3 runs for a baseline
-//! in `--quick` mode and for the slow naive AP-Loss, which gets no warm-up either). The fused forward+backward is also timed
-//! in a 1-thread pool (the `1-thread ms` column). Peak memory (RSS high-water mark, reset before
-//! each measurement) of fused vs composed forward+backward is printed after the table.
+//! in `--quick` mode and for the slow naive AP-Loss, which gets no warm-up either). The fused
+//! forward+backward is also timed in a 1-thread pool (the `1-thread ms` column). The `fwd` rows
+//! time the loss value alone (on detached inputs, as in validation); the `fwd+bwd` rows a
+//! training step (`forward` of a `Var`, then `backward`). On the CPU two more rows per case split the training step: `candle grad
+//! accumulate` (what candle's autograd does after any custom op's backward: `zeros_like` plus
+//! `add` of the returned gradient) and `fwd+bwd − accumulate` (the difference of the two
+//! medians: the time the crate's own kernels take). Peak memory (RSS high-water mark, reset
+//! before each measurement) of fused vs composed forward+backward is printed after the table.
 
 #[path = "common/composed.rs"]
 mod composed;
