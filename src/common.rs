@@ -504,18 +504,16 @@ pub(crate) fn zeroed_vec<T: ZeroIsValid>(len: usize) -> Result<Vec<T>> {
     if layout.size() == 0 {
         return Ok(Vec::new());
     }
-    // SAFETY: the layout has a non-zero size; the all-zero bit pattern is a valid value of every
-    // `ZeroIsValid` type, so the `len` elements are initialised; the pointer comes from
-    // the global allocator with exactly this layout, as `Vec::from_raw_parts` requires.
-    let v = unsafe {
-        let p = std::alloc::alloc_zeroed(layout);
-        if p.is_null() {
-            std::alloc::handle_alloc_error(layout)
-        }
-        advise_huge(p, layout.size());
-        Vec::from_raw_parts(p.cast::<T>(), len, len)
-    };
-    Ok(v)
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() {
+        bail!("out of memory allocating {} bytes", layout.size())
+    }
+    advise_huge(p, layout.size());
+    // SAFETY: `p` is non-null and comes from the global allocator with exactly this layout, as
+    // `Vec::from_raw_parts` requires; the all-zero bit pattern is a valid value of every
+    // `ZeroIsValid` type, so the `len` elements are initialised.
+    Ok(unsafe { Vec::from_raw_parts(p.cast::<T>(), len, len) })
 }
 
 /// Types whose all-zero bit pattern is a valid value (+0.0 for the floats), as
