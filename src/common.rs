@@ -627,6 +627,17 @@ pub(crate) fn scale_in_place<T: Elem>(v: &mut [T], u: f64) {
     });
 }
 
+/// The CPU backward ops compute the gradient for an upstream gradient of 1; a scalar upstream
+/// `up[0] ≠ 1` then scales it here, exactly as a gradient saved by the forward is scaled.
+pub(crate) fn apply_scalar_upstream<T: Elem>(g: &mut [T], scalar_up: bool, up: &[T]) {
+    if let (true, Some(u)) = (scalar_up, up.first()) {
+        let u = u.to_acc().to_f64();
+        if u != 1.0 {
+            scale_in_place(g, u);
+        }
+    }
+}
+
 /// `s *= u` for a float storage.
 fn scale_storage(loss: &str, s: &mut CpuStorage, u: f64) -> Result<()> {
     use scale_in_place as scale;

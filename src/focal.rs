@@ -563,13 +563,7 @@ impl FocalOp {
             })
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;
-        // A scalar upstream scales afterwards, exactly as a gradient saved by the forward is.
-        if let (true, Some(u)) = (scalar_up, up.first()) {
-            let u = u.to_acc().to_f64();
-            if u != 1.0 {
-                common::scale_in_place(&mut g, u);
-            }
-        }
+        common::apply_scalar_upstream(&mut g, scalar_up, up);
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
 }

@@ -2,8 +2,8 @@
 //! hand-derived backward; torchvision semantics and eps placement.
 
 use crate::common::{
-    check_float, check_same_device, cpu_slice, lane_sum, ordered_sum, rows_per_chunk,
-    scale_in_place, vectorized, zeroed_vec, Acc, Elem, SavedGrad,
+    apply_scalar_upstream, check_float, check_same_device, cpu_slice, lane_sum, ordered_sum,
+    rows_per_chunk, vectorized, zeroed_vec, Acc, Elem, SavedGrad,
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
@@ -617,12 +617,7 @@ where
                 },
             )
         });
-    if let (true, Some(u)) = (scalar_up, up.first()) {
-        let u = u.to_acc().to_f64();
-        if u != 1.0 {
-            scale_in_place(&mut g, u);
-        }
-    }
+    apply_scalar_upstream(&mut g, scalar_up, up);
     Ok((T::to_cpu_storage_owned(g), Shape::from((n, 4))))
 }
 

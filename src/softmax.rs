@@ -754,13 +754,7 @@ impl SoftmaxOp {
             })
             .collect();
         res.into_iter().collect::<Result<Vec<()>>>()?;
-        // A scalar upstream scales afterwards, exactly as a gradient saved by the forward is.
-        if let (true, Some(u)) = (scalar_up, up.first()) {
-            let u = Acc::to_f64(u.to_acc());
-            if u != 1.0 {
-                crate::common::scale_in_place(&mut g, u);
-            }
-        }
+        crate::common::apply_scalar_upstream(&mut g, scalar_up, up);
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, k))))
     }
 }
