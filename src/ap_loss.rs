@@ -1204,15 +1204,9 @@ impl CustomOp2 for ApFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if let Some(g) = match &self.saved {
-            Some(saved) => saved.take(NAME, grad_res)?,
-            None => None,
-        } {
-            return Ok((Some(g), None));
-        }
-        let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(targets, &up, &ApUpdate(self.op.clone()))?;
-        Ok((Some(g), None))
+        let bwd = ApUpdate(self.op.clone());
+        let saved = self.saved.as_ref();
+        common::saved_or_backward(NAME, saved, logits, targets, grad_res, &bwd)
     }
 }
 

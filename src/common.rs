@@ -47,8 +47,55 @@ macro_rules! dispatch_float {
     };
 }
 
+/// `impl CustomOp3` for the backward op `$op(params)` of a sigmoid-type loss over
+/// `(logits [N, C], targets as CpuTargets, upstream)`: on the CPU
+/// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA the calling module's
+/// `cuda::backward(&params, …, n, c)`.
+macro_rules! targets_backward_op {
+    ($op:ident, $op_name:literal, $loss:expr) => {
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $op_name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                use candle_core::backend::BackendStorage;
+                let (n, c) = $crate::common::layout_dims2($loss, l1)?;
+                $crate::common::with_float_type!($loss, s1.dtype(), T, {
+                    let x = $crate::common::cpu_slice::<T>($loss, s1, l1)?;
+                    let tg = $crate::common::CpuTargets::<T>::new($loss, self.0.kind, s2, l2)?;
+                    let up = $crate::common::cpu_slice::<T>($loss, s3, l3)?;
+                    self.0.cpu_bwd_t(x, &tg, up, n, c)
+                })
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                let (n, c) = $crate::common::layout_dims2($loss, l1)?;
+                cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
+            }
+        }
+    };
+}
+
 #[allow(unused_imports)]
-pub(crate) use {dispatch_float, with_float_type};
+pub(crate) use {dispatch_float, targets_backward_op, with_float_type};
 
 /// Rows (or elements) of this many scalars form one rayon task. The chunking depends only on
 /// the problem size, never on the thread count, so chunk partial sums merged in chunk order give
@@ -609,6 +656,27 @@ impl SavedGrad {
             false,
         )))
     }
+}
+
+/// The `bwd` of every loss's forward op: the gradient the forward saved (times the upstream
+/// gradient) when there is one, else the loss's backward op `bwd` applied to
+/// `(x, targets, upstream)`. The targets are constants of the loss: they get no gradient.
+pub(crate) fn saved_or_backward(
+    loss: &str,
+    saved: Option<&SavedGrad>,
+    x: &Tensor,
+    targets: &Tensor,
+    grad_res: &Tensor,
+    bwd: &impl candle_core::CustomOp3,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if let Some(g) = match saved {
+        Some(saved) => saved.take(loss, grad_res)?,
+        None => None,
+    } {
+        return Ok((Some(g), None));
+    }
+    let up = grad_res.contiguous()?;
+    Ok((Some(x.apply_op3_no_bwd(targets, &up, bwd)?), None))
 }
 
 /// `v *= u` in parallel, computed in the accumulator type (how a gradient computed for an

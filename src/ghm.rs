@@ -10,9 +10,7 @@ use crate::common::{
 };
 use crate::reduction::Reduction;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 const NAME: &str = "GhmcLoss";
@@ -650,49 +648,12 @@ impl CustomOp2 for GhmcFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(targets, &up, &GhmcBwd(self.0.clone()))?;
-        Ok((Some(g), None))
+        let bwd = GhmcBwd(self.0.clone());
+        common::saved_or_backward(NAME, None, logits, targets, grad_res, &bwd)
     }
 }
 
-impl CustomOp3 for GhmcBwd {
-    fn name(&self) -> &'static str {
-        "ghmc-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (n, c) = layout_dims2(NAME, l1)?;
-        crate::common::with_float_type!(NAME, s1.dtype(), T, {
-            let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
-            let up = cpu_slice::<T>(NAME, s3, l3)?;
-            self.0.cpu_bwd_t(x, &tg, up, n, c)
-        })
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = layout_dims2(NAME, l1)?;
-        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
-    }
-}
+common::targets_backward_op!(GhmcBwd, "ghmc-bwd", NAME);
 
 #[cfg(feature = "cuda")]
 mod cuda {

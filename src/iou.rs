@@ -687,16 +687,9 @@ impl CustomOp2 for IouFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if let Some(g) = match &self.saved {
-            Some(saved) => saved.take(NAME, grad_res)?,
-            None => None,
-        } {
-            return Ok((Some(g), None));
-        }
-        let up = grad_res.contiguous()?;
-        let g = pred.apply_op3_no_bwd(target, &up, &IouBwd(self.op))?;
         // The target boxes are constants of the loss: they get no gradient.
-        Ok((Some(g), None))
+        let saved = self.saved.as_ref();
+        crate::common::saved_or_backward(NAME, saved, pred, target, grad_res, &IouBwd(self.op))
     }
 }
 

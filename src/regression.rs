@@ -632,16 +632,9 @@ impl CustomOp2 for RegFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if let Some(g) = match &self.saved {
-            Some(saved) => saved.take(self.op.name(), grad_res)?,
-            None => None,
-        } {
-            return Ok((Some(g), None));
-        }
-        let up = grad_res.contiguous()?;
-        let g = pred.apply_op3_no_bwd(target, &up, &RegBwd(self.op))?;
         // The target is a constant of the loss: it gets no gradient.
-        Ok((Some(g), None))
+        let (name, saved) = (self.op.name(), self.saved.as_ref());
+        crate::common::saved_or_backward(name, saved, pred, target, grad_res, &RegBwd(self.op))
     }
 }
 

@@ -807,15 +807,9 @@ impl CustomOp2 for SoftmaxFwd {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if let Some(g) = match &self.saved {
-            Some(saved) => saved.take(self.op.name, grad_res)?,
-            None => None,
-        } {
-            return Ok((Some(g), None));
-        }
-        let up = grad_res.contiguous()?;
-        let g = logits.apply_op3_no_bwd(labels, &up, &SoftmaxBwd(self.op.clone()))?;
-        Ok((Some(g), None))
+        let bwd = SoftmaxBwd(self.op.clone());
+        let (name, saved) = (self.op.name, self.saved.as_ref());
+        crate::common::saved_or_backward(name, saved, logits, labels, grad_res, &bwd)
     }
 }
 
