@@ -49,8 +49,8 @@ macro_rules! dispatch_float {
 
 /// `impl CustomOp3` for the backward op `$op(params)` of a sigmoid-type loss over
 /// `(logits [N, C], targets as CpuTargets, upstream)`: on the CPU
-/// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA the calling module's
-/// `cuda::backward(&params, …, n, c)`.
+/// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA (and under `cuda-emu`) the
+/// calling module's launch plan `gpu::backward(backend, &params, x, targets, upstream)`.
 macro_rules! targets_backward_op {
     ($op:ident, $op_name:literal, $loss:expr) => {
         impl candle_core::CustomOp3 for $op {
@@ -68,6 +68,13 @@ macro_rules! targets_backward_op {
                 l3: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
                 use candle_core::backend::BackendStorage;
+                $crate::common::emulate!($op_name, |g| gpu::backward(
+                    g,
+                    &self.0,
+                    $crate::gpu::arg(s1, l1),
+                    $crate::gpu::arg(s2, l2),
+                    $crate::gpu::arg(s3, l3)
+                ));
                 let (n, c) = $crate::common::layout_dims2($loss, l1)?;
                 $crate::common::with_float_type!($loss, s1.dtype(), T, {
                     let x = $crate::common::cpu_slice::<T>($loss, s1, l1)?;
@@ -87,15 +94,45 @@ macro_rules! targets_backward_op {
                 s3: &candle_core::CudaStorage,
                 l3: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-                let (n, c) = $crate::common::layout_dims2($loss, l1)?;
-                cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
+                gpu::backward(
+                    &$crate::gpu::cuda::Cuda::of(s1),
+                    &self.0,
+                    $crate::gpu::arg(s1, l1),
+                    $crate::gpu::arg(s2, l2),
+                    $crate::gpu::arg(s3, l3),
+                )
             }
         }
     };
 }
 
+/// In a `cpu_fwd`: under the `cuda-emu` feature (while the emulation is active) returns the
+/// result of the op's CUDA launch plan `$plan` run on the emulated backend `$g`, in both thread
+/// orders (see `gpu::emu::run`); nothing in other builds.
+macro_rules! emulate {
+    ($op:expr, |$g:ident| $plan:expr) => {
+        #[cfg(feature = "cuda-emu")]
+        if $crate::gpu::emu::active() {
+            return $crate::gpu::emu::run($op, |$g| $plan);
+        }
+    };
+}
+
+/// Whether CPU tensors run through the CPU kernels (false while the `cuda-emu` emulation is
+/// active: they then take the CUDA launch code).
+pub(crate) fn cpu_kernels() -> bool {
+    #[cfg(feature = "cuda-emu")]
+    {
+        !crate::gpu::emu::active()
+    }
+    #[cfg(not(feature = "cuda-emu"))]
+    {
+        true
+    }
+}
+
 #[allow(unused_imports)]
-pub(crate) use {dispatch_float, targets_backward_op, with_float_type};
+pub(crate) use {dispatch_float, emulate, targets_backward_op, with_float_type};
 
 /// Rows (or elements) of this many scalars form one rayon task. The chunking depends only on
 /// the problem size, never on the thread count, so chunk partial sums merged in chunk order give

@@ -38,16 +38,34 @@ pub mod anchors;
 mod ap_loss;
 mod class_balanced;
 mod common;
-#[cfg(feature = "cuda")]
-mod cuda;
 mod fastmath;
 mod focal;
 mod ghm;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu;
 mod iou;
 pub mod metrics;
 mod reduction;
 mod regression;
 mod softmax;
+
+/// Test support of the `cuda-emu` feature, under which CPU tensors run through the CUDA
+/// kernels (compiled for the host with an emulation of the CUDA execution model).
+#[cfg(feature = "cuda-emu")]
+pub mod cuda_emu {
+    /// Runs `f` with the CPU kernels on this thread (the emulated CUDA kernels otherwise), e.g.
+    /// to compare the two paths on the same inputs.
+    pub fn with_cpu_kernels<R>(f: impl FnOnce() -> R) -> R {
+        crate::gpu::emu::with_cpu_kernels(f)
+    }
+
+    /// The names of every CUDA kernel of the crate (`kernels/*.cu`), sorted. With
+    /// `CANDLE_DETLOSS_EMU_COVERAGE=FILE` each process appends the kernels it launches to FILE,
+    /// so a test run can be checked against this list.
+    pub fn kernel_names() -> Vec<String> {
+        crate::gpu::emu::kernel_names()
+    }
+}
 
 pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use class_balanced::class_balanced_weights;
