@@ -34,6 +34,8 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod anchors;
 mod ap_loss;
 mod class_balanced;
