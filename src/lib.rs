@@ -59,3 +59,8 @@ pub use iou::{BoxIouLoss, IouKind};
 pub use reduction::Reduction;
 pub use regression::{BalancedL1Loss, SmoothL1Loss};
 pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};
+
+/// The README's Rust snippets, compiled and run by `cargo test --doc` (and `cargo test`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
