@@ -88,11 +88,11 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// Every message starts with `ApLoss:`. `delta` not finite and `> 0`; logits not of rank 2 or
-/// not a float dtype; targets of another shape, dtype or device; a label outside `0..=C` and
-/// not `-1`; a dense target not in `{-1, 0, 1}`; in the sharded API, positives not sorted,
-/// statistics of different positives or `delta`, or a shard whose positives are missing from
-/// the global ones.
+/// Every message starts with `ApLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); `delta` not finite and `> 0`; logits not of rank 2 or not a float dtype; targets of
+/// another shape, dtype or device; a label outside `0..=C` and not `-1`; a dense target not in
+/// `{-1, 0, 1}`; in the sharded API, positives not sorted, statistics of different positives or
+/// `delta`, or a shard whose positives are missing from the global ones.
 ///
 /// # Example
 ///
@@ -222,7 +222,10 @@ impl ApLoss {
         Ok(())
     }
 
+    /// Validates and prepares the inputs; every public method taking tensors starts here (or,
+    /// for `forward`, with the device check), so a Metal tensor gets the crate's Metal error.
     fn prepare(&self, logits: &Tensor, targets: &Tensor) -> Result<Inputs> {
+        common::check_supported_device(NAME, logits)?;
         self.check_delta()?;
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
         common::check_same_device(NAME, "targets", logits, targets)?;
@@ -254,6 +257,7 @@ impl ApLoss {
     /// `{-1, 0, 1}` `[N, C]`), ranking all valid scores of the tensor jointly. `backward()`
     /// gives the error-driven update as the logits' gradient.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        common::check_supported_device(NAME, logits)?;
         if logits.device().is_cpu() && logits.track_op() && common::cpu_kernels() {
             return self.forward_fused_cpu(logits, targets);
         }

@@ -45,15 +45,18 @@ const NAME: &str = "SigmoidFocalLoss";
 /// - `logits`: `[N, C]`, f32 / f64 / f16 / bf16.
 /// - `targets`: either dense `[N, C]` in the logits' dtype (one-hot or soft targets), or integer
 ///   labels `[N]` (`u32` or `i64`): `0..C` the class, `C` background, `-1` (i64) ignored.
-/// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype.
+/// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype or f32 (as
+///   [`crate::class_balanced_weights`] returns them; used at f32 precision with f16/bf16 logits,
+///   converted exactly to f64 with f64 logits).
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
 ///
-/// Every message starts with `SigmoidFocalLoss:`. Logits not of rank 2 or not a float dtype;
-/// targets of another shape, dtype or device; a label outside `0..=C` and not `-1`; class weights
-/// of the wrong length, dtype or device, or given with dense targets; `gamma < 0` or not finite;
-/// `alpha` outside `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `SigmoidFocalLoss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); logits not of rank 2 or not a float dtype; targets of another shape, dtype or
+/// device; a label outside `0..=C` and not `-1`; class weights of the wrong length, dtype or
+/// device, or given with dense targets; `gamma < 0` or not finite; `alpha` outside `[0, 1]`;
+/// `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -98,6 +101,7 @@ impl Default for SigmoidFocalLoss {
 impl SigmoidFocalLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        common::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         check_non_negative(NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {

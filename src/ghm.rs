@@ -51,9 +51,10 @@ const MAX_BINS: usize = 1 << 20;
 ///
 /// # Errors
 ///
-/// Every message starts with `GhmcLoss:`. `bins` not in `1..=2^20`; `momentum` outside `[0, 1)`; logits not
-/// of rank 2 or not a float dtype; targets of another shape, dtype or device; a label outside
-/// `0..=C` and not `-1`; a dense target outside `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `GhmcLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); `bins` not in `1..=2^20`; `momentum` outside `[0, 1)`; logits not of rank 2 or not a
+/// float dtype; targets of another shape, dtype or device; a label outside `0..=C` and not `-1`; a
+/// dense target outside `[0, 1]`; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -102,6 +103,7 @@ impl GhmcLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (labels `[N]` or dense
     /// `[N, C]`), updating the running histogram when `momentum > 0`.
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         let bins = self.bins;
         if bins == 0 || bins > MAX_BINS {

@@ -84,9 +84,10 @@ pub enum IouKind {
 ///
 /// # Errors
 ///
-/// Every message starts with `BoxIouLoss:`. Inputs not of shape `[N, 4]` (last dimension not 4,
-/// other rank), shapes differing, a non-float dtype or differing dtypes, different devices,
-/// `eps` negative or not finite, `AvgFactor` not finite and > 0.
+/// Every message starts with `BoxIouLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); inputs not of shape `[N, 4]` (last dimension not 4, other rank), shapes differing, a
+/// non-float dtype or differing dtypes, different devices, `eps` negative or not finite,
+/// `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -128,6 +129,7 @@ impl Default for BoxIouLoss {
 impl BoxIouLoss {
     /// Computes the loss of the predicted boxes `pred` `[N, 4]` against `target` `[N, 4]`.
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(NAME, pred)?;
         self.reduction.validate(NAME)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             bail!("{NAME}: eps must be finite and >= 0, got {}", self.eps)

@@ -15,6 +15,12 @@
 //! - Logits in f32, f64, f16 or bf16 (half types are computed in f32); the result has the
 //!   logits' dtype. Strided inputs give the result of their contiguous copy.
 //! - Errors start with the loss's name, e.g. `SigmoidFocalLoss: label 83 out of range 0..=80`.
+//! - `class_weights` come in the logits' dtype or in f32 (what [`class_balanced_weights`]
+//!   returns), for logits of any float dtype.
+//! - Devices: the CPU, and CUDA with the `cuda` feature. A `Device::Metal` input is an error
+//!   (`<Loss>: Metal devices are not supported (use Device::Cpu or Device::Cuda)`).
+//! - [`Reduction::AvgFactor`] must be finite and > 0: divide by `num_pos.max(1)` as mmdet and
+//!   torchvision do.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -33,6 +39,8 @@
 //! assert_eq!(g.get(3)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
 //! # Ok(()) }
 //! ```
+
+#![deny(missing_docs)]
 
 pub mod anchors;
 mod ap_loss;
@@ -75,3 +83,8 @@ pub use iou::{BoxIouLoss, IouKind};
 pub use reduction::Reduction;
 pub use regression::{BalancedL1Loss, SmoothL1Loss};
 pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};
+
+/// The README's Rust snippets, compiled and run by `cargo test --doc` (and `cargo test`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

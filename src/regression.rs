@@ -40,8 +40,9 @@ const BALANCED: &str = "BalancedL1Loss";
 ///
 /// # Errors
 ///
-/// Every message starts with `SmoothL1Loss:`. `pred` not a float dtype; `target` of another
-/// shape, dtype or device; `beta` negative or not finite; `AvgFactor` not finite and > 0.
+/// Every message starts with `SmoothL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `beta`
+/// negative or not finite; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -81,6 +82,7 @@ impl Default for SmoothL1Loss {
 impl SmoothL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(SMOOTH, pred)?;
         self.reduction.validate(SMOOTH)?;
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             bail!("{SMOOTH}: beta must be finite and >= 0, got {}", self.beta)
@@ -125,9 +127,10 @@ impl SmoothL1Loss {
 ///
 /// # Errors
 ///
-/// Every message starts with `BalancedL1Loss:`. `pred` not a float dtype; `target` of another
-/// shape, dtype or device; `alpha ≤ 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any
-/// of them not finite, or `e^{γ/α}` overflowing f64; `AvgFactor` not finite and > 0.
+/// Every message starts with `BalancedL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `alpha ≤
+/// 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any of them not finite, or `e^{γ/α}`
+/// overflowing f64; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -171,6 +174,7 @@ impl Default for BalancedL1Loss {
 impl BalancedL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(BALANCED, pred)?;
         self.reduction.validate(BALANCED)?;
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!(

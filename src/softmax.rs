@@ -50,15 +50,18 @@ const SF_NAME: &str = "SoftmaxFocalLoss";
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored row: no loss, zero
 ///   gradient, not counted by `Mean`). There is no background value: background is an ordinary
 ///   column.
-/// - `class_weights`: `[K]`, in the logits' dtype (expected ≥ 0).
+/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as [`crate::class_balanced_weights`]
+///   returns them; used at f32 precision with f16/bf16 logits, converted exactly to f64 with f64
+///   logits); expected ≥ 0.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
 ///
-/// Every message starts with `CrossEntropyLoss:`. Logits not of rank 2, of a non-float dtype or
-/// with `K = 0`; labels of another shape, dtype or device; a label outside `0..K` and not `-1`;
-/// class weights of a length other than `K`, another dtype or device; `label_smoothing` outside
-/// `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `CrossEntropyLoss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); logits not of rank 2, of a non-float dtype or with `K = 0`; labels of another
+/// shape, dtype or device; a label outside `0..K` and not `-1`; class weights of a length other
+/// than `K`, another dtype or device; `label_smoothing` outside `[0, 1]`; `AvgFactor` not finite
+/// and > 0.
 ///
 /// # Example
 ///
@@ -99,6 +102,7 @@ impl Default for CrossEntropyLoss {
 impl CrossEntropyLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(CE_NAME, logits)?;
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
             bail!("{CE_NAME}: label_smoothing must be in [0, 1], got {eps}")
@@ -141,7 +145,7 @@ impl CrossEntropyLoss {
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored).
-/// - `class_weights`: `[K]`, in the logits' dtype.
+/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as for [`CrossEntropyLoss`]).
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
@@ -190,6 +194,7 @@ impl Default for SoftmaxFocalLoss {
 impl SoftmaxFocalLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(SF_NAME, logits)?;
         check_non_negative(SF_NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
             check_non_negative(SF_NAME, "alpha", a)?;
@@ -255,13 +260,7 @@ fn apply(
         None => None,
         Some(w) => {
             check_same_device(name, "class_weights", logits, w)?;
-            if w.dtype() != logits.dtype() {
-                bail!(
-                    "{name}: class_weights dtype {:?} differs from the logits dtype {:?}",
-                    w.dtype(),
-                    logits.dtype()
-                )
-            }
+            crate::common::check_class_weights_dtype(name, logits.dtype(), w.dtype())?;
             match w.dims() {
                 [len] if *len == k => {}
                 [len] => bail!("{name}: class_weights has length {len}, expected K = {k}"),
