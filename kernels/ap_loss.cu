@@ -199,6 +199,7 @@ __device__ void update_pass(const ApUpdateParams& p) {
     u64* err = dev_ptr<u64>(p.err);
     const u64 np = p.np, ne = p.ne;
     const double g = (double)to_acc(dev_ptr<const T>(p.up)[0]);
+    const A ga = (A)g;
     GRID_STRIDE(i, p.n * p.c) {
         const int r = elem_role<KIND>(tg, i, p.c, err);
         double d = 0.0;
@@ -217,9 +218,11 @@ __device__ void update_pass(const ApUpdateParams& p) {
                 const u64 b = upper_bound(edges, ne, v);
                 d = __dadd_rn(alpha[b], __dmul_rn(beta[b], __dsub_rn(v, p.center)));
             }
-            d = __dmul_rn(d, g);
         }
-        out[i] = from_acc<T>((A)d);
+        // Rounded to T, then scaled by the upstream gradient in the accumulator type: the
+        // CPU's order (its update is computed for an upstream of 1 and scaled after).
+        const T rounded = from_acc<T>((A)d);
+        out[i] = g == 1.0 ? rounded : from_acc<T>(to_acc(rounded) * ga);
     }
 }
 

@@ -56,11 +56,14 @@ fn compare(what: &str, cpu: &(Vec<f64>, Vec<f64>), gpu: &(Vec<f64>, Vec<f64>), d
         t * scale(&cpu.0),
         t,
     );
+    // The gradient's scale is at least that of its terms, O(1/box side) ≥ 1e-2 for the boxes
+    // here (tens of pixels): where they cancel (identical boxes), one backend may round to an
+    // exact 0 and the other to a residue of the terms' rounding.
     assert_close(
         &format!("{what} grad"),
         &gpu.1,
         &cpu.1,
-        t * scale(&cpu.1),
+        t * scale(&cpu.1).max(1e-2),
         t,
     );
 }
@@ -208,7 +211,15 @@ fn box_iou_cuda_matches_cpu() {
                         let what = format!("n={n} {dtype:?} {kind:?} {red:?} eps={eps}");
                         let c = on_cpu_kernels(|| run(&fwd, &p, &g, &up, &cpu));
                         let d = run(&fwd, &p, &g, &up, &gpu);
-                        assert!(d.0.iter().chain(&d.1).all(|v| v.is_finite()), "{what}");
+                        // Finite wherever the CPU result is (a half-precision Sum of 300k
+                        // losses overflows to inf on both).
+                        let finite = |v: &(Vec<f64>, Vec<f64>)| {
+                            v.0.iter()
+                                .chain(&v.1)
+                                .map(|x| x.is_finite())
+                                .collect::<Vec<_>>()
+                        };
+                        assert_eq!(finite(&d), finite(&c), "{what}");
                         compare(&what, &c, &d, dtype);
                     }
                 }

@@ -91,8 +91,15 @@ fn cuda_matches_cpu() {
                     let what = format!("{n}x{c} {dtype:?} {red:?} {kind}");
                     let ls = lc.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                     let gs = gc.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+                    // No result is nearer than one step of its dtype's grid: f16 gradients of a
+                    // Mean over 1.6M elements are subnormal, where a step is 2^-24.
+                    let step = if dtype == DType::F16 {
+                        2f64.powi(-24)
+                    } else {
+                        0.0
+                    };
                     assert_close(&format!("{what} loss"), &lg, &lc, tol * ls, tol);
-                    assert_close(&format!("{what} grad"), &gg, &gc, tol * gs, tol);
+                    assert_close(&format!("{what} grad"), &gg, &gc, (tol * gs).max(step), tol);
                 }
             }
         }

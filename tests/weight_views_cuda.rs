@@ -2,7 +2,8 @@
 //! view starts: the same loss and gradient, bit for bit, as their contiguous copy. On the CPU
 //! kernels, on the emulated CUDA kernels (`--features cuda-emu`) and on a CUDA device when
 //! there is one. (The CUDA launch code once passed the whole storage and dropped the view's
-//! offset: a silently wrong loss.)
+//! offset: a silently wrong loss.) Named `_cuda` so that the GPU kit (scripts/gpu-build.sh)
+//! bundles it.
 
 mod common;
 
