@@ -6,8 +6,8 @@
 //!   needs the CUDA headers of the pinned PyPI wheels (`cuda_fp16.h`, `cuda_bf16.h`,
 //!   `crt/host_defines.h`, `nv/target`): `$CUDA_EMU_INCLUDE`, else `$CUDA_HOME/include` (set by
 //!   `source scripts/cuda-env.sh`), else the venv that script creates. With
-//!   `CANDLE_DETLOSS_EMU_SANITIZE=1` the kernels and the crate's test binaries are built with
-//!   AddressSanitizer and UBSan.
+//!   `CANDLE_DETLOSS_EMU_SANITIZE=1` the kernels are built with AddressSanitizer and UBSan
+//!   (run the binaries with the ASan runtime preloaded, as `.ci/run` does).
 //!
 //! Without either feature it does nothing, so a plain `cargo build` needs no CUDA toolkit.
 
@@ -106,8 +106,11 @@ mod emu {
                 .flag("-fsanitize=address,undefined")
                 .flag("-fno-sanitize-recover=all")
                 .flag("-fno-omit-frame-pointer");
-            // The runtimes, linked into the crate's test, bench and example binaries.
-            println!("cargo:rustc-link-arg=-fsanitize=address,undefined");
+            // The runtimes, linked into every binary that links the crate. ASan's must come
+            // first in the process's library list: run the binaries with
+            // LD_PRELOAD=$(gcc -print-file-name=libasan.so) (.ci/run sets it as cargo's runner).
+            println!("cargo:rustc-link-lib=dylib=asan");
+            println!("cargo:rustc-link-lib=dylib=ubsan");
         } else {
             b.opt_level(2);
         }

@@ -33,20 +33,6 @@ macro_rules! with_float_type {
     };
 }
 
-/// Calls the generic function `$f::<T>(args…)` with `T` the Rust type of the float dtype.
-#[cfg_attr(not(feature = "cuda"), allow(unused_macros))]
-macro_rules! dispatch_float {
-    ($loss:expr, $dtype:expr, $f:ident, $($args:expr),*) => {
-        match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($args),*),
-            candle_core::DType::F64 => $f::<f64>($($args),*),
-            candle_core::DType::F16 => $f::<half::f16>($($args),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($args),*),
-            d => candle_core::bail!("{}: unsupported dtype {d:?}", $loss),
-        }
-    };
-}
-
 /// `impl CustomOp3` for the backward op `$op(params)` of a sigmoid-type loss over
 /// `(logits [N, C], targets as CpuTargets, upstream)`: on the CPU
 /// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA (and under `cuda-emu`) the
@@ -132,7 +118,7 @@ pub(crate) fn cpu_kernels() -> bool {
 }
 
 #[allow(unused_imports)]
-pub(crate) use {dispatch_float, emulate, targets_backward_op, with_float_type};
+pub(crate) use {emulate, targets_backward_op, with_float_type};
 
 /// Rows (or elements) of this many scalars form one rayon task. The chunking depends only on
 /// the problem size, never on the thread count, so chunk partial sums merged in chunk order give

@@ -9,12 +9,25 @@
 ///
 /// Implement only through [`kernel_params!`]: the type must be `#[repr(C)]`, made of plain
 /// integers and floats, and laid out exactly as the C struct of the same name.
-pub(crate) unsafe trait KernelParams: Copy {
+pub(crate) unsafe trait KernelParams: Copy + ParamRepr {
     /// The C struct's name.
+    #[cfg_attr(not(feature = "cuda-emu"), allow(dead_code))]
     const NAME: &'static str;
     /// `(name, offset, size)` of every field, in declaration order.
+    #[cfg_attr(not(feature = "cuda-emu"), allow(dead_code))]
     fn fields() -> Vec<(&'static str, usize, usize)>;
 }
+
+/// What cudarc needs of a kernel argument (feature `cuda`); nothing in other builds.
+#[cfg(feature = "cuda")]
+pub(crate) trait ParamRepr: candle_core::cuda_backend::cudarc::driver::DeviceRepr {}
+#[cfg(feature = "cuda")]
+impl<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr> ParamRepr for T {}
+/// What cudarc needs of a kernel argument (feature `cuda`); nothing in other builds.
+#[cfg(not(feature = "cuda"))]
+pub(crate) trait ParamRepr {}
+#[cfg(not(feature = "cuda"))]
+impl<T> ParamRepr for T {}
 
 /// Declares kernel parameter structs (and, under `cuda`, passes them to cudarc as one
 /// argument).
