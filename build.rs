@@ -123,6 +123,8 @@ mod emu {
         files.sort();
         b.files(&files);
         b.file("kernels/emu/runtime.cpp");
+        // Kernels that break the execution model on purpose, for the emulation's own tests.
+        b.file("kernels/emu/selftest.cpp");
         b.compile("candle_detloss_emu");
     }
 }

@@ -374,3 +374,82 @@ pub(crate) fn run<R: SameBits>(op: &str, f: impl Fn(&Emu) -> Result<R>) -> Resul
         None => bail!("cuda-emu: no thread order to run"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Gpu, Launch, Module};
+    use super::Emu;
+
+    extern "C" {
+        fn dl_emu_find_emu_selftest(name: *const std::ffi::c_char) -> *const std::ffi::c_void;
+        fn dl_emu_kernel_emu_selftest(i: usize) -> *const std::ffi::c_char;
+    }
+
+    crate::gpu::params::kernel_params! {
+        /// `emu_selftest` (kernels/emu/selftest.cpp).
+        struct SelftestParams { out: u64, mode: i32 }
+    }
+
+    const SELFTEST: Module = Module {
+        name: "candle_detloss_emu_selftest",
+        #[cfg(feature = "cuda")]
+        ptx: "",
+        emu: (dl_emu_find_emu_selftest, dl_emu_kernel_emu_selftest),
+    };
+
+    /// Runs the self-test kernel on one block of 64 threads.
+    fn launch(mode: i32, descending: bool) -> Vec<u64> {
+        let g = Emu { descending };
+        let out = g.zeros::<i64>(64).unwrap();
+        let p = SelftestParams {
+            out: g.out_addr(&out),
+            mode,
+        };
+        let cfg = Launch {
+            grid: 1,
+            block: 64,
+            shmem: 0,
+        };
+        g.launch(&SELFTEST, "emu_selftest", cfg, &p).unwrap();
+        out.iter().map(|v| *v as u64).collect()
+    }
+
+    const CHILD: &str = "CANDLE_DETLOSS_EMU_SELFTEST_MODE";
+
+    #[test]
+    fn warp_collectives_and_barriers_run_in_both_orders() {
+        for descending in [false, true] {
+            let out = launch(0, descending);
+            // Lane 0 of each warp holds the sum of its warp's thread indices.
+            assert_eq!(out[0], (0..32).sum::<u64>());
+            assert_eq!(out[32], (32..64).sum::<u64>());
+        }
+    }
+
+    /// A barrier one thread never reaches, or a collective one lane skips, aborts the process
+    /// with a message naming the kernel and the construct (a hang or undefined behaviour on a
+    /// GPU). Checked in a child process, which the abort ends.
+    #[test]
+    fn a_barrier_or_collective_not_reached_by_all_aborts_naming_the_kernel() {
+        if let Ok(mode) = std::env::var(CHILD) {
+            launch(mode.parse().unwrap(), false);
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let name =
+            "gpu::emu::tests::a_barrier_or_collective_not_reached_by_all_aborts_naming_the_kernel";
+        for (mode, construct) in [(1, "__syncthreads"), (2, "__shfl_down_sync")] {
+            let out = std::process::Command::new(&exe)
+                .args(["--exact", name, "--test-threads=1", "--nocapture"])
+                .env(CHILD, mode.to_string())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "mode {mode} did not abort: {err}");
+            assert!(
+                err.contains("kernel emu_selftest") && err.contains(construct),
+                "mode {mode}: {err}"
+            );
+        }
+    }
+}

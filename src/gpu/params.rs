@@ -43,7 +43,7 @@ macro_rules! kernel_params {
 
             // SAFETY: `#[repr(C)]` of plain integer / float fields, mirrored in params.cuh
             // (checked by the emulated backend at every launch).
-            unsafe impl KernelParams for $name {
+            unsafe impl $crate::gpu::params::KernelParams for $name {
                 const NAME: &'static str = stringify!($name);
                 fn fields() -> Vec<(&'static str, usize, usize)> {
                     vec![$((
@@ -61,6 +61,9 @@ macro_rules! kernel_params {
         )*
     };
 }
+
+#[allow(unused_imports)]
+pub(crate) use kernel_params;
 
 kernel_params! {
     /// `finalize_<dtype>` (common.cu).
