@@ -170,7 +170,8 @@ fn ghmc_cuda_matches_cpu_including_the_running_histogram() {
     let mut rng = Rng::new(42);
     for &(n, c) in &[(1usize, 1usize), (500, 80), (64, 7)] {
         for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
-            for dense in [false, true] {
+            // Targets: i64 labels (with ignored rows), u32 labels, dense {0, 1}.
+            for (dense, u32_labels) in [(false, false), (false, true), (true, false)] {
                 for (bins, mom) in [(10, 0.0), (30, 0.75), (9000, 0.0)] {
                     for red in REDUCTIONS {
                         let mk = || {
@@ -193,6 +194,14 @@ fn ghmc_cuda_matches_cpu_including_the_running_histogram() {
                                 vec![]
                             };
                             let lab = labels(&mut rng, n, c as u64 + 1, true);
+                            // u32 labels have no ignore value: those rows become background.
+                            let lab: Vec<i64> = if u32_labels {
+                                lab.iter()
+                                    .map(|&k| if k < 0 { c as i64 } else { k })
+                                    .collect()
+                            } else {
+                                lab
+                            };
                             let tval = |e: usize| {
                                 if dense {
                                     t[e]
@@ -219,6 +228,9 @@ fn ghmc_cuda_matches_cpu_including_the_running_histogram() {
                                     .unwrap()
                                     .to_dtype(dtype)
                                     .unwrap()
+                            } else if u32_labels {
+                                let lu: Vec<u32> = lab.iter().map(|&k| k as u32).collect();
+                                Tensor::from_vec(lu, n, &cpu).unwrap()
                             } else {
                                 Tensor::from_vec(lab, n, &cpu).unwrap()
                             };
@@ -242,7 +254,7 @@ fn ghmc_cuda_matches_cpu_including_the_running_histogram() {
                                 loss_and_grad(&xg, &upg, |x| fg.borrow_mut().forward(x, &tg))
                                     .unwrap();
                             let what = format!(
-                                "{n}x{c} {dtype:?} dense={dense} bins={bins} m={mom} {red:?} step {step}"
+                                "{n}x{c} {dtype:?} dense={dense} u32={u32_labels} bins={bins} m={mom} {red:?} step {step}"
                             );
                             compare(
                                 &format!("{what} loss"),

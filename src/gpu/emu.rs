@@ -125,19 +125,25 @@ fn kernel<P: KernelParams>(module: &Module, name: &str) -> Result<Handle> {
     Ok(Handle(h))
 }
 
-/// With `CANDLE_DETLOSS_EMU_COVERAGE=FILE`, appends the name of each kernel the process
-/// launches (once) to FILE, so that a run of the test suite can be checked against
-/// [`kernel_names`].
+/// With `CANDLE_DETLOSS_EMU_COVERAGE=FILE`, appends `kernel<TAB>program` for each kernel the
+/// process launches (once) to FILE, so that a run of the test suite can be checked against
+/// [`kernel_names`] (and a reader can see which test binary ran which kernel).
 fn record_coverage(name: &str) {
     if let Some(path) = std::env::var_os("CANDLE_DETLOSS_EMU_COVERAGE") {
         use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+        let exe = std::env::current_exe().ok();
+        let prog = exe
+            .as_ref()
+            .and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
-        {
+            .open(path);
+        if let Ok(mut f) = file {
             // One short line per write: appends of concurrent test processes do not interleave.
-            let _ = f.write_all(format!("{name}\n").as_bytes());
+            let _ = f.write_all(format!("{name}\t{prog}\n").as_bytes());
         }
     }
 }
