@@ -321,12 +321,12 @@ fn export(a: &Settings, dir: &Path) -> Result<()> {
     };
     data::export_coco(&train, dir, "train.json")?;
     data::export_coco(&val, dir, "val.json")?;
+    let d = dir.display();
     println!(
-        "wrote {} training and {} validation images to {}/images, annotations {0}/train.json, {0}/val.json\n\
-         train on them: cargo run --release --example retinanet -- --coco {0}/train.json --val-coco {0}/val.json --images {0}/images",
+        "wrote {} training and {} validation images to {d}/images, annotations {d}/train.json, {d}/val.json\n\
+         train on them: cargo run --release --example retinanet -- --coco {d}/train.json --val-coco {d}/val.json --images {d}/images",
         train.samples.len(),
         val.samples.len(),
-        dir.display()
     );
     Ok(())
 }

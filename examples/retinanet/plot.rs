@@ -46,7 +46,6 @@ fn render(
     background: Option<Vec<u8>>,
     draw: impl FnOnce(&DrawingArea<BitMapBackend<RGBPixel>, Shift>) -> Result<()>,
 ) -> Result<()> {
-    register_fonts()?;
     let mut buf = background.unwrap_or_else(|| vec![255u8; (w * h * 3) as usize]);
     {
         let backend = BitMapBackend::<RGBPixel>::with_buffer_and_format(&mut buf, (w, h))
@@ -93,6 +92,7 @@ pub struct LossCurves<'a> {
 /// The loss figure (1000 × 520 px): iterations on x, loss on y (from 0), per-iteration
 /// values thin and their moving average bold, a legend, dashed epoch boundaries.
 pub fn loss_png(path: &Path, c: &LossCurves) -> Result<()> {
+    register_fonts()?; // before any font is made: plotters looks the family up on creation
     let n = c.total.len();
     let finite: Vec<f32> = [c.total, c.cls, c.reg]
         .iter()
@@ -172,11 +172,11 @@ pub fn loss_png(path: &Path, c: &LossCurves) -> Result<()> {
                 ))
                 .map_err(pe("raw series"))?;
         }
-        for (name, vals, col) in &series {
-            let label = match *name {
-                "total" => "total loss".to_string(),
-                n if std::ptr::eq(*vals, c.cls) => format!("classification ({n})"),
-                n => format!("box regression ({n})"),
+        for (k, (name, vals, col)) in series.iter().enumerate() {
+            let label = match k {
+                0 => "total loss".to_string(),
+                1 => format!("classification ({name})"),
+                _ => format!("box regression ({name})"),
             };
             let col = *col;
             chart
@@ -250,6 +250,7 @@ pub struct DetectionGrid<'a> {
 /// predictions with score ≥ `min_score` in their class colour with `class score` beside them.
 /// A header holds the title (with the threshold and the counts drawn) and the colour legend.
 pub fn detections_png(path: &Path, g: &DetectionGrid) -> Result<()> {
+    register_fonts()?; // before any font is made: plotters looks the family up on creation
     let ds = g.ds;
     let s = ds.size as u32;
     let shown = (g.cols * g.rows).min(ds.samples.len()).max(1);
