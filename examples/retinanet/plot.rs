@@ -100,7 +100,8 @@ pub fn loss_png(path: &Path, c: &LossCurves) -> Result<()> {
         .filter(|v| v.is_finite() && *v >= 0.0)
         .collect();
     let hi = finite.iter().fold(0f32, |a, &b| a.max(b));
-    let (lo, hi) = (0f32, if hi > 0.0 { hi * 1.12 } else { 1.0 });
+    // headroom above the curves for the epoch labels and the legend
+    let (lo, hi) = (0f32, if hi > 0.0 { hi * 1.3 } else { 1.0 });
     let xmax = n.max(2) as f32;
     render(path, (1000, 520), None, |root| {
         root.fill(&WHITE).map_err(pe("fill"))?;
@@ -197,6 +198,7 @@ pub fn loss_png(path: &Path, c: &LossCurves) -> Result<()> {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
+            .margin(26) // below the epoch labels
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .label_font((FONT, 14))
