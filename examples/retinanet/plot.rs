@@ -195,10 +195,11 @@ pub fn loss_png(path: &Path, c: &LossCurves) -> Result<()> {
                     PathElement::new(vec![(x, y), (x + 24, y)], col.stroke_width(3))
                 });
         }
+        // upper right, below the row of epoch labels
+        let (pw, _) = chart.plotting_area().dim_in_pixel();
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .margin(26) // below the epoch labels
+            .position(SeriesLabelPosition::Coordinate(pw as i32 - 250, 26))
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
             .label_font((FONT, 14))
