@@ -15,13 +15,9 @@
 #define FULL_MASK 0xffffffffu
 #define LO_BITS 31
 
-// Raises the "dense target not in {-1, 0, 1}" error: err = [2, flat index, value bits]. The
-// first offender claims the buffer, so index and value belong together.
+// Raises the "dense target not in {-1, 0, 1}" error: [ERR_TARGET, flat index, value bits].
 __device__ __forceinline__ void raise_dense(u64* err, u64 i, double v) {
-    if (atomicCAS(&err[0], 0ull, 2ull) == 0ull) {
-        err[1] = i;
-        err[2] = (u64)__double_as_longlong(v);
-    }
+    raise_err(err, ERR_TARGET, i, (u64)__double_as_longlong(v));
 }
 
 // Role of element i (row-major [n, c]): 1 positive, 0 negative, -1 ignored. Invalid targets
@@ -72,22 +68,27 @@ __device__ __forceinline__ u64 lower_bound(const double* a, u64 n, double v) {
 
 // Pass 1: number of positives (block sums, one integer atomic per block) and target checks.
 template <int KIND, typename TG>
-__device__ void count_pos(const TG* tg, u64 n, u64 c, u64* cnt, u64* err) {
+__device__ void count_pos(const ApCountParams& p) {
     __shared__ u64 shc[32];
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    u64* err = dev_ptr<u64>(p.err);
     u64 k = 0;
-    GRID_STRIDE(i, n * c) { k += elem_role<KIND>(tg, i, c, err) == 1; }
+    GRID_STRIDE(i, p.n * p.c) { k += elem_role<KIND>(tg, i, p.c, err) == 1; }
     k = block_sum<u64>(k, shc);
-    if (threadIdx.x == 0 && k) atomicAdd(cnt, k);
+    if (threadIdx.x == 0 && k) atomicAdd(dev_ptr<u64>(p.cnt), k);
 }
 
 // Pass 2: the positive scores, in any order (the host sorts them).
 template <typename T, int KIND, typename TG>
-__device__ void compact_pos(const T* x, const TG* tg, u64 n, u64 c, double* out, u64* next,
-                            u64 cap, u64* err) {
-    GRID_STRIDE(i, n * c) {
-        if (elem_role<KIND>(tg, i, c, err) == 1) {
-            const u64 at = atomicAdd(next, 1ull);
-            if (at < cap) out[at] = (double)to_acc(x[i]);
+__device__ void compact_pos(const ApCompactParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    double* out = dev_ptr<double>(p.out);
+    u64* err = dev_ptr<u64>(p.err);
+    GRID_STRIDE(i, p.n * p.c) {
+        if (elem_role<KIND>(tg, i, p.c, err) == 1) {
+            const u64 at = atomicAdd(dev_ptr<u64>(p.next), 1ull);
+            if (at < p.cap) out[at] = (double)to_acc(x[i]);
         }
     }
 }
@@ -101,11 +102,19 @@ __device__ void compact_pos(const T* x, const TG* tg, u64 n, u64 c, double* out,
 // fall into the same bucket (typical at initialisation, when all scores are alike) adds its
 // warp sums with one atomic per array.
 template <typename T, int KIND, typename TG>
-__device__ void bucket_pass(const T* x, const TG* tg, u64 n, u64 c, const double* edges, u64 ne,
-                            double center, double scale, u64* cnt, u64* hi, u64* lo,
-                            u64* nonfinite, int use_smem, u64* err) {
-    extern __shared__ u64 smem[];
+__device__ void bucket_pass(const ApBucketParams& p) {
+    DL_DYN_SHARED(u64, smem);
     __shared__ u64 shc[32];
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const double* edges = dev_ptr<const double>(p.edges);
+    u64* cnt = dev_ptr<u64>(p.cnt);
+    u64* hi = dev_ptr<u64>(p.hi);
+    u64* lo = dev_ptr<u64>(p.lo);
+    u64* err = dev_ptr<u64>(p.err);
+    const u64 c = p.c, ne = p.ne;
+    const double center = p.center, scale = p.scale;
+    const int use_smem = p.use_smem;
     const u64 nb = ne + 1;
     u64* acnt = use_smem ? smem : cnt;
     u64* ahi = use_smem ? smem + nb : hi;
@@ -115,7 +124,7 @@ __device__ void bucket_pass(const T* x, const TG* tg, u64 n, u64 c, const double
         __syncthreads();
     }
     const double e0 = ne > 0 ? edges[0] : 0.0;
-    const u64 total = n * c;
+    const u64 total = p.n * c;
     const u64 stride = (u64)blockDim.x * gridDim.x;
     const int lane = threadIdx.x & 31;
     u64 bad = 0;
@@ -160,7 +169,7 @@ __device__ void bucket_pass(const T* x, const TG* tg, u64 n, u64 c, const double
         }
     }
     bad = block_sum<u64>(bad, shc);
-    if (threadIdx.x == 0 && bad) atomicAdd(nonfinite, bad);
+    if (threadIdx.x == 0 && bad) atomicAdd(dev_ptr<u64>(p.nonfinite), bad);
     if (use_smem) {
         __syncthreads();
         for (u64 k = threadIdx.x; k < nb; k += blockDim.x) {
@@ -174,62 +183,55 @@ __device__ void bucket_pass(const T* x, const TG* tg, u64 n, u64 c, const double
 }
 
 // Pass 4: the update of every element times the upstream gradient up[0]. Positive: -(1-prec)/P
-// of its score among the sorted positives (err = [3, flat index] when it is missing); negative
-// in bucket b > 0: alpha[b] + beta[b]·(x - center), rounded as on the CPU; ignored: 0. With
+// of its score among the sorted positives (ERR_POSITIVE when it is missing); negative in
+// bucket b > 0: alpha[b] + beta[b]·(x - center), rounded as on the CPU; ignored: 0. With
 // `nan` (a non-finite score somewhere) every valid element gets NaN.
 template <typename T, typename A, int KIND, typename TG>
-__device__ void update_pass(const T* x, const TG* tg, const T* up, u64 n, u64 c,
-                            const double* pos, const double* pos_upd, u64 np,
-                            const double* edges, u64 ne, const double* alpha,
-                            const double* beta, double center, int nan, T* out, u64* err) {
-    const double g = (double)to_acc(up[0]);
-    GRID_STRIDE(i, n * c) {
-        const int r = elem_role<KIND>(tg, i, c, err);
+__device__ void update_pass(const ApUpdateParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const double* pos = dev_ptr<const double>(p.pos);
+    const double* pos_upd = dev_ptr<const double>(p.pos_upd);
+    const double* edges = dev_ptr<const double>(p.edges);
+    const double* alpha = dev_ptr<const double>(p.alpha);
+    const double* beta = dev_ptr<const double>(p.beta);
+    T* out = dev_ptr<T>(p.out);
+    u64* err = dev_ptr<u64>(p.err);
+    const u64 np = p.np, ne = p.ne;
+    const double g = (double)to_acc(dev_ptr<const T>(p.up)[0]);
+    const A ga = (A)g;
+    GRID_STRIDE(i, p.n * p.c) {
+        const int r = elem_role<KIND>(tg, i, p.c, err);
         double d = 0.0;
         if (r >= 0) {
             const double v = (double)to_acc(x[i]);
-            if (nan) {
+            if (p.nan) {
                 d = __longlong_as_double(0x7ff8000000000000ll); // quiet NaN
             } else if (r == 1) {
                 const u64 k = lower_bound(pos, np, v);
                 if (k < np && pos[k] == v) {
                     d = pos_upd[k];
-                } else if (atomicCAS(&err[0], 0ull, 3ull) == 0ull) {
-                    err[1] = i;
-                    err[2] = (u64)__double_as_longlong(v);
+                } else {
+                    raise_err(err, ERR_POSITIVE, i, (u64)__double_as_longlong(v));
                 }
             } else if (ne > 0 && v >= edges[0]) {
                 const u64 b = upper_bound(edges, ne, v);
-                d = __dadd_rn(alpha[b], __dmul_rn(beta[b], __dsub_rn(v, center)));
+                d = __dadd_rn(alpha[b], __dmul_rn(beta[b], __dsub_rn(v, p.center)));
             }
-            d = __dmul_rn(d, g);
         }
-        out[i] = from_acc<T>((A)d);
+        // Rounded to T, then scaled by the upstream gradient in the accumulator type: the
+        // CPU's order (its update is computed for an upstream of 1 and scaled after).
+        const T rounded = from_acc<T>((A)d);
+        out[i] = g == 1.0 ? rounded : from_acc<T>(to_acc(rounded) * ga);
     }
 }
 
 // ---- one extern "C" kernel per (dtype, target kind), stamped by macros ----
 #define AP_KERNELS(SFX, T, A, TG, KIND)                                                          \
-    extern "C" __global__ void ap_count_##SFX(const TG* tg, u64 n, u64 c, u64* cnt, u64* err) { \
-        count_pos<KIND, TG>(tg, n, c, cnt, err);                                                 \
-    }                                                                                            \
-    extern "C" __global__ void ap_compact_##SFX(const T* x, const TG* tg, u64 n, u64 c,         \
-                                                double* out, u64* next, u64 cap, u64* err) {     \
-        compact_pos<T, KIND, TG>(x, tg, n, c, out, next, cap, err);                              \
-    }                                                                                            \
-    extern "C" __global__ void ap_bucket_##SFX(                                                  \
-        const T* x, const TG* tg, u64 n, u64 c, const double* edges, u64 ne, double center,      \
-        double scale, u64* cnt, u64* hi, u64* lo, u64* nonfinite, int use_smem, u64* err) {     \
-        bucket_pass<T, KIND, TG>(x, tg, n, c, edges, ne, center, scale, cnt, hi, lo, nonfinite, \
-                                 use_smem, err);                                                 \
-    }                                                                                            \
-    extern "C" __global__ void ap_update_##SFX(                                                  \
-        const T* x, const TG* tg, const T* up, u64 n, u64 c, const double* pos,                 \
-        const double* pos_upd, u64 np, const double* edges, u64 ne, const double* alpha,         \
-        const double* beta, double center, int nan, T* out, u64* err) {                          \
-        update_pass<T, A, KIND, TG>(x, tg, up, n, c, pos, pos_upd, np, edges, ne, alpha, beta,   \
-                                    center, nan, out, err);                                      \
-    }
+    DL_KERNEL(ap_count_##SFX, ApCountParams, p) { count_pos<KIND, TG>(p); }                      \
+    DL_KERNEL(ap_compact_##SFX, ApCompactParams, p) { compact_pos<T, KIND, TG>(p); }             \
+    DL_KERNEL(ap_bucket_##SFX, ApBucketParams, p) { bucket_pass<T, KIND, TG>(p); }               \
+    DL_KERNEL(ap_update_##SFX, ApUpdateParams, p) { update_pass<T, A, KIND, TG>(p); }
 
 #define AP_DTYPE(DT, T, A)                                                                       \
     AP_KERNELS(DT##_dense, T, A, T, KIND_DENSE)                                                  \
@@ -241,3 +243,5 @@ AP_DTYPE(f32, float, float)
 AP_DTYPE(f64, double, double)
 AP_DTYPE(f16, __half, float)
 AP_DTYPE(bf16, __nv_bfloat16, float)
+
+DL_MODULE(ap_loss)

@@ -1,11 +1,35 @@
 // Shared device helpers of candle-detloss: dtype conversion to the accumulator type, overloaded
-// math (float / double), deterministic block reductions, label decoding and error reporting.
+// math (float / double), deterministic block reductions, label decoding and error reporting,
+// and the macros that declare kernels and their parameter structs (compiled by nvcc, or by the
+// host C++ compiler with the CUDA emulation of kernels/emu/ under the `cuda-emu` feature).
 #pragma once
+#ifdef DL_CUDA_EMU
+#include "emu/cuda_emu.h"
+#else
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <float.h>
+
+// `DL_KERNEL(name, Params, p) { body }`: an extern "C" kernel taking one parameter struct.
+#define DL_KERNEL(NAME, PARAMS, P) extern "C" __global__ void NAME(const PARAMS P)
+// A kernel parameter struct (fields from an X-macro, mirrored in src/gpu/params.rs).
+#define DL_FIELD_DECL(T, N) T N;
+#define DL_PARAMS(NAME, FIELDS) struct NAME { FIELDS(DL_FIELD_DECL) };
+// Dynamic shared memory of the launch (the only construct the host emulation spells otherwise).
+#define DL_DYN_SHARED(T, NAME) extern __shared__ T NAME[]
+// The emulation's per-module kernel lookup; nothing on a GPU.
+#define DL_MODULE(MOD)
+#endif
 
 typedef unsigned long long u64;
+
+// A buffer address of a parameter struct (a device pointer, or a host address under emulation).
+template <typename T> __device__ __forceinline__ T* dev_ptr(u64 a) {
+    return reinterpret_cast<T*>(a);
+}
+
+#include "params.cuh"
 
 // ---- element <-> accumulator (f32 for f32/f16/bf16, f64 for f64) ----
 __device__ __forceinline__ float to_acc(float x) { return x; }
@@ -34,16 +58,28 @@ __device__ __forceinline__ double dl_abs(double x) { return fabs(x); }
 __device__ __forceinline__ long long label_value(uint32_t v) { return (long long)v; }
 __device__ __forceinline__ long long label_value(int64_t v) { return (long long)v; }
 
+// ---- errors: one [code, a, b] u64 buffer per launch sequence, read back by src/gpu ----
+#define ERR_LABEL 1     // a = the label value
+#define ERR_TARGET 2    // a = flat index, b = the value's f64 bits
+#define ERR_POSITIVE 3  // AP-Loss: a = flat index, b = the score's f64 bits
+
+// Raises error `code`; the first offender claims the buffer, so a and b belong together.
+__device__ __forceinline__ void raise_err(u64* err, u64 code, u64 a, u64 b) {
+    if (atomicCAS(&err[0], 0ull, code) == 0ull) {
+        err[1] = a;
+        err[2] = b;
+    }
+}
+
 // Decodes a label against max_label (inclusive). Returns -1 for ignored rows and for invalid
-// labels; an invalid label also raises err[0] and records its value in err[1], so the host turns
-// it into an Err. Never used as an index before this check.
+// labels; an invalid label also raises ERR_LABEL with its value, so the host turns it into an
+// Err. Never used as an index before this check.
 template <typename L>
 __device__ __forceinline__ long long decode_label(L raw, long long max_label, u64* err) {
     long long v = label_value(raw);
     if (v == -1) return -1;
     if (v < 0 || v > max_label) {
-        err[0] = 1ull;
-        atomicExch(&err[1], (u64)v);
+        raise_err(err, ERR_LABEL, (u64)v, 0);
         return -1;
     }
     return v;
@@ -68,36 +104,41 @@ template <typename A> __device__ __forceinline__ A block_sum(A v, A* shm) {
     return v;
 }
 
-// Reduction codes shared with src/reduction.rs.
-#define RED_NONE 0
-#define RED_SUM 1
-#define RED_MEAN 2
-#define RED_AVG 3
-
-// Final step of a scalar reduction: sums the per-block partials in a fixed order and scales.
-// Mean divides by (sum of counts) * count_mult, 0 when that is 0. One block.
-template <typename T, typename A>
-__device__ void finalize_impl(const A* psum, const u64* pcnt, int nparts, double count_mult,
-                              int red, double avg_factor, T* out) {
-    __shared__ A shm[32];
-    __shared__ u64 shc[32];
-    A s = 0;
-    u64 k = 0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) {
+// Sums a scalar reduction's per-block partials (psum, and pden when use_den) in a fixed order:
+// out[0] = scale * sum(psum), divided by den = sum(pden) * den_mult when use_den (0 when den is
+// 0); the factor applied goes to scale_out[0] when given (the backward of Mean reads it). One
+// block; the body of every family's finalize kernel (kernels/common.cu).
+template <typename T>
+__device__ void finalize(const FinalizeParams& p) {
+    __shared__ double shs[32];
+    __shared__ double shd[32];
+    const double* psum = dev_ptr<const double>(p.psum);
+    const double* pden = dev_ptr<const double>(p.pden);
+    double s = 0, d = 0;
+    for (u64 i = threadIdx.x; i < p.nparts; i += blockDim.x) {
         s += psum[i];
-        k += pcnt[i];
+        if (p.use_den) d += pden[i];
     }
-    s = block_sum<A>(s, shm);
-    k = block_sum<u64>(k, shc);
+    s = block_sum<double>(s, shs);
+    d = block_sum<double>(d, shd);
     if (threadIdx.x == 0) {
-        double total = (double)s;
-        if (red == RED_MEAN) {
-            double d = (double)k * count_mult;
-            total = d > 0.0 ? total / d : 0.0;
-        } else if (red == RED_AVG) {
-            total = total / avg_factor;
+        double sc = p.scale;
+        if (p.use_den) {
+            const double den = d * p.den_mult;
+            sc = den > 0.0 ? sc / den : 0.0;
         }
-        out[0] = from_acc<T>((A)total);
+        using A = decltype(to_acc(T()));
+        dev_ptr<T>(p.out)[0] = from_acc<T>((A)(s * sc));
+        if (p.scale_out) dev_ptr<double>(p.scale_out)[0] = sc;
+    }
+}
+
+// The launch's per-block partial sums: thread 0 of each block writes its block's sums.
+__device__ __forceinline__ void write_partials(const u64 psum, const u64 pden, double s,
+                                               double d) {
+    if (threadIdx.x == 0) {
+        if (psum) dev_ptr<double>(psum)[blockIdx.x] = s;
+        if (pden) dev_ptr<double>(pden)[blockIdx.x] = d;
     }
 }
 

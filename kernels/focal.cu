@@ -36,138 +36,123 @@ __device__ __forceinline__ bool elem_target(const T* tg, u64 row, u64 col, u64 c
     *wrow = (A)1;
     return true;
 }
-template <typename T, typename A>
-__device__ __forceinline__ bool elem_target(const uint32_t* tg, u64 row, u64 col, u64 c,
-                                            const A* w, u64* err, A* t, A* wrow) {
+template <typename T, typename A, typename L>
+__device__ __forceinline__ bool label_target(const L* tg, u64 row, u64 col, u64 c, const A* w,
+                                             u64* err, A* t, A* wrow) {
     long long k = decode_label(tg[row], (long long)c, err);
     if (k < 0) return false;
     *t = (u64)k == col ? (A)1 : (A)0;
-    *wrow = w[k];
+    *wrow = w[k]; // k <= c: w has C+1 entries
     return true;
+}
+template <typename T, typename A>
+__device__ __forceinline__ bool elem_target(const uint32_t* tg, u64 row, u64 col, u64 c,
+                                            const A* w, u64* err, A* t, A* wrow) {
+    return label_target<T, A>(tg, row, col, c, w, err, t, wrow);
 }
 template <typename T, typename A>
 __device__ __forceinline__ bool elem_target(const int64_t* tg, u64 row, u64 col, u64 c,
                                             const A* w, u64* err, A* t, A* wrow) {
-    long long k = decode_label(tg[row], (long long)c, err);
-    if (k < 0) return false;
-    *t = (u64)k == col ? (A)1 : (A)0;
-    *wrow = w[k];
-    return true;
+    return label_target<T, A>(tg, row, col, c, w, err, t, wrow);
 }
 
+// Reduction::None: out[i] = w_row * l.
 template <typename T, typename A, typename TG, bool HARD>
-__device__ void fwd_none(const T* x, const TG* tg, const A* w, T* out, u64 n, u64 c, A alpha,
-                         int has_alpha, A gamma, u64* err) {
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void fwd_none(const FocalFwdParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    T* out = dev_ptr<T>(p.out);
+    u64* err = dev_ptr<u64>(p.err);
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, wr, l = 0, g;
-        if (elem_target<T, A>(tg, row, col, c, w, err, &t, &wr)) {
-            focal_elem<A>(to_acc(x[i]), t, HARD, alpha, has_alpha, gamma, &l, &g);
+        if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
+            focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
             l *= wr;
         }
         out[i] = from_acc<T>(l);
     }
 }
 
-// Per-block partial sums (and non-ignored row counts, counted at column 0).
+// Per-block partial sums (psum) and non-ignored row counts (pden, counted at column 0).
 template <typename T, typename A, typename TG, bool HARD>
-__device__ void fwd_partial(const T* x, const TG* tg, const A* w, A* psum, u64* pcnt, u64 n,
-                            u64 c, A alpha, int has_alpha, A gamma, u64* err) {
-    __shared__ A shm[32];
-    __shared__ u64 shc[32];
-    A s = 0;
-    u64 k = 0;
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void fwd_partial(const FocalFwdParams& p) {
+    __shared__ double shs[32];
+    __shared__ double shc[32];
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    u64* err = dev_ptr<u64>(p.err);
+    double s = 0, k = 0;
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, wr, l, g;
-        if (elem_target<T, A>(tg, row, col, c, w, err, &t, &wr)) {
-            focal_elem<A>(to_acc(x[i]), t, HARD, alpha, has_alpha, gamma, &l, &g);
-            s += wr * l;
+        if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
+            focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
+            s += (double)(wr * l);
             k += col == 0;
         }
     }
-    s = block_sum<A>(s, shm);
-    k = block_sum<u64>(k, shc);
-    if (threadIdx.x == 0) {
-        psum[blockIdx.x] = s;
-        pcnt[blockIdx.x] = k;
-    }
+    s = block_sum<double>(s, shs);
+    k = block_sum<double>(k, shc);
+    write_partials(p.psum, p.pden, s, k);
 }
 
-// Gradient: g = up * scale * w_row * dl/dx; scale = base_scale, divided by cnt[0]*c when
-// use_cnt (Mean over labels: cnt from count_rows).
+// Gradient: g = up * scale * w_row * dl/dx, scale = scale_p[0] when given (Mean over labels:
+// from the finalize of the row counts), else p.scale.
 template <typename T, typename A, typename TG, bool HARD>
-__device__ void bwd(const T* x, const TG* tg, const A* w, const T* up, int up_scalar, T* gout,
-                    u64 n, u64 c, A alpha, int has_alpha, A gamma, double base_scale,
-                    const u64* cnt, int use_cnt, u64* err) {
-    double sc = base_scale;
-    if (use_cnt) {
-        double d = (double)cnt[0] * (double)c;
-        sc = d > 0.0 ? sc / d : 0.0;
-    }
-    const A scale = (A)sc;
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void bwd(const FocalBwdParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    const T* up = dev_ptr<const T>(p.up);
+    T* gout = dev_ptr<T>(p.g);
+    u64* err = dev_ptr<u64>(p.err);
+    const A scale = (A)(p.scale_p ? dev_ptr<const double>(p.scale_p)[0] : p.scale);
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, wr, l, g = 0;
-        if (elem_target<T, A>(tg, row, col, c, w, err, &t, &wr)) {
-            focal_elem<A>(to_acc(x[i]), t, HARD, alpha, has_alpha, gamma, &l, &g);
-            A u = to_acc(up[up_scalar ? 0 : i]);
+        if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
+            focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
+            A u = to_acc(up[p.up_scalar ? 0 : i]);
             g = u * scale * wr * g;
         }
         gout[i] = from_acc<T>(g);
     }
 }
 
-// Number of non-ignored rows (labels only), accumulated with an integer atomic (deterministic).
+// Number of non-ignored rows (labels only) per block, into pden (finalized in a fixed order).
 template <typename TG>
-__device__ void count_rows(const TG* tg, u64 n, u64 c, u64* cnt, u64* err) {
-    __shared__ u64 shc[32];
-    u64 k = 0;
-    GRID_STRIDE(i, n) { k += decode_label(tg[i], (long long)c, err) >= 0; }
-    k = block_sum<u64>(k, shc);
-    if (threadIdx.x == 0 && k) atomicAdd(cnt, k);
+__device__ void count_rows(const RowCountParams& p) {
+    __shared__ double shc[32];
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    u64* err = dev_ptr<u64>(p.err);
+    double k = 0;
+    GRID_STRIDE(i, p.n) { k += decode_label(tg[i], (long long)p.c, err) >= 0; }
+    k = block_sum<double>(k, shc);
+    write_partials(0, p.pden, 0, k);
 }
 
 // ---- one extern "C" kernel per (dtype, target kind), stamped by macros ----
 #define FOCAL_KERNELS(SFX, T, A, TG, HARD)                                                       \
-    extern "C" __global__ void sigmoid_focal_fwd_none_##SFX(                                     \
-        const T* x, const TG* tg, const A* w, T* out, u64 n, u64 c, A alpha, int has_alpha,      \
-        A gamma, u64* err) {                                                                     \
-        fwd_none<T, A, TG, HARD>(x, tg, w, out, n, c, alpha, has_alpha, gamma, err);            \
+    DL_KERNEL(sigmoid_focal_fwd_none_##SFX, FocalFwdParams, p) { fwd_none<T, A, TG, HARD>(p); }  \
+    DL_KERNEL(sigmoid_focal_fwd_partial_##SFX, FocalFwdParams, p) {                              \
+        fwd_partial<T, A, TG, HARD>(p);                                                          \
     }                                                                                            \
-    extern "C" __global__ void sigmoid_focal_fwd_partial_##SFX(                                  \
-        const T* x, const TG* tg, const A* w, A* psum, u64* pcnt, u64 n, u64 c, A alpha,         \
-        int has_alpha, A gamma, u64* err) {                                                      \
-        fwd_partial<T, A, TG, HARD>(x, tg, w, psum, pcnt, n, c, alpha, has_alpha, gamma, err);  \
-    }                                                                                            \
-    extern "C" __global__ void sigmoid_focal_bwd_##SFX(                                          \
-        const T* x, const TG* tg, const A* w, const T* up, int up_scalar, T* g, u64 n, u64 c,    \
-        A alpha, int has_alpha, A gamma, double base_scale, const u64* cnt, int use_cnt,         \
-        u64* err) {                                                                              \
-        bwd<T, A, TG, HARD>(x, tg, w, up, up_scalar, g, n, c, alpha, has_alpha, gamma,          \
-                            base_scale, cnt, use_cnt, err);                                      \
-    }
+    DL_KERNEL(sigmoid_focal_bwd_##SFX, FocalBwdParams, p) { bwd<T, A, TG, HARD>(p); }
 
 #define FOCAL_DTYPE(DT, T, A)                                                                    \
     FOCAL_KERNELS(DT##_dense, T, A, T, false)                                                    \
     FOCAL_KERNELS(DT##_u32, T, A, uint32_t, true)                                                \
-    FOCAL_KERNELS(DT##_i64, T, A, int64_t, true)                                                 \
-    extern "C" __global__ void sigmoid_focal_finalize_##DT(const A* psum, const u64* pcnt,       \
-                                                           int nparts, double count_mult,        \
-                                                           int red, double avg, T* out) {        \
-        finalize_impl<T, A>(psum, pcnt, nparts, count_mult, red, avg, out);                     \
-    }
+    FOCAL_KERNELS(DT##_i64, T, A, int64_t, true)
 
 FOCAL_DTYPE(f32, float, float)
 FOCAL_DTYPE(f64, double, double)
 FOCAL_DTYPE(f16, __half, float)
 FOCAL_DTYPE(bf16, __nv_bfloat16, float)
 
-extern "C" __global__ void sigmoid_focal_count_u32(const uint32_t* tg, u64 n, u64 c, u64* cnt,
-                                                   u64* err) {
-    count_rows(tg, n, c, cnt, err);
-}
-extern "C" __global__ void sigmoid_focal_count_i64(const int64_t* tg, u64 n, u64 c, u64* cnt,
-                                                   u64* err) {
-    count_rows(tg, n, c, cnt, err);
-}
+DL_KERNEL(sigmoid_focal_count_u32, RowCountParams, p) { count_rows<uint32_t>(p); }
+DL_KERNEL(sigmoid_focal_count_i64, RowCountParams, p) { count_rows<int64_t>(p); }
+
+DL_MODULE(focal)

@@ -67,22 +67,27 @@ __device__ __forceinline__ bool elem_target(const int64_t* tg, u64 row, u64 col,
 // Histogram: counts[0..bins) per bin, counts[bins] = valid elements. Shared-memory histogram
 // per block (dynamic shared memory: bins u32), merged with integer atomics; with `global` (too
 // many bins for shared memory) straight into the global counts. A dense target outside [0, 1]
-// raises err[0] = 2.
+// raises ERR_TARGET.
 template <typename T, typename A, typename TG, bool DENSE>
-__device__ void hist(const T* x, const TG* tg, u64 n, u64 c, int bins, int global, u64* counts,
-                     u64* err) {
-    extern __shared__ unsigned int sh_hist[];
+__device__ void hist(const GhmHistParams& p) {
+    DL_DYN_SHARED(unsigned int, sh_hist);
     __shared__ u64 shc[32];
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    u64* counts = dev_ptr<u64>(p.counts);
+    u64* err = dev_ptr<u64>(p.err);
+    const u64 c = p.c;
+    const int bins = p.bins, global = p.global;
     if (!global)
         for (int b = threadIdx.x; b < bins; b += blockDim.x) sh_hist[b] = 0;
     __syncthreads();
     u64 valid = 0;
-    GRID_STRIDE(i, n * c) {
+    GRID_STRIDE(i, p.n * c) {
         u64 row = i / c, col = i - row * c;
         A t;
         if (!elem_target<T, A>(tg, row, col, c, err, &t)) continue;
         if (DENSE && (t < (A)0 || t > (A)1)) {
-            err[0] = 2ull;
+            raise_err(err, ERR_TARGET, i, (u64)__double_as_longlong((double)t));
             continue;
         }
         A g, ce, d;
@@ -103,91 +108,77 @@ __device__ void hist(const T* x, const TG* tg, u64 n, u64 c, int bins, int globa
 }
 
 template <typename T, typename A, typename TG>
-__device__ void fwd_none(const T* x, const TG* tg, const A* w, T* out, u64 n, u64 c, int bins,
-                         u64* err) {
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void fwd_none(const GhmFwdParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    T* out = dev_ptr<T>(p.out);
+    u64* err = dev_ptr<u64>(p.err);
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, l = 0, g, ce, d;
-        if (elem_target<T, A>(tg, row, col, c, err, &t)) {
+        if (elem_target<T, A>(tg, row, col, p.c, err, &t)) {
             elem<A>(to_acc(x[i]), t, &g, &ce, &d);
-            l = w[bin_of<A>(g, bins)] * ce;
+            l = w[bin_of<A>(g, p.bins)] * ce;
         }
         out[i] = from_acc<T>(l);
     }
 }
 
 template <typename T, typename A, typename TG>
-__device__ void fwd_partial(const T* x, const TG* tg, const A* w, A* psum, u64 n, u64 c,
-                            int bins, u64* err) {
-    __shared__ A shm[32];
-    A s = 0;
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void fwd_partial(const GhmFwdParams& p) {
+    __shared__ double shm[32];
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    u64* err = dev_ptr<u64>(p.err);
+    double s = 0;
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, g, ce, d;
-        if (elem_target<T, A>(tg, row, col, c, err, &t)) {
+        if (elem_target<T, A>(tg, row, col, p.c, err, &t)) {
             elem<A>(to_acc(x[i]), t, &g, &ce, &d);
-            s += w[bin_of<A>(g, bins)] * ce;
+            s += (double)(w[bin_of<A>(g, p.bins)] * ce);
         }
     }
-    s = block_sum<A>(s, shm);
-    if (threadIdx.x == 0) psum[blockIdx.x] = s;
-}
-
-// One block: out = (sum of partials in a fixed order) * scale.
-template <typename T, typename A>
-__device__ void finalize(const A* psum, int nparts, double scale, T* out) {
-    __shared__ A shm[32];
-    A s = 0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) s += psum[i];
-    s = block_sum<A>(s, shm);
-    if (threadIdx.x == 0) out[0] = from_acc<T>((A)((double)s * scale));
+    s = block_sum<double>(s, shm);
+    write_partials(p.psum, 0, s, 0);
 }
 
 // g = up * scale * w[bin] * (sigma(x) - t), the weights constant.
 template <typename T, typename A, typename TG>
-__device__ void bwd(const T* x, const TG* tg, const A* w, const T* up, int up_scalar, T* gout,
-                    u64 n, u64 c, int bins, double scale, u64* err) {
-    GRID_STRIDE(i, n * c) {
-        u64 row = i / c, col = i - row * c;
+__device__ void bwd(const GhmBwdParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const TG* tg = dev_ptr<const TG>(p.tg);
+    const A* w = dev_ptr<const A>(p.w);
+    const T* up = dev_ptr<const T>(p.up);
+    T* gout = dev_ptr<T>(p.g);
+    u64* err = dev_ptr<u64>(p.err);
+    GRID_STRIDE(i, p.n * p.c) {
+        u64 row = i / p.c, col = i - row * p.c;
         A t, gr = 0, g, ce, d;
-        if (elem_target<T, A>(tg, row, col, c, err, &t)) {
+        if (elem_target<T, A>(tg, row, col, p.c, err, &t)) {
             elem<A>(to_acc(x[i]), t, &g, &ce, &d);
-            gr = (A)((double)to_acc(up[up_scalar ? 0 : i]) * scale) * w[bin_of<A>(g, bins)] * d;
+            gr = (A)((double)to_acc(up[p.up_scalar ? 0 : i]) * p.scale) * w[bin_of<A>(g, p.bins)] * d;
         }
         gout[i] = from_acc<T>(gr);
     }
 }
 
 #define GHM_KERNELS(SFX, T, A, TG, DENSE)                                                        \
-    extern "C" __global__ void ghmc_hist_##SFX(const T* x, const TG* tg, u64 n, u64 c, int bins, \
-                                               int global, u64* counts, u64* err) {              \
-        hist<T, A, TG, DENSE>(x, tg, n, c, bins, global, counts, err);                           \
-    }                                                                                            \
-    extern "C" __global__ void ghmc_fwd_none_##SFX(const T* x, const TG* tg, const A* w, T* out, \
-                                                   u64 n, u64 c, int bins, u64* err) {           \
-        fwd_none<T, A, TG>(x, tg, w, out, n, c, bins, err);                                      \
-    }                                                                                            \
-    extern "C" __global__ void ghmc_fwd_partial_##SFX(const T* x, const TG* tg, const A* w,      \
-                                                      A* psum, u64 n, u64 c, int bins,           \
-                                                      u64* err) {                                \
-        fwd_partial<T, A, TG>(x, tg, w, psum, n, c, bins, err);                                  \
-    }                                                                                            \
-    extern "C" __global__ void ghmc_bwd_##SFX(const T* x, const TG* tg, const A* w, const T* up, \
-                                              int up_scalar, T* g, u64 n, u64 c, int bins,       \
-                                              double scale, u64* err) {                          \
-        bwd<T, A, TG>(x, tg, w, up, up_scalar, g, n, c, bins, scale, err);                       \
-    }
+    DL_KERNEL(ghmc_hist_##SFX, GhmHistParams, p) { hist<T, A, TG, DENSE>(p); }                   \
+    DL_KERNEL(ghmc_fwd_none_##SFX, GhmFwdParams, p) { fwd_none<T, A, TG>(p); }                   \
+    DL_KERNEL(ghmc_fwd_partial_##SFX, GhmFwdParams, p) { fwd_partial<T, A, TG>(p); }             \
+    DL_KERNEL(ghmc_bwd_##SFX, GhmBwdParams, p) { bwd<T, A, TG>(p); }
 
 #define GHM_DTYPE(DT, T, A)                                                                      \
     GHM_KERNELS(DT##_dense, T, A, T, true)                                                       \
     GHM_KERNELS(DT##_u32, T, A, uint32_t, false)                                                 \
-    GHM_KERNELS(DT##_i64, T, A, int64_t, false)                                                  \
-    extern "C" __global__ void ghmc_finalize_##DT(const A* psum, int nparts, double scale,       \
-                                                  T* out) {                                      \
-        finalize<T, A>(psum, nparts, scale, out);                                                \
-    }
+    GHM_KERNELS(DT##_i64, T, A, int64_t, false)
 
 GHM_DTYPE(f32, float, float)
 GHM_DTYPE(f64, double, double)
 GHM_DTYPE(f16, __half, float)
 GHM_DTYPE(bf16, __nv_bfloat16, float)
+
+DL_MODULE(ghm)

@@ -101,27 +101,38 @@ __device__ __forceinline__ A pair_at(const T* p, const T* t, u64 i, A eps, A up,
 }
 
 template <typename T, typename A, int K>
-__device__ void iou_fwd_none(const T* p, const T* t, T* out, u64 n, A eps) {
-    GRID_STRIDE(i, n) { out[i] = from_acc<T>(pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr)); }
+__device__ void iou_fwd_none(const BoxFwdParams& q) {
+    const T* p = dev_ptr<const T>(q.p);
+    const T* t = dev_ptr<const T>(q.t);
+    T* out = dev_ptr<T>(q.out);
+    const A eps = (A)q.eps;
+    GRID_STRIDE(i, q.n) { out[i] = from_acc<T>(pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr)); }
 }
 
 // Per-block partial sums in double (fixed grid for a given n, fixed shuffle tree: deterministic).
 template <typename T, typename A, int K>
-__device__ void iou_fwd_partial(const T* p, const T* t, double* psum, u64 n, A eps) {
+__device__ void iou_fwd_partial(const BoxFwdParams& q) {
     __shared__ double shm[32];
+    const T* p = dev_ptr<const T>(q.p);
+    const T* t = dev_ptr<const T>(q.t);
+    const A eps = (A)q.eps;
     double s = 0;
-    GRID_STRIDE(i, n) { s += (double)pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr); }
+    GRID_STRIDE(i, q.n) { s += (double)pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr); }
     s = block_sum<double>(s, shm);
-    if (threadIdx.x == 0) psum[blockIdx.x] = s;
+    write_partials(q.psum, 0, s, 0);
 }
 
 // g[i, :] = up_i * scale * dL_i/dpred_i; a scalar upstream is folded as on the CPU.
 template <typename T, typename A, int K>
-__device__ void iou_bwd(const T* p, const T* t, const T* up, int up_scalar, double scale, T* g,
-                        u64 n, A eps) {
-    const A coef = up_scalar ? (A)((double)to_acc(up[0]) * scale) : (A)1;
-    GRID_STRIDE(i, n) {
-        A u = up_scalar ? coef : to_acc(up[i]);
+__device__ void iou_bwd(const BoxBwdParams& q) {
+    const T* p = dev_ptr<const T>(q.p);
+    const T* t = dev_ptr<const T>(q.t);
+    const T* up = dev_ptr<const T>(q.up);
+    T* g = dev_ptr<T>(q.g);
+    const A eps = (A)q.eps;
+    const A coef = q.up_scalar ? (A)((double)to_acc(up[0]) * q.scale) : (A)1;
+    GRID_STRIDE(i, q.n) {
+        A u = q.up_scalar ? coef : to_acc(up[i]);
         A d[4];
         pair_at<T, A, K, true>(p, t, i, eps, u, d);
         T* gi = g + 4 * i;
@@ -132,41 +143,20 @@ __device__ void iou_bwd(const T* p, const T* t, const T* up, int up_scalar, doub
     }
 }
 
-template <typename T, typename A>
-__device__ void iou_finalize(const double* psum, int nparts, double scale, T* out) {
-    __shared__ double shm[32];
-    double s = 0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) s += psum[i];
-    s = block_sum<double>(s, shm);
-    if (threadIdx.x == 0) out[0] = from_acc<T>((A)(s * scale));
-}
-
 #define IOU_KERNELS(KNAME, K, DT, T, A)                                                          \
-    extern "C" __global__ void box_##KNAME##_fwd_none_##DT(const T* p, const T* t, T* out,       \
-                                                           u64 n, A eps) {                       \
-        iou_fwd_none<T, A, K>(p, t, out, n, eps);                                                \
-    }                                                                                            \
-    extern "C" __global__ void box_##KNAME##_fwd_partial_##DT(const T* p, const T* t,            \
-                                                              double* psum, u64 n, A eps) {      \
-        iou_fwd_partial<T, A, K>(p, t, psum, n, eps);                                            \
-    }                                                                                            \
-    extern "C" __global__ void box_##KNAME##_bwd_##DT(const T* p, const T* t, const T* up,       \
-                                                      int up_scalar, double scale, T* g, u64 n,  \
-                                                      A eps) {                                   \
-        iou_bwd<T, A, K>(p, t, up, up_scalar, scale, g, n, eps);                                 \
-    }
+    DL_KERNEL(box_##KNAME##_fwd_none_##DT, BoxFwdParams, p) { iou_fwd_none<T, A, K>(p); }        \
+    DL_KERNEL(box_##KNAME##_fwd_partial_##DT, BoxFwdParams, p) { iou_fwd_partial<T, A, K>(p); }  \
+    DL_KERNEL(box_##KNAME##_bwd_##DT, BoxBwdParams, p) { iou_bwd<T, A, K>(p); }
 
 #define IOU_DTYPE(DT, T, A)                                                                      \
     IOU_KERNELS(iou, KIND_IOU, DT, T, A)                                                         \
     IOU_KERNELS(giou, KIND_GIOU, DT, T, A)                                                       \
     IOU_KERNELS(diou, KIND_DIOU, DT, T, A)                                                       \
-    IOU_KERNELS(ciou, KIND_CIOU, DT, T, A)                                                       \
-    extern "C" __global__ void box_iou_finalize_##DT(const double* psum, int nparts,             \
-                                                     double scale, T* out) {                     \
-        iou_finalize<T, A>(psum, nparts, scale, out);                                            \
-    }
+    IOU_KERNELS(ciou, KIND_CIOU, DT, T, A)
 
 IOU_DTYPE(f32, float, float)
 IOU_DTYPE(f64, double, double)
 IOU_DTYPE(f16, __half, float)
 IOU_DTYPE(bf16, __nv_bfloat16, float)
+
+DL_MODULE(iou)

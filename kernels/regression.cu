@@ -50,68 +50,60 @@ template <typename A> struct BalancedL1 {
 };
 
 template <typename T, typename A, typename L>
-__device__ void reg_fwd_none(const T* x, const T* t, T* out, u64 n, L l) {
-    GRID_STRIDE(i, n) { out[i] = from_acc<T>(l.loss(to_acc(x[i]) - to_acc(t[i]))); }
+__device__ void reg_fwd_none(const RegFwdParams& p, L l) {
+    const T* x = dev_ptr<const T>(p.x);
+    const T* t = dev_ptr<const T>(p.t);
+    T* out = dev_ptr<T>(p.out);
+    GRID_STRIDE(i, p.n) { out[i] = from_acc<T>(l.loss(to_acc(x[i]) - to_acc(t[i]))); }
 }
 
 // Per-block partial sums in double (fixed grid for a given n, fixed shuffle tree: deterministic).
 template <typename T, typename A, typename L>
-__device__ void reg_fwd_partial(const T* x, const T* t, double* psum, u64 n, L l) {
+__device__ void reg_fwd_partial(const RegFwdParams& p, L l) {
     __shared__ double shm[32];
+    const T* x = dev_ptr<const T>(p.x);
+    const T* t = dev_ptr<const T>(p.t);
     double s = 0;
-    GRID_STRIDE(i, n) { s += (double)l.loss(to_acc(x[i]) - to_acc(t[i])); }
+    GRID_STRIDE(i, p.n) { s += (double)l.loss(to_acc(x[i]) - to_acc(t[i])); }
     s = block_sum<double>(s, shm);
-    if (threadIdx.x == 0) psum[blockIdx.x] = s;
+    write_partials(p.psum, 0, s, 0);
 }
 
 // g = up * scale * dl/dx; a scalar upstream is folded into the coefficient as on the CPU.
 template <typename T, typename A, typename L>
-__device__ void reg_bwd(const T* x, const T* t, const T* up, int up_scalar, double scale, T* g,
-                        u64 n, L l) {
-    const A coef = up_scalar ? (A)((double)to_acc(up[0]) * scale) : (A)1;
-    GRID_STRIDE(i, n) {
-        A u = up_scalar ? coef : to_acc(up[i]);
+__device__ void reg_bwd(const RegBwdParams& p, L l) {
+    const T* x = dev_ptr<const T>(p.x);
+    const T* t = dev_ptr<const T>(p.t);
+    const T* up = dev_ptr<const T>(p.up);
+    T* g = dev_ptr<T>(p.g);
+    const A coef = p.up_scalar ? (A)((double)to_acc(up[0]) * p.scale) : (A)1;
+    GRID_STRIDE(i, p.n) {
+        A u = p.up_scalar ? coef : to_acc(up[i]);
         g[i] = from_acc<T>(u * l.grad(to_acc(x[i]) - to_acc(t[i])));
     }
 }
 
-// Sums the partials in a fixed order and scales (Mean: 1/numel, 0 for an empty input). One block.
-template <typename T, typename A>
-__device__ void reg_finalize(const double* psum, int nparts, double scale, T* out) {
-    __shared__ double shm[32];
-    double s = 0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) s += psum[i];
-    s = block_sum<double>(s, shm);
-    if (threadIdx.x == 0) out[0] = from_acc<T>((A)(s * scale));
-}
-
-#define REG_PARAMS(A) A p0, A p1, A p2, A p3, A p4, A p5, A p6, A p7
-#define REG_ARGS p0, p1, p2, p3, p4, p5, p6, p7
+// The loss's constants, cast to the accumulator type.
+#define REG_CONSTS(A, p) (A)p.p0, (A)p.p1, (A)p.p2, (A)p.p3, (A)p.p4, (A)p.p5, (A)p.p6, (A)p.p7
 
 #define REG_KERNELS(NAME, LOSS, DT, T, A)                                                        \
-    extern "C" __global__ void NAME##_fwd_none_##DT(const T* x, const T* t, T* out, u64 n,       \
-                                                    REG_PARAMS(A)) {                                \
-        reg_fwd_none<T, A>(x, t, out, n, LOSS<A>(REG_ARGS));                                     \
+    DL_KERNEL(NAME##_fwd_none_##DT, RegFwdParams, p) {                                           \
+        reg_fwd_none<T, A>(p, LOSS<A>(REG_CONSTS(A, p)));                                        \
     }                                                                                            \
-    extern "C" __global__ void NAME##_fwd_partial_##DT(const T* x, const T* t, double* psum,     \
-                                                       u64 n, REG_PARAMS(A)) {                      \
-        reg_fwd_partial<T, A>(x, t, psum, n, LOSS<A>(REG_ARGS));                                 \
+    DL_KERNEL(NAME##_fwd_partial_##DT, RegFwdParams, p) {                                        \
+        reg_fwd_partial<T, A>(p, LOSS<A>(REG_CONSTS(A, p)));                                     \
     }                                                                                            \
-    extern "C" __global__ void NAME##_bwd_##DT(const T* x, const T* t, const T* up,             \
-                                               int up_scalar, double scale, T* g, u64 n,         \
-                                               REG_PARAMS(A)) {                                     \
-        reg_bwd<T, A>(x, t, up, up_scalar, scale, g, n, LOSS<A>(REG_ARGS));                      \
+    DL_KERNEL(NAME##_bwd_##DT, RegBwdParams, p) {                                                \
+        reg_bwd<T, A>(p, LOSS<A>(REG_CONSTS(A, p)));                                             \
     }
 
 #define REG_DTYPE(DT, T, A)                                                                      \
     REG_KERNELS(smooth_l1, SmoothL1, DT, T, A)                                                   \
-    REG_KERNELS(balanced_l1, BalancedL1, DT, T, A)                                               \
-    extern "C" __global__ void regression_finalize_##DT(const double* psum, int nparts,          \
-                                                        double scale, T* out) {                  \
-        reg_finalize<T, A>(psum, nparts, scale, out);                                            \
-    }
+    REG_KERNELS(balanced_l1, BalancedL1, DT, T, A)
 
 REG_DTYPE(f32, float, float)
 REG_DTYPE(f64, double, double)
 REG_DTYPE(f16, __half, float)
 REG_DTYPE(bf16, __nv_bfloat16, float)
+
+DL_MODULE(regression)

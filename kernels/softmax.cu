@@ -137,18 +137,25 @@ __device__ __forceinline__ long long row_label(const L* lab, u64 i, u64 k, u64* 
 // Forward. None: out[i] = row loss. Scalar: per-block partials psum (sum of row losses) and
 // pden (sum of w_label over the non-ignored rows), deterministic for a fixed grid.
 template <typename T, typename A, typename L, bool SMOOTH, bool WARP>
-__device__ void fwd(const T* x, const L* lab, const A* w, const A* wsum_p, int has_w, T* out,
-                    A* psum, A* pden, u64 n, u64 k, P<A> p, int none, u64* err) {
+__device__ void fwd(const SoftmaxFwdParams& q) {
     __shared__ St<A> shm[32];
-    __shared__ A sh1[32];
-    __shared__ A sh2[32];
+    __shared__ double sh1[32];
+    __shared__ double sh2[32];
+    const T* x = dev_ptr<const T>(q.x);
+    const L* lab = dev_ptr<const L>(q.lab);
+    const A* w = dev_ptr<const A>(q.w);
+    T* out = dev_ptr<T>(q.out);
+    u64* err = dev_ptr<u64>(q.err);
+    const u64 n = q.n, k = q.k;
+    const int has_w = q.has_w, none = q.none;
+    const P<A> p = {q.focal, (A)q.a, (A)q.c, (A)q.gamma};
     const int lane = threadIdx.x & 31;
     const u64 groups_per_block = WARP ? (blockDim.x >> 5) : 1;
     const u64 g0 = (u64)blockIdx.x * groups_per_block + (WARP ? (threadIdx.x >> 5) : 0);
     const u64 gstride = (u64)gridDim.x * groups_per_block;
-    const A wsum = has_w ? wsum_p[0] : (A)k;
+    const A wsum = has_w ? dev_ptr<const A>(q.wsum)[0] : (A)k;
     const bool leader = WARP ? lane == 0 : threadIdx.x == 0;
-    A acc = 0, den = 0;
+    double acc = 0, den = 0;
     // Block-uniform trip count (every group of the block runs the same number of iterations,
     // so the block-wide syncs in row_stats are reached by all threads).
     const u64 iters = (n + gstride - 1) / gstride;
@@ -171,74 +178,56 @@ __device__ void fwd(const T* x, const L* lab, const A* w, const A* wsum_p, int h
             if (none) {
                 out[i] = from_acc<T>(l);
             } else {
-                acc += l;
-                den += wt;
+                acc += (double)l;
+                den += (double)wt;
             }
         }
     }
     if (!none) {
-        acc = block_sum<A>(acc, sh1);
-        den = block_sum<A>(den, sh2);
-        if (threadIdx.x == 0) {
-            psum[blockIdx.x] = acc;
-            pden[blockIdx.x] = den;
-        }
+        acc = block_sum<double>(acc, sh1);
+        den = block_sum<double>(den, sh2);
+        write_partials(q.psum, q.pden, acc, den);
     }
 }
 
 // Per-block partial sums of w_label over the non-ignored rows (the Mean denominator).
 template <typename A, typename L>
-__device__ void den_partial(const L* lab, const A* w, int has_w, u64 n, u64 k, A* pden,
-                            u64* err) {
-    __shared__ A sh[32];
-    A d = 0;
-    GRID_STRIDE(i, n) {
-        long long t = row_label(lab, i, k, err);
-        if (t >= 0) d += has_w ? w[t] : (A)1;
+__device__ void den_partial(const SoftmaxDenParams& q) {
+    __shared__ double sh[32];
+    const L* lab = dev_ptr<const L>(q.lab);
+    const A* w = dev_ptr<const A>(q.w);
+    u64* err = dev_ptr<u64>(q.err);
+    double d = 0;
+    GRID_STRIDE(i, q.n) {
+        long long t = row_label(lab, i, q.k, err);
+        if (t >= 0) d += q.has_w ? (double)w[t] : 1.0;
     }
-    d = block_sum<A>(d, sh);
-    if (threadIdx.x == 0) pden[blockIdx.x] = d;
-}
-
-// Scalar result (one block): sum of the partials in a fixed order, scaled, into out[0]; the
-// scale (Mean: 1 / summed denominators, 0 when <= 0; AvgFactor: 1 / avg; Sum: 1) also into
-// scale_out[0], which the backward of Mean reads.
-template <typename T, typename A>
-__device__ void finalize(const A* psum, const A* pden, int nparts, int red, double avg, T* out,
-                         double* scale_out) {
-    __shared__ A sh1[32];
-    __shared__ A sh2[32];
-    A s = 0, d = 0;
-    for (int i = threadIdx.x; i < nparts; i += blockDim.x) {
-        s += psum[i];
-        d += pden[i];
-    }
-    s = block_sum<A>(s, sh1);
-    d = block_sum<A>(d, sh2);
-    if (threadIdx.x == 0) {
-        double sc = 1.0;
-        if (red == RED_MEAN) sc = (double)d > 0.0 ? 1.0 / (double)d : 0.0;
-        else if (red == RED_AVG) sc = 1.0 / avg;
-        out[0] = from_acc<T>((A)((double)s * sc));
-        scale_out[0] = sc;
-    }
+    d = block_sum<double>(d, sh);
+    write_partials(0, q.pden, 0, d);
 }
 
 // Backward: g_j = coef * (a p_j - c w_j) for j != t, coef * (c (W p_t - w_t) - b q) at j = t;
-// coef = up * scale (scale = scale_p[0] when use_scale_p, else base_scale).
+// coef = up * scale (scale = scale_p[0] when given, else q.scale).
 template <typename T, typename A, typename L, bool SMOOTH, bool WARP>
-__device__ void bwd(const T* x, const L* lab, const A* w, const A* wsum_p, int has_w,
-                    const T* up, int up_scalar, T* g, u64 n, u64 k, P<A> p, double base_scale,
-                    const double* scale_p, int use_scale_p, u64* err) {
+__device__ void bwd(const SoftmaxBwdParams& q) {
     __shared__ St<A> shm[32];
+    const T* x = dev_ptr<const T>(q.x);
+    const L* lab = dev_ptr<const L>(q.lab);
+    const A* w = dev_ptr<const A>(q.w);
+    const T* up = dev_ptr<const T>(q.up);
+    T* g = dev_ptr<T>(q.g);
+    u64* err = dev_ptr<u64>(q.err);
+    const u64 n = q.n, k = q.k;
+    const int has_w = q.has_w;
+    const P<A> p = {q.focal, (A)q.a, (A)q.c, (A)q.gamma};
     const int lane = threadIdx.x & 31;
     const int tid = WARP ? lane : threadIdx.x;
     const int width = WARP ? 32 : blockDim.x;
     const u64 groups_per_block = WARP ? (blockDim.x >> 5) : 1;
     const u64 g0 = (u64)blockIdx.x * groups_per_block + (WARP ? (threadIdx.x >> 5) : 0);
     const u64 gstride = (u64)gridDim.x * groups_per_block;
-    const A wsum = has_w ? wsum_p[0] : (A)k;
-    const double scale = use_scale_p ? scale_p[0] : base_scale;
+    const A wsum = has_w ? dev_ptr<const A>(q.wsum)[0] : (A)k;
+    const double scale = q.scale_p ? dev_ptr<const double>(q.scale_p)[0] : q.scale;
     const u64 iters = (n + gstride - 1) / gstride;
     for (u64 it = 0; it < iters; ++it) {
         u64 i = g0 + it * gstride;
@@ -269,7 +258,7 @@ __device__ void bwd(const T* x, const L* lab, const A* w, const A* wsum_p, int h
             b = p.a * wt;
             a = SMOOTH ? b + p.c * wsum : b;
         }
-        const A coef = (A)(scale * (double)to_acc(up[up_scalar ? 0 : i]));
+        const A coef = (A)(scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
         const A inv_s = (A)1 / r.s;
         for (u64 j = tid; j < k; j += width) {
             A pj = dl_exp(to_acc(xr[j]) - st.m) * inv_s;
@@ -286,41 +275,23 @@ __device__ void bwd(const T* x, const L* lab, const A* w, const A* wsum_p, int h
 
 // ---- one extern "C" kernel per (dtype, label type, smoothing, group), stamped by macros ----
 #define SOFTMAX_KERNELS(SFX, T, A, L, SMOOTH, WARP)                                              \
-    extern "C" __global__ void softmax_fwd_##SFX(                                                \
-        const T* x, const L* lab, const A* w, const A* wsum, int has_w, T* out, A* psum,         \
-        A* pden, u64 n, u64 k, int focal, A a, A c, A gamma, int none, u64* err) {               \
-        P<A> p = {focal, a, c, gamma};                                                           \
-        fwd<T, A, L, SMOOTH, WARP>(x, lab, w, wsum, has_w, out, psum, pden, n, k, p, none, err); \
-    }                                                                                            \
-    extern "C" __global__ void softmax_bwd_##SFX(                                                \
-        const T* x, const L* lab, const A* w, const A* wsum, int has_w, const T* up,             \
-        int up_scalar, T* g, u64 n, u64 k, int focal, A a, A c, A gamma, double base_scale,      \
-        const double* scale_p, int use_scale_p, u64* err) {                                      \
-        P<A> p = {focal, a, c, gamma};                                                           \
-        bwd<T, A, L, SMOOTH, WARP>(x, lab, w, wsum, has_w, up, up_scalar, g, n, k, p,            \
-                                   base_scale, scale_p, use_scale_p, err);                       \
-    }
+    DL_KERNEL(softmax_fwd_##SFX, SoftmaxFwdParams, p) { fwd<T, A, L, SMOOTH, WARP>(p); }         \
+    DL_KERNEL(softmax_bwd_##SFX, SoftmaxBwdParams, p) { bwd<T, A, L, SMOOTH, WARP>(p); }
 
 #define SOFTMAX_LABELS(DT, T, A, LT, L)                                                          \
     SOFTMAX_KERNELS(DT##_##LT##_s0_warp, T, A, L, false, true)                                   \
     SOFTMAX_KERNELS(DT##_##LT##_s1_warp, T, A, L, true, true)                                    \
     SOFTMAX_KERNELS(DT##_##LT##_s0_block, T, A, L, false, false)                                 \
     SOFTMAX_KERNELS(DT##_##LT##_s1_block, T, A, L, true, false)                                  \
-    extern "C" __global__ void softmax_den_##DT##_##LT(const L* lab, const A* w, int has_w,      \
-                                                       u64 n, u64 k, A* pden, u64* err) {        \
-        den_partial<A, L>(lab, w, has_w, n, k, pden, err);                                       \
-    }
+    DL_KERNEL(softmax_den_##DT##_##LT, SoftmaxDenParams, p) { den_partial<A, L>(p); }
 
 #define SOFTMAX_DTYPE(DT, T, A)                                                                  \
     SOFTMAX_LABELS(DT, T, A, u32, uint32_t)                                                      \
-    SOFTMAX_LABELS(DT, T, A, i64, int64_t)                                                       \
-    extern "C" __global__ void softmax_finalize_##DT(const A* psum, const A* pden, int nparts,   \
-                                                     int red, double avg, T* out,                \
-                                                     double* scale_out) {                        \
-        finalize<T, A>(psum, pden, nparts, red, avg, out, scale_out);                            \
-    }
+    SOFTMAX_LABELS(DT, T, A, i64, int64_t)
 
 SOFTMAX_DTYPE(f32, float, float)
 SOFTMAX_DTYPE(f64, double, double)
 SOFTMAX_DTYPE(f16, __half, float)
 SOFTMAX_DTYPE(bf16, __nv_bfloat16, float)
+
+DL_MODULE(softmax)

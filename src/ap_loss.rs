@@ -88,11 +88,11 @@ thread_local! {
 ///
 /// # Errors
 ///
-/// Every message starts with `ApLoss:`. `delta` not finite and `> 0`; logits not of rank 2 or
-/// not a float dtype; targets of another shape, dtype or device; a label outside `0..=C` and
-/// not `-1`; a dense target not in `{-1, 0, 1}`; in the sharded API, positives not sorted,
-/// statistics of different positives or `delta`, or a shard whose positives are missing from
-/// the global ones.
+/// Every message starts with `ApLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); `delta` not finite and `> 0`; logits not of rank 2 or not a float dtype; targets of
+/// another shape, dtype or device; a label outside `0..=C` and not `-1`; a dense target not in
+/// `{-1, 0, 1}`; in the sharded API, positives not sorted, statistics of different positives or
+/// `delta`, or a shard whose positives are missing from the global ones.
 ///
 /// # Example
 ///
@@ -222,7 +222,10 @@ impl ApLoss {
         Ok(())
     }
 
+    /// Validates and prepares the inputs; every public method taking tensors starts here (or,
+    /// for `forward`, with the device check), so a Metal tensor gets the crate's Metal error.
     fn prepare(&self, logits: &Tensor, targets: &Tensor) -> Result<Inputs> {
+        common::check_supported_device(NAME, logits)?;
         self.check_delta()?;
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
         common::check_same_device(NAME, "targets", logits, targets)?;
@@ -254,7 +257,8 @@ impl ApLoss {
     /// `{-1, 0, 1}` `[N, C]`), ranking all valid scores of the tensor jointly. `backward()`
     /// gives the error-driven update as the logits' gradient.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        if logits.device().is_cpu() && logits.track_op() {
+        common::check_supported_device(NAME, logits)?;
+        if logits.device().is_cpu() && logits.track_op() && common::cpu_kernels() {
             return self.forward_fused_cpu(logits, targets);
         }
         let global = self.global(logits, targets)?;
@@ -326,6 +330,12 @@ impl ApLoss {
         let (s2, l2) = inp.targets.storage_and_layout();
         let (kind, n, c) = (inp.kind, inp.n, inp.c);
         let mut pos = match (&*s1, &*s2) {
+            #[cfg(feature = "cuda-emu")]
+            (Storage::Cpu(a), Storage::Cpu(b)) if crate::gpu::emu::active() => {
+                crate::gpu::emu::run("ap-loss-gather", |g| {
+                    gpu::gather(g, crate::gpu::arg(a, l1), crate::gpu::arg(b, l2), kind)
+                })?
+            }
             (Storage::Cpu(a), Storage::Cpu(b)) => {
                 common::with_float_type!(NAME, a.dtype(), T, {
                     let x = cpu_slice::<T>(NAME, a, l1)?;
@@ -333,7 +343,10 @@ impl ApLoss {
                 })
             }
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(a), Storage::Cuda(b)) => cuda::gather(a, l1, b, l2, kind, n, c)?,
+            (Storage::Cuda(a), Storage::Cuda(b)) => {
+                let g = crate::gpu::cuda::Cuda::of(a);
+                gpu::gather(&g, crate::gpu::arg(a, l1), crate::gpu::arg(b, l2), kind)?
+            }
             _ => bail!("{NAME}: logits and targets must both be on the CPU or on one CUDA device"),
         };
         pos.sort_unstable_by(f64::total_cmp);
@@ -355,6 +368,13 @@ impl ApLoss {
         let (s2, l2) = inp.targets.storage_and_layout();
         let (kind, n, c) = (inp.kind, inp.n, inp.c);
         let (nonfinite, cnt, sum) = match (&*s1, &*s2) {
+            #[cfg(feature = "cuda-emu")]
+            (Storage::Cpu(a), Storage::Cpu(b)) if crate::gpu::emu::active() => {
+                crate::gpu::emu::run("ap-loss-bucket", |g| {
+                    let (x, t) = (crate::gpu::arg(a, l1), crate::gpu::arg(b, l2));
+                    gpu::bucket(g, &plan, x, t, kind)
+                })?
+            }
             (Storage::Cpu(a), Storage::Cpu(b)) => {
                 common::with_float_type!(NAME, a.dtype(), T, {
                     let x = cpu_slice::<T>(NAME, a, l1)?;
@@ -362,7 +382,16 @@ impl ApLoss {
                 })
             }
             #[cfg(feature = "cuda")]
-            (Storage::Cuda(a), Storage::Cuda(b)) => cuda::bucket(&plan, a, l1, b, l2, kind, n, c)?,
+            (Storage::Cuda(a), Storage::Cuda(b)) => {
+                let g = crate::gpu::cuda::Cuda::of(a);
+                gpu::bucket(
+                    &g,
+                    &plan,
+                    crate::gpu::arg(a, l1),
+                    crate::gpu::arg(b, l2),
+                    kind,
+                )?
+            }
             _ => bail!("{NAME}: logits and targets must both be on the CPU or on one CUDA device"),
         };
         Ok(ApStats {
@@ -688,9 +717,9 @@ struct Global {
     pos_upd: Vec<f64>,
     /// Update of a negative `x` in bucket `b`: `alpha[b] + beta[b]·(x - center)` (the CUDA
     /// update kernel reads them separately; the CPU uses `coef`).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
     alpha: Vec<f64>,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(dead_code))]
     beta: Vec<f64>,
     /// `[alpha[b], beta[b]]` side by side for the CPU update pass.
     coef: Vec<[f64; 2]>,
@@ -1180,6 +1209,7 @@ impl CustomOp2 for ApFwd {
         _l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let loss = self.op.global.0.loss;
+        common::emulate!("ap-loss-fwd", |g| gpu::scalar(g, s1, loss));
         common::with_float_type!(NAME, s1.dtype(), T, {
             let v = T::from_acc(<<T as Elem>::A as Acc>::from_f64(loss));
             Ok((T::to_cpu_storage_owned(vec![v]), Shape::from(())))
@@ -1194,7 +1224,8 @@ impl CustomOp2 for ApFwd {
         _s2: &candle_core::CudaStorage,
         _l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::scalar(s1, self.op.global.0.loss)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::scalar(&g, s1, self.op.global.0.loss)
     }
 
     fn bwd(
@@ -1224,6 +1255,14 @@ impl CustomOp3 for ApUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        common::emulate!("ap-loss-update", |g| gpu::update(
+            g,
+            &self.0.global.0,
+            self.0.kind,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3)
+        ));
         let (n, c) = crate::common::layout_dims2(NAME, l1)?;
         common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
@@ -1251,8 +1290,13 @@ impl CustomOp3 for ApUpdate {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = crate::common::layout_dims2(NAME, l1)?;
-        cuda::update(&self.0.global.0, self.0.kind, s1, l1, s2, l2, s3, l3, n, c)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        let (x, tg, up) = (
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3),
+        );
+        gpu::update(&g, &self.0.global.0, self.0.kind, x, tg, up)
     }
 }
 
@@ -1320,19 +1364,15 @@ mod tests {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{BucketResult, Global, Kind, Plan, LO_BITS, NAME};
-    use crate::common::{Acc, Elem};
-    use crate::cuda::{self as kc, ptx};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, PushKernelArg,
-    };
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
+    use crate::common::{layout_dims2, Acc, Elem};
+    use crate::gpu::params::{ApBucketParams, ApCompactParams, ApCountParams, ApUpdateParams};
+    use crate::gpu::{self, Arg, DevElem, ErrorFlag, Gpu, KernelError, Launch, AP_LOSS};
+    use candle_core::{Result, Shape};
 
-    const MODULE: &str = "candle_detloss_ap_loss";
     /// Dynamic shared memory a bucket block may use: the default 48 KiB per block without an
     /// opt-in, less room for the kernel's static shared memory (256 bytes).
     const SMEM_LIMIT: usize = 47 * 1024;
@@ -1346,179 +1386,138 @@ mod cuda {
         }
     }
 
-    /// Binds `$v` to the targets view of the type the kernel expects.
-    macro_rules! with_targets {
-        ($kind:expr, $T:ty, $s:expr, $l:expr, $v:ident, $body:block) => {
-            match $kind {
-                Kind::Dense => {
-                    let $v: CudaView<'_, $T> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                Kind::DenseI64 | Kind::LabelsI64 => {
-                    let $v: CudaView<'_, i64> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-                Kind::LabelsU32 => {
-                    let $v: CudaView<'_, u32> = kc::view(NAME, $s, $l)?;
-                    $body
-                }
-            }
-        };
-    }
-
-    /// Reads the `[flag, payload, value bits]` error buffer (synchronises).
-    fn check_err(dev: &CudaDevice, err: &CudaSlice<u64>, c: usize) -> Result<()> {
-        let v = dev.clone_dtoh(err)?;
-        let (flag, a, b) = (v[0], v[1], f64::from_bits(v[2]));
-        let (i, j) = (a / c.max(1) as u64, a % c.max(1) as u64);
-        match flag {
-            0 => Ok(()),
-            1 => bail!(
-                "{NAME}: label {} out of range 0..={c} (or -1 to ignore)",
-                a as i64
-            ),
-            2 => bail!("{NAME}: target {b} at [{i}, {j}] is not -1, 0 or 1"),
-            _ => bail!("{NAME}: positive score {b} at [{i}, {j}] is not among the global positives (ApGlobal from other inputs?)"),
+    /// The targets' address, of the type the kernel expects.
+    fn targets<G: Gpu, T: DevElem>(g: &G, kind: Kind, tg: &Arg<'_, G::Storage>) -> Result<u64> {
+        match kind {
+            Kind::Dense => g.input::<T>(NAME, tg.s, tg.l),
+            Kind::DenseI64 | Kind::LabelsI64 => g.input::<i64>(NAME, tg.s, tg.l),
+            Kind::LabelsU32 => g.input::<u32>(NAME, tg.s, tg.l),
         }
     }
 
-    /// A device copy of a host array (one element when empty: no zero-size allocation).
-    fn upload(dev: &CudaDevice, v: &[f64]) -> Result<CudaSlice<f64>> {
-        if v.is_empty() {
-            dev.clone_htod(&[0.0f64][..])
-        } else {
-            dev.clone_htod(v)
+    /// The message of a kernel error (`[code, payload, value bits]`).
+    fn message(e: KernelError, c: usize) -> String {
+        let (i, j) = (e.a / c.max(1) as u64, e.a % c.max(1) as u64);
+        let v = e.value();
+        match e.code {
+            gpu::ERR_LABEL => e.label(NAME, c),
+            gpu::ERR_TARGET => format!("{NAME}: target {v} at [{i}, {j}] is not -1, 0 or 1"),
+            gpu::ERR_POSITIVE => format!("{NAME}: positive score {v} at [{i}, {j}] is not among the global positives (ApGlobal from other inputs?)"),
+            code => format!("{NAME}: internal error: kernel error code {code}"),
         }
     }
 
-    fn sfx<T: CudaDType + candle_core::WithDType>(kind: Kind) -> Result<String> {
+    fn sfx<T: candle_core::WithDType>(kind: Kind) -> Result<String> {
         Ok(format!(
             "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
+            gpu::dtype_suffix(NAME, T::DTYPE)?,
             kind_suffix(kind)
         ))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn gather_t<T>(
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
+    fn gather_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
         kind: Kind,
-        n: usize,
-        c: usize,
-    ) -> Result<Vec<f64>>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-    {
+    ) -> Result<Vec<f64>> {
+        let (n, c) = layout_dims2(NAME, x.l)?;
         let total = (n * c) as u64;
         if total == 0 {
             return Ok(Vec::new());
         }
         let sfx = sfx::<T>(kind)?;
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let (nn, cc) = (n as u64, c as u64);
-        let err = dev.alloc_zeros::<u64>(3)?;
-        let cnt = dev.alloc_zeros::<u64>(1)?;
-        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_count_{sfx}"))?;
-        with_targets!(kind, T, s2, l2, tg, {
-            let mut b = f.builder();
-            b.arg(&tg).arg(&nn).arg(&cc).arg(&cnt).arg(&err);
-            kc::launched(unsafe { b.launch(kc::grid(total, kc::MAX_PARTIAL_BLOCKS)) })?;
-        });
-        check_err(dev, &err, c)?;
-        let p = dev.clone_dtoh(&cnt)?[0];
-        if p == 0 {
+        let tg = targets::<G, T>(g, kind, &tg)?;
+        let err = ErrorFlag::new(g)?;
+        let cnt = g.words(1)?;
+        let p = ApCountParams {
+            tg,
+            cnt: g.words_addr(&cnt),
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+        };
+        g.launch(
+            &AP_LOSS,
+            &format!("ap_count_{sfx}"),
+            Launch::partials(total),
+            &p,
+        )?;
+        err.check(g, |e| message(e, c))?;
+        let np = g.download(&cnt)?.first().copied().unwrap_or(0);
+        if np == 0 {
             return Ok(Vec::new());
         }
-        let out = dev.alloc_zeros::<f64>(p as usize)?;
-        let next = dev.alloc_zeros::<u64>(1)?;
-        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_compact_{sfx}"))?;
-        with_targets!(kind, T, s2, l2, tg, {
-            let mut b = f.builder();
-            b.arg(&x)
-                .arg(&tg)
-                .arg(&nn)
-                .arg(&cc)
-                .arg(&out)
-                .arg(&next)
-                .arg(&p);
-            b.arg(&err);
-            kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-        });
-        // Only the P positive scores come back to the host.
-        dev.clone_dtoh(&out)
+        let out = g.words(np as usize)?;
+        let next = g.words(1)?;
+        let p = ApCompactParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg,
+            out: g.words_addr(&out),
+            next: g.words_addr(&next),
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+            cap: np,
+        };
+        g.launch(
+            &AP_LOSS,
+            &format!("ap_compact_{sfx}"),
+            Launch::elems(total),
+            &p,
+        )?;
+        // Only the P positive scores come back to the host, in the order the threads wrote
+        // them: sorted here.
+        let mut pos: Vec<f64> = g.download(&out)?.into_iter().map(f64::from_bits).collect();
+        pos.sort_unstable_by(f64::total_cmp);
+        Ok(pos)
     }
 
-    pub(super) fn gather(
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        kind: Kind,
-        n: usize,
-        c: usize,
-    ) -> Result<Vec<f64>> {
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(NAME, s1.dtype(), gather_t, &dev, s1, l1, s2, l2, kind, n, c)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn bucket_t<T>(
+    fn bucket_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         plan: &Plan,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
         kind: Kind,
-        n: usize,
-        c: usize,
-    ) -> Result<BucketResult>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-    {
+    ) -> Result<BucketResult> {
+        let (n, c) = layout_dims2(NAME, x.l)?;
         let nb = plan.buckets();
         let total = (n * c) as u64;
         if total == 0 {
             return Ok((0, vec![0; nb], vec![0; nb]));
         }
-        let sfx = sfx::<T>(kind)?;
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let (nn, cc) = (n as u64, c as u64);
-        let edges = upload(dev, &plan.edges)?;
-        let ne = plan.edges.len() as u64;
-        let cnt = dev.alloc_zeros::<u64>(nb)?;
-        let hi = dev.alloc_zeros::<u64>(nb)?;
-        let lo = dev.alloc_zeros::<u64>(nb)?;
-        let nonfinite = dev.alloc_zeros::<u64>(1)?;
-        let err = dev.alloc_zeros::<u64>(3)?;
+        let edges = gpu::upload_f64(g, &plan.edges)?;
+        let (cnt, hi, lo) = (g.words(nb)?, g.words(nb)?, g.words(nb)?);
+        let nonfinite = g.words(1)?;
+        let err = ErrorFlag::new(g)?;
         let smem = 3 * nb * std::mem::size_of::<u64>();
-        let use_smem = (smem <= SMEM_LIMIT) as i32;
-        let mut cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
-        if use_smem == 1 {
-            cfg.shared_mem_bytes = smem as u32;
+        let use_smem = smem <= SMEM_LIMIT;
+        let mut cfg = Launch::partials(total);
+        if use_smem {
+            cfg = cfg.with_shmem(smem);
         }
-        let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_bucket_{sfx}"))?;
-        with_targets!(kind, T, s2, l2, tg, {
-            let mut b = f.builder();
-            b.arg(&x).arg(&tg).arg(&nn).arg(&cc).arg(&edges).arg(&ne);
-            b.arg(&plan.center).arg(&plan.scale);
-            b.arg(&cnt)
-                .arg(&hi)
-                .arg(&lo)
-                .arg(&nonfinite)
-                .arg(&use_smem)
-                .arg(&err);
-            kc::launched(unsafe { b.launch(cfg) })?;
-        });
-        check_err(dev, &err, c)?;
-        let cnt = dev.clone_dtoh(&cnt)?;
-        let hi = dev.clone_dtoh(&hi)?;
-        let lo = dev.clone_dtoh(&lo)?;
-        let nonfinite = dev.clone_dtoh(&nonfinite)?[0];
+        let p = ApBucketParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg: targets::<G, T>(g, kind, &tg)?,
+            edges: g.words_addr(&edges),
+            cnt: g.words_addr(&cnt),
+            hi: g.words_addr(&hi),
+            lo: g.words_addr(&lo),
+            nonfinite: g.words_addr(&nonfinite),
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+            ne: plan.edges.len() as u64,
+            center: plan.center,
+            scale: plan.scale,
+            use_smem: use_smem as i32,
+        };
+        g.launch(&AP_LOSS, &format!("ap_bucket_{}", sfx::<T>(kind)?), cfg, &p)?;
+        err.check(g, |e| message(e, c))?;
+        let cnt = g.download(&cnt)?;
+        let hi = g.download(&hi)?;
+        let lo = g.download(&lo)?;
+        let nonfinite = g.download(&nonfinite)?.first().copied().unwrap_or(0);
         // Σq = Σhi·2^31 + Σlo, exactly.
         let sum = hi
             .iter()
@@ -1528,142 +1527,93 @@ mod cuda {
         Ok((nonfinite, cnt, sum))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn bucket(
-        plan: &Plan,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        kind: Kind,
-        n: usize,
-        c: usize,
-    ) -> Result<BucketResult> {
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            NAME,
-            s1.dtype(),
-            bucket_t,
-            plan,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            kind,
-            n,
-            c
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn update_t<T>(
+    fn update_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         gl: &Global,
         kind: Kind,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-    {
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        let (n, c) = layout_dims2(NAME, x.l)?;
+        gpu::check_upstream(NAME, up.l, true, 1)?;
         let total = (n * c) as u64;
-        let out = unsafe { dev.alloc::<T>(n * c)? };
+        let out = g.output::<T>(n * c)?;
         if total > 0 {
-            let sfx = sfx::<T>(kind)?;
-            let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-            let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
-            if up.len() != 1 {
-                bail!(
-                    "{NAME}: upstream gradient has {} elements, expected 1",
-                    up.len()
-                )
-            }
-            let (nn, cc) = (n as u64, c as u64);
             let plan = &gl.plan;
-            let pos = upload(dev, &plan.pos)?;
-            let pos_upd = upload(dev, &gl.pos_upd)?;
-            let np = plan.pos.len() as u64;
-            let edges = upload(dev, &plan.edges)?;
-            let ne = plan.edges.len() as u64;
-            let alpha = upload(dev, &gl.alpha)?;
-            let beta = upload(dev, &gl.beta)?;
-            let nan = gl.nan as i32;
-            let err = dev.alloc_zeros::<u64>(3)?;
-            let f = kc::func(dev, MODULE, ptx::AP_LOSS, &format!("ap_update_{sfx}"))?;
-            with_targets!(kind, T, s2, l2, tg, {
-                let mut b = f.builder();
-                b.arg(&x).arg(&tg).arg(&up).arg(&nn).arg(&cc);
-                b.arg(&pos).arg(&pos_upd).arg(&np).arg(&edges).arg(&ne);
-                b.arg(&alpha)
-                    .arg(&beta)
-                    .arg(&plan.center)
-                    .arg(&nan)
-                    .arg(&out)
-                    .arg(&err);
-                kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-            });
-            check_err(dev, &err, c)?;
+            let pos = gpu::upload_f64(g, &plan.pos)?;
+            let pos_upd = gpu::upload_f64(g, &gl.pos_upd)?;
+            let edges = gpu::upload_f64(g, &plan.edges)?;
+            let alpha = gpu::upload_f64(g, &gl.alpha)?;
+            let beta = gpu::upload_f64(g, &gl.beta)?;
+            let err = ErrorFlag::new(g)?;
+            let p = ApUpdateParams {
+                x: g.input::<T>(NAME, x.s, x.l)?,
+                tg: targets::<G, T>(g, kind, &tg)?,
+                up: g.input::<T>(NAME, up.s, up.l)?,
+                pos: g.words_addr(&pos),
+                pos_upd: g.words_addr(&pos_upd),
+                edges: g.words_addr(&edges),
+                alpha: g.words_addr(&alpha),
+                beta: g.words_addr(&beta),
+                out: g.out_addr(&out),
+                err: err.addr(g),
+                n: n as u64,
+                c: c as u64,
+                np: plan.pos.len() as u64,
+                ne: plan.edges.len() as u64,
+                center: plan.center,
+                nan: gl.nan as i32,
+            };
+            let kernel = format!("ap_update_{}", sfx::<T>(kind)?);
+            g.launch(&AP_LOSS, &kernel, Launch::elems(total), &p)?;
+            err.check(g, |e| message(e, c))?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((n, c)),
-        ))
+        Ok((g.storage(out), Shape::from((n, c))))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn update(
+    /// Phase 1 on backend `g`: the positive scores, sorted ascending.
+    pub(super) fn gather<G: Gpu>(
+        g: &G,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        kind: Kind,
+    ) -> Result<Vec<f64>> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { gather_t::<G, T>(g, x, tg, kind) })
+    }
+
+    /// Phase 2 on backend `g`: the bucket statistics of the negatives.
+    pub(super) fn bucket<G: Gpu>(
+        g: &G,
+        plan: &Plan,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        kind: Kind,
+    ) -> Result<BucketResult> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, {
+            bucket_t::<G, T>(g, plan, x, tg, kind)
+        })
+    }
+
+    /// The update times the upstream gradient on backend `g`.
+    pub(super) fn update<G: Gpu>(
+        g: &G,
         gl: &Global,
         kind: Kind,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            NAME,
-            s1.dtype(),
-            update_t,
-            gl,
-            kind,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
-            n,
-            c
-        )
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, {
+            update_t::<G, T>(g, gl, kind, x, tg, up)
+        })
     }
 
-    fn scalar_t<T>(dev: &CudaDevice, v: f64) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-    {
-        let host = [T::from_acc(<T::A as Acc>::from_f64(v))];
-        let out = dev.clone_htod(&host[..])?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(()),
-        ))
-    }
-
-    /// The rank-0 loss on the device of `like`, in its dtype.
-    pub(super) fn scalar(like: &CudaStorage, v: f64) -> Result<(CudaStorage, Shape)> {
-        let dev = like.device().clone();
-        crate::common::dispatch_float!(NAME, like.dtype(), scalar_t, &dev, v)
+    /// The rank-0 loss `v` on backend `g`, in the dtype of `like`.
+    pub(super) fn scalar<G: Gpu>(g: &G, like: &G::Storage, v: f64) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(like), T, {
+            let s = g.storage_from(vec![T::from_acc(<<T as Elem>::A as Acc>::from_f64(v))])?;
+            Ok((s, Shape::from(())))
+        })
     }
 }

@@ -23,12 +23,13 @@ const NAME: &str = "class_balanced_weights";
 /// # Shapes
 ///
 /// - `counts`: `C ≥ 1` class counts.
-/// - result: `[C]`, f32, on `device` (cast it to the logits' dtype for other dtypes).
+/// - result: `[C]`, f32, on `device`. The losses accept f32 class weights with logits of any
+///   float dtype (f32, f64, f16, bf16), so no cast is needed.
 ///
 /// # Errors
 ///
-/// Every message starts with `class_balanced_weights:`. Empty `counts`; a zero count; `β`
-/// negative, ≥ 1 or NaN.
+/// Every message starts with `class_balanced_weights:`. A Metal `device` (only the CPU
+/// and CUDA have kernels); empty `counts`; a zero count; `β` negative, ≥ 1 or NaN.
 ///
 /// # Example
 ///
@@ -43,6 +44,7 @@ const NAME: &str = "class_balanced_weights";
 /// # Ok(()) }
 /// ```
 pub fn class_balanced_weights(counts: &[u64], beta: f64, device: &Device) -> Result<Tensor> {
+    crate::common::check_supported_location(NAME, device.location())?;
     if counts.is_empty() {
         bail!("{NAME}: counts is empty (need one count per class)")
     }

@@ -2,7 +2,7 @@
 //! input validation with messages that name the loss, and access to contiguous CPU slices.
 
 use crate::fastmath;
-use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, DType, DeviceLocation, Layout, Result, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
@@ -33,24 +33,10 @@ macro_rules! with_float_type {
     };
 }
 
-/// Calls the generic function `$f::<T>(args…)` with `T` the Rust type of the float dtype.
-#[cfg_attr(not(feature = "cuda"), allow(unused_macros))]
-macro_rules! dispatch_float {
-    ($loss:expr, $dtype:expr, $f:ident, $($args:expr),*) => {
-        match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($args),*),
-            candle_core::DType::F64 => $f::<f64>($($args),*),
-            candle_core::DType::F16 => $f::<half::f16>($($args),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($args),*),
-            d => candle_core::bail!("{}: unsupported dtype {d:?}", $loss),
-        }
-    };
-}
-
 /// `impl CustomOp3` for the backward op `$op(params)` of a sigmoid-type loss over
 /// `(logits [N, C], targets as CpuTargets, upstream)`: on the CPU
-/// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA the calling module's
-/// `cuda::backward(&params, …, n, c)`.
+/// `params.cpu_bwd_t(x, &targets, upstream, n, c)`, on CUDA (and under `cuda-emu`) the
+/// calling module's launch plan `gpu::backward(backend, &params, x, targets, upstream)`.
 macro_rules! targets_backward_op {
     ($op:ident, $op_name:literal, $loss:expr) => {
         impl candle_core::CustomOp3 for $op {
@@ -68,6 +54,13 @@ macro_rules! targets_backward_op {
                 l3: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
                 use candle_core::backend::BackendStorage;
+                $crate::common::emulate!($op_name, |g| gpu::backward(
+                    g,
+                    &self.0,
+                    $crate::gpu::arg(s1, l1),
+                    $crate::gpu::arg(s2, l2),
+                    $crate::gpu::arg(s3, l3)
+                ));
                 let (n, c) = $crate::common::layout_dims2($loss, l1)?;
                 $crate::common::with_float_type!($loss, s1.dtype(), T, {
                     let x = $crate::common::cpu_slice::<T>($loss, s1, l1)?;
@@ -87,15 +80,45 @@ macro_rules! targets_backward_op {
                 s3: &candle_core::CudaStorage,
                 l3: &candle_core::Layout,
             ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-                let (n, c) = $crate::common::layout_dims2($loss, l1)?;
-                cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, c)
+                gpu::backward(
+                    &$crate::gpu::cuda::Cuda::of(s1),
+                    &self.0,
+                    $crate::gpu::arg(s1, l1),
+                    $crate::gpu::arg(s2, l2),
+                    $crate::gpu::arg(s3, l3),
+                )
             }
         }
     };
 }
 
+/// In a `cpu_fwd`: under the `cuda-emu` feature (while the emulation is active) returns the
+/// result of the op's CUDA launch plan `$plan` run on the emulated backend `$g`, in both thread
+/// orders (see `gpu::emu::run`); nothing in other builds.
+macro_rules! emulate {
+    ($op:expr, |$g:ident| $plan:expr) => {
+        #[cfg(feature = "cuda-emu")]
+        if $crate::gpu::emu::active() {
+            return $crate::gpu::emu::run($op, |$g| $plan);
+        }
+    };
+}
+
+/// Whether CPU tensors run through the CPU kernels (false while the `cuda-emu` emulation is
+/// active: they then take the CUDA launch code).
+pub(crate) fn cpu_kernels() -> bool {
+    #[cfg(feature = "cuda-emu")]
+    {
+        !crate::gpu::emu::active()
+    }
+    #[cfg(not(feature = "cuda-emu"))]
+    {
+        true
+    }
+}
+
 #[allow(unused_imports)]
-pub(crate) use {dispatch_float, targets_backward_op, with_float_type};
+pub(crate) use {emulate, targets_backward_op, with_float_type};
 
 /// Rows (or elements) of this many scalars form one rayon task. The chunking depends only on
 /// the problem size, never on the thread count, so chunk partial sums merged in chunk order give
@@ -391,6 +414,36 @@ pub(crate) fn check_float(loss: &str, what: &str, t: &Tensor) -> Result<()> {
     }
 }
 
+/// Checks that `t` lives on a device the crate has kernels for (the CPU, or CUDA under the
+/// `cuda` feature). Called first by every public `forward*`, so a `Device::Metal` tensor gets an
+/// error naming the loss instead of candle's generic "no metal implementation" from deep inside
+/// the op.
+pub(crate) fn check_supported_device(loss: &str, t: &Tensor) -> Result<()> {
+    check_supported_location(loss, t.device().location())
+}
+
+/// The decision behind [`check_supported_device`], on a [`DeviceLocation`] (which, unlike a
+/// `Device::Metal`, can be constructed on any platform, so the Metal branch is unit-tested).
+pub(crate) fn check_supported_location(loss: &str, location: DeviceLocation) -> Result<()> {
+    match location {
+        DeviceLocation::Cpu | DeviceLocation::Cuda { .. } => Ok(()),
+        DeviceLocation::Metal { .. } => {
+            bail!("{loss}: Metal devices are not supported (use Device::Cpu or Device::Cuda)")
+        }
+    }
+}
+
+/// Checks that the class weights `w` have the logits' dtype or f32 (the dtype
+/// [`crate::class_balanced_weights`] returns); either way the kernels read them in the
+/// accumulation dtype (f32 for f32/f16/bf16 logits, f64 for f64 logits), so f32 weights keep
+/// their f32 value with half-precision logits.
+pub(crate) fn check_class_weights_dtype(loss: &str, logits: DType, w: DType) -> Result<()> {
+    if w != logits && w != DType::F32 {
+        bail!("{loss}: class_weights dtype {w:?} must be the logits dtype {logits:?} or F32")
+    }
+    Ok(())
+}
+
 /// Checks that `b` lives on the same device as `a`.
 pub(crate) fn check_same_device(loss: &str, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     if !a.device().same_device(b.device()) {
@@ -413,7 +466,7 @@ pub(crate) fn check_non_negative(loss: &str, name: &str, v: f64) -> Result<()> {
 
 /// Builds the per-label row-weight vector of length `c + 1` in the accumulator dtype of
 /// `logits`: `w[0..c]` the class weights (1 when absent), `w[c]` the background row weight
-/// (the `c+1`-th given weight, else 1).
+/// (the `c+1`-th given weight, else 1). The weights come in the logits' dtype or f32.
 pub(crate) fn row_weights(
     loss: &str,
     logits: &Tensor,
@@ -426,13 +479,7 @@ pub(crate) fn row_weights(
         return Tensor::ones(c + 1, acc, dev);
     };
     check_same_device(loss, "class_weights", logits, w)?;
-    if w.dtype() != logits.dtype() {
-        bail!(
-            "{loss}: class_weights dtype {:?} differs from the logits dtype {:?}",
-            w.dtype(),
-            logits.dtype()
-        )
-    }
+    check_class_weights_dtype(loss, logits.dtype(), w.dtype())?;
     let len = match w.dims() {
         [len] => *len,
         d => bail!("{loss}: class_weights must have shape [C] or [C+1] (C = {c}), got {d:?}"),
@@ -720,4 +767,45 @@ fn scale_storage(loss: &str, s: &mut CpuStorage, u: f64) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metal_location_is_an_error_naming_the_loss() {
+        let loc = DeviceLocation::Metal { gpu_id: 0 };
+        let err = check_supported_location("SigmoidFocalLoss", loc).unwrap_err();
+        // (candle appends a backtrace to the message when RUST_BACKTRACE is set.)
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "SigmoidFocalLoss: Metal devices are not supported (use Device::Cpu or Device::Cuda)"
+            ),
+            "{msg}"
+        );
+        assert!(check_supported_location("X", DeviceLocation::Cpu).is_ok());
+        assert!(check_supported_location("X", DeviceLocation::Cuda { gpu_id: 1 }).is_ok());
+    }
+
+    #[test]
+    fn cpu_tensor_passes_the_device_check() -> Result<()> {
+        let t = Tensor::zeros((2, 3), DType::F32, &candle_core::Device::Cpu)?;
+        check_supported_device("X", &t)
+    }
+
+    #[test]
+    fn class_weights_in_the_logits_dtype_or_f32() {
+        for d in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            assert!(check_class_weights_dtype("X", d, d).is_ok());
+            assert!(check_class_weights_dtype("X", d, DType::F32).is_ok());
+        }
+        let err = check_class_weights_dtype("X", DType::F16, DType::F64).unwrap_err();
+        assert!(
+            err.to_string().starts_with("X: class_weights dtype F64"),
+            "{err}"
+        );
+        assert!(check_class_weights_dtype("X", DType::F32, DType::BF16).is_err());
+    }
 }

@@ -45,15 +45,18 @@ const NAME: &str = "SigmoidFocalLoss";
 /// - `logits`: `[N, C]`, f32 / f64 / f16 / bf16.
 /// - `targets`: either dense `[N, C]` in the logits' dtype (one-hot or soft targets), or integer
 ///   labels `[N]` (`u32` or `i64`): `0..C` the class, `C` background, `-1` (i64) ignored.
-/// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype.
+/// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype or f32 (as
+///   [`crate::class_balanced_weights`] returns them; used at f32 precision with f16/bf16 logits,
+///   converted exactly to f64 with f64 logits).
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
 ///
-/// Every message starts with `SigmoidFocalLoss:`. Logits not of rank 2 or not a float dtype;
-/// targets of another shape, dtype or device; a label outside `0..=C` and not `-1`; class weights
-/// of the wrong length, dtype or device, or given with dense targets; `gamma < 0` or not finite;
-/// `alpha` outside `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `SigmoidFocalLoss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); logits not of rank 2 or not a float dtype; targets of another shape, dtype or
+/// device; a label outside `0..=C` and not `-1`; class weights of the wrong length, dtype or
+/// device, or given with dense targets; `gamma < 0` or not finite; `alpha` outside `[0, 1]`;
+/// `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -98,6 +101,7 @@ impl Default for SigmoidFocalLoss {
 impl SigmoidFocalLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        common::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         check_non_negative(NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
@@ -580,6 +584,12 @@ impl CustomOp2 for FocalFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        common::emulate!("sigmoid-focal-fwd", |g| gpu::forward(
+            g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
@@ -596,8 +606,13 @@ impl CustomOp2 for FocalFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = layout_dims2(NAME, l1)?;
-        cuda::forward(&self.op, s1, l1, s2, l2, n, c)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::forward(
+            &g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+        )
     }
 
     fn bwd(
@@ -615,250 +630,156 @@ impl CustomOp2 for FocalFwd {
 
 common::targets_backward_op!(FocalBwd, "sigmoid-focal-bwd", NAME);
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{FocalOp, NAME};
-    use crate::common::{Elem, TargetKind};
-    use crate::cuda::{self as kc, ptx};
-    use crate::reduction::Reduction;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+    use crate::common::{layout_dims2, Elem, TargetKind};
+    use crate::gpu::params::{FocalBwdParams, FocalFwdParams, RowCountParams};
+    use crate::gpu::{
+        self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, Launch, Partials, Scale, FOCAL,
     };
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+    use crate::reduction::Reduction;
+    use candle_core::{Result, Shape};
 
-    const MODULE: &str = "candle_detloss_focal";
-
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_t<T>(
+    fn fwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &FocalOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
     where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+        T::A: DevElem,
     {
+        let (n, c) = layout_dims2(NAME, x.l)?;
         let sfx = format!(
             "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            kc::target_suffix(op.kind)
+            gpu::dtype_suffix(NAME, T::DTYPE)?,
+            gpu::target_suffix(op.kind)
         );
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let total = (n * c) as u64;
-        let (nn, cc) = (n as u64, c as u64);
-        let alpha = <T::A as crate::common::Acc>::from_f64(op.alpha.unwrap_or(1.0));
-        let has_alpha = op.alpha.is_some() as i32;
-        let gamma = <T::A as crate::common::Acc>::from_f64(op.gamma);
-        let err = dev.alloc_zeros::<u64>(2)?;
-        let out = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
-            if op.reduction == Reduction::None {
-                let out = unsafe { dev.alloc::<T>(n * c)? };
-                if total > 0 {
-                    let f = kc::func(
-                        dev,
-                        MODULE,
-                        ptx::FOCAL,
-                        &format!("sigmoid_focal_fwd_none_{sfx}"),
-                    )?;
-                    kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                        let mut b = f.builder();
-                        b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
-                        b.arg(&alpha).arg(&has_alpha).arg(&gamma).arg(&err);
-                        kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-                    });
-                }
-                return Ok(out);
-            }
-            let cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
-            let nparts = cfg.grid_dim.0 as i32;
-            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
-            let pcnt = dev.alloc_zeros::<u64>(nparts as usize)?;
-            if total > 0 {
-                let f = kc::func(
-                    dev,
-                    MODULE,
-                    ptx::FOCAL,
-                    &format!("sigmoid_focal_fwd_partial_{sfx}"),
-                )?;
-                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                    let mut b = f.builder();
-                    b.arg(&x)
-                        .arg(&tg)
-                        .arg(w)
-                        .arg(&psum)
-                        .arg(&pcnt)
-                        .arg(&nn)
-                        .arg(&cc);
-                    b.arg(&alpha).arg(&has_alpha).arg(&gamma).arg(&err);
-                    kc::launched(unsafe { b.launch(cfg) })?;
-                });
-            }
-            let out = unsafe { dev.alloc::<T>(1)? };
-            let f = kc::func(
-                dev,
-                MODULE,
-                ptx::FOCAL,
-                &format!("sigmoid_focal_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
-            )?;
-            let count_mult = c as f64;
-            let red = op.reduction.code();
-            let avg = match op.reduction {
-                Reduction::AvgFactor(f) => f,
-                _ => 1.0,
-            };
-            let mut b = f.builder();
-            b.arg(&psum)
-                .arg(&pcnt)
-                .arg(&nparts)
-                .arg(&count_mult)
-                .arg(&red)
-                .arg(&avg)
-                .arg(&out);
-            kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-            Ok(out)
-        })?;
-        kc::check_label_flag(NAME, dev, &err, c)?;
-        let shape = if op.reduction == Reduction::None {
-            Shape::from((n, c))
-        } else {
-            Shape::from(())
+        let err = ErrorFlag::new(g)?;
+        let p = FocalFwdParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
+            w: g.tensor::<T::A>(NAME, &op.weights)?,
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+            alpha: op.alpha.unwrap_or(1.0),
+            gamma: op.gamma,
+            has_alpha: op.alpha.is_some() as i32,
+            ..Default::default()
         };
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+        let plan = ForwardPlan {
+            module: &FOCAL,
+            prefix: "sigmoid_focal",
+            suffix: &sfx,
+            items: (n * c) as u64,
+            none_shape: Shape::from((n, c)),
+            // Mean: sum / (non-ignored rows × C), the rows counted per block at column 0.
+            scale: match op.reduction {
+                Reduction::None => None,
+                Reduction::Mean => Some(Scale::device(c as f64)),
+                r => Some(Scale::host(r.scale(0.0))),
+            },
+        };
+        let out = plan.run::<G, T, _>(g, NAME, p)?;
+        err.check_labels(g, NAME, c)?;
+        Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_t<T>(
+    fn bwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &FocalOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
     where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+        T::A: DevElem,
     {
+        let (n, c) = layout_dims2(NAME, x.l)?;
+        let scalar_up = op.reduction.is_scalar();
+        gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
         let sfx = format!(
             "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            kc::target_suffix(op.kind)
+            gpu::dtype_suffix(NAME, T::DTYPE)?,
+            gpu::target_suffix(op.kind)
         );
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
         let total = (n * c) as u64;
-        let (nn, cc) = (n as u64, c as u64);
-        let alpha = <T::A as crate::common::Acc>::from_f64(op.alpha.unwrap_or(1.0));
-        let has_alpha = op.alpha.is_some() as i32;
-        let gamma = <T::A as crate::common::Acc>::from_f64(op.gamma);
-        let up_scalar = op.reduction.is_scalar() as i32;
-        let err = dev.alloc_zeros::<u64>(2)?;
+        let err = ErrorFlag::new(g)?;
+        let out = g.output::<T>(n * c)?;
+        let tg_addr = gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?;
         // Mean over labels divides by the number of non-ignored rows, counted on the device.
-        let cnt: CudaSlice<u64> = dev.alloc_zeros::<u64>(1)?;
-        let use_cnt = (op.reduction == Reduction::Mean && op.kind != TargetKind::Dense) as i32;
-        let base_scale = match op.reduction {
-            Reduction::Mean if use_cnt == 0 => op.reduction.scale(total as f64),
-            Reduction::Mean => 1.0,
-            r => r.scale(0.0),
-        };
-        let g = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
-            let g = unsafe { dev.alloc::<T>(n * c)? };
-            if total == 0 {
-                return Ok(g);
+        let count_rows = op.reduction == Reduction::Mean && op.kind != TargetKind::Dense;
+        let scale_buf = g.words(1)?;
+        if total > 0 {
+            if count_rows {
+                let parts = Partials::new(g, n as u64)?;
+                let p = RowCountParams {
+                    tg: tg_addr,
+                    pden: g.words_addr(&parts.pden),
+                    err: err.addr(g),
+                    n: n as u64,
+                    c: c as u64,
+                };
+                let name = format!("sigmoid_focal_count_{}", gpu::target_suffix(op.kind));
+                g.launch(&FOCAL, &name, parts.cfg, &p)?;
+                let scale = Scale::device(c as f64);
+                gpu::finalize::<G, T>(g, NAME, &parts, scale, Some(&scale_buf))?;
             }
-            if use_cnt == 1 {
-                let f = kc::func(
-                    dev,
-                    MODULE,
-                    ptx::FOCAL,
-                    &format!("sigmoid_focal_count_{}", kc::target_suffix(op.kind)),
-                )?;
-                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                    let mut b = f.builder();
-                    b.arg(&tg).arg(&nn).arg(&cc).arg(&cnt).arg(&err);
-                    kc::launched(unsafe { b.launch(kc::grid(nn, kc::MAX_PARTIAL_BLOCKS)) })?;
-                });
-            }
-            let f = kc::func(dev, MODULE, ptx::FOCAL, &format!("sigmoid_focal_bwd_{sfx}"))?;
-            kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&tg)
-                    .arg(w)
-                    .arg(&up)
-                    .arg(&up_scalar)
-                    .arg(&g)
-                    .arg(&nn)
-                    .arg(&cc);
-                b.arg(&alpha)
-                    .arg(&has_alpha)
-                    .arg(&gamma)
-                    .arg(&base_scale)
-                    .arg(&cnt)
-                    .arg(&use_cnt);
-                b.arg(&err);
-                kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-            });
-            Ok(g)
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(g, dev.clone()),
-            Shape::from((n, c)),
-        ))
+            let p = FocalBwdParams {
+                x: g.input::<T>(NAME, x.s, x.l)?,
+                tg: tg_addr,
+                w: g.tensor::<T::A>(NAME, &op.weights)?,
+                up: g.input::<T>(NAME, up.s, up.l)?,
+                g: g.out_addr(&out),
+                scale_p: if count_rows {
+                    g.words_addr(&scale_buf)
+                } else {
+                    0
+                },
+                err: err.addr(g),
+                n: n as u64,
+                c: c as u64,
+                alpha: op.alpha.unwrap_or(1.0),
+                gamma: op.gamma,
+                scale: match op.reduction {
+                    Reduction::Mean => op.reduction.scale(total as f64), // dense: N·C
+                    r => r.scale(0.0),
+                },
+                has_alpha: op.alpha.is_some() as i32,
+                up_scalar: scalar_up as i32,
+            };
+            g.launch(
+                &FOCAL,
+                &format!("sigmoid_focal_bwd_{sfx}"),
+                Launch::elems(total),
+                &p,
+            )?;
+        }
+        err.check_labels(g, NAME, c)?;
+        Ok((g.storage(out), Shape::from((n, c))))
     }
 
-    pub(super) fn forward(
+    /// The forward on backend `g`: per-element losses or the reduced scalar.
+    pub(super) fn forward<G: Gpu>(
+        g: &G,
         op: &FocalOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(NAME, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, c)
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, tg) })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(
+    /// The gradient on backend `g`.
+    pub(super) fn backward<G: Gpu>(
+        g: &G,
         op: &FocalOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            NAME,
-            s1.dtype(),
-            bwd_t,
-            op,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
-            n,
-            c
-        )
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, tg, up) })
     }
 }

@@ -51,9 +51,10 @@ const MAX_BINS: usize = 1 << 20;
 ///
 /// # Errors
 ///
-/// Every message starts with `GhmcLoss:`. `bins` not in `1..=2^20`; `momentum` outside `[0, 1)`; logits not
-/// of rank 2 or not a float dtype; targets of another shape, dtype or device; a label outside
-/// `0..=C` and not `-1`; a dense target outside `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `GhmcLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); `bins` not in `1..=2^20`; `momentum` outside `[0, 1)`; logits not of rank 2 or not a
+/// float dtype; targets of another shape, dtype or device; a label outside `0..=C` and not `-1`; a
+/// dense target outside `[0, 1]`; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -102,6 +103,7 @@ impl GhmcLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (labels `[N]` or dense
     /// `[N, C]`), updating the running histogram when `momentum > 0`.
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         let bins = self.bins;
         if bins == 0 || bins > MAX_BINS {
@@ -456,6 +458,13 @@ impl CustomOp2 for GhmcHist {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        crate::common::emulate!("ghmc-hist", |g| gpu::hist(
+            g,
+            self.bins,
+            self.kind,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         let (n, c) = layout_dims2(NAME, l1)?;
         let (h, sums) = crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
@@ -476,8 +485,9 @@ impl CustomOp2 for GhmcHist {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = layout_dims2(NAME, l1)?;
-        cuda::hist(self.bins, self.kind, s1, l1, s2, l2, n, c)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        let (x, tg) = (crate::gpu::arg(s1, l1), crate::gpu::arg(s2, l2));
+        gpu::hist(&g, self.bins, self.kind, x, tg)
     }
 }
 
@@ -621,6 +631,12 @@ impl CustomOp2 for GhmcFwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        crate::common::emulate!("ghmc-fwd", |g| gpu::forward(
+            g,
+            &self.0,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         let (n, c) = layout_dims2(NAME, l1)?;
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
@@ -637,8 +653,13 @@ impl CustomOp2 for GhmcFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c) = layout_dims2(NAME, l1)?;
-        cuda::forward(&self.0, s1, l1, s2, l2, n, c)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::forward(
+            &g,
+            &self.0,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+        )
     }
 
     fn bwd(
@@ -655,285 +676,178 @@ impl CustomOp2 for GhmcFwd {
 
 common::targets_backward_op!(GhmcBwd, "ghmc-bwd", NAME);
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{GhmcOp, NAME};
-    use crate::common::{Elem, TargetKind};
-    use crate::cuda::{self as kc, ptx};
-    use crate::reduction::Reduction;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, PushKernelArg, ValidAsZeroBits,
+    use crate::common::{layout_dims2, Elem, TargetKind};
+    use crate::gpu::params::{GhmBwdParams, GhmFwdParams, GhmHistParams};
+    use crate::gpu::{
+        self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, KernelError, Launch, Scale, GHM,
     };
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
+    use crate::reduction::Reduction;
+    use candle_core::{Result, Shape};
 
-    const MODULE: &str = "candle_detloss_ghm";
     /// Histograms of at most this many bins live in shared memory (u32 per bin).
     const SHARED_MAX_BINS: usize = 8192;
 
-    /// Turns the kernels' `[flag, value]` error buffer into an `Err` (1: label, 2: dense target).
-    fn check_flag(dev: &CudaDevice, err: &CudaSlice<u64>, c: usize) -> Result<()> {
-        let v = dev.clone_dtoh(err)?;
-        match v.first().copied().unwrap_or(0) {
-            0 => Ok(()),
-            2 => bail!("{NAME}: dense targets must be in [0, 1]"),
-            _ => kc::check_label_flag(NAME, dev, err, c),
+    /// The message of a kernel error: an invalid label or dense target.
+    fn message(e: KernelError, c: usize) -> String {
+        match e.code {
+            gpu::ERR_TARGET => {
+                format!("{NAME}: dense targets must be in [0, 1], got {}", e.value())
+            }
+            _ => e.label(NAME, c),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn hist_t<T>(
+    fn suffix<T: candle_core::WithDType>(kind: TargetKind) -> Result<String> {
+        Ok(format!(
+            "{}_{}",
+            gpu::dtype_suffix(NAME, T::DTYPE)?,
+            gpu::target_suffix(kind)
+        ))
+    }
+
+    fn hist_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         bins: usize,
         kind: TargetKind,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-    {
-        let sfx = format!(
-            "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            kc::target_suffix(kind)
-        );
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        let (n, c) = layout_dims2(NAME, x.l)?;
         let total = (n * c) as u64;
-        let (nn, cc) = (n as u64, c as u64);
-        let err = dev.alloc_zeros::<u64>(2)?;
+        let err = ErrorFlag::new(g)?;
         // u64 counts in the kernel; an i64 tensor (same bits, counts < 2^63) for candle.
-        let counts = dev.alloc_zeros::<i64>(bins + 1)?;
+        let counts = g.zeros::<i64>(bins + 1)?;
         if total > 0 {
-            let global = (bins > SHARED_MAX_BINS) as i32;
-            let mut cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
-            if global == 0 {
-                cfg.shared_mem_bytes = (bins * 4) as u32;
+            let global = bins > SHARED_MAX_BINS;
+            let mut cfg = Launch::partials(total);
+            if !global {
+                cfg = cfg.with_shmem(bins * 4);
             }
-            let nbins = bins as i32;
-            let f = dev.get_or_load_custom_func(&format!("ghmc_hist_{sfx}"), MODULE, ptx::GHM)?;
-            kc::with_targets!(NAME, kind, T, s2, l2, tg, {
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&tg)
-                    .arg(&nn)
-                    .arg(&cc)
-                    .arg(&nbins)
-                    .arg(&global);
-                b.arg(&counts).arg(&err);
-                kc::launched(unsafe { b.launch(cfg) })?;
-            });
+            let p = GhmHistParams {
+                x: g.input::<T>(NAME, x.s, x.l)?,
+                tg: gpu::targets_addr::<G, T>(g, NAME, kind, tg.s, tg.l)?,
+                counts: g.out_addr(&counts),
+                err: err.addr(g),
+                n: n as u64,
+                c: c as u64,
+                bins: bins as i32,
+                global: global as i32,
+            };
+            g.launch(&GHM, &format!("ghmc_hist_{}", suffix::<T>(kind)?), cfg, &p)?;
         }
-        check_flag(dev, &err, c)?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(counts, dev.clone()),
-            Shape::from(bins + 1),
-        ))
+        err.check(g, |e| message(e, c))?;
+        Ok((g.storage(counts), Shape::from(bins + 1)))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn hist(
+    fn fwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
+        op: &GhmcOp,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
+    where
+        T::A: DevElem,
+    {
+        let (n, c) = layout_dims2(NAME, x.l)?;
+        let err = ErrorFlag::new(g)?;
+        let p = GhmFwdParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
+            w: g.tensor::<T::A>(NAME, &op.weights)?,
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+            bins: op.bins as i32,
+            ..Default::default()
+        };
+        let sfx = suffix::<T>(op.kind)?;
+        let plan = ForwardPlan {
+            module: &GHM,
+            prefix: "ghmc",
+            suffix: &sfx,
+            items: (n * c) as u64,
+            none_shape: Shape::from((n, c)),
+            scale: (op.reduction != Reduction::None)
+                .then(|| Scale::host(op.reduction.scale(op.mean_denom))),
+        };
+        let out = plan.run::<G, T, _>(g, NAME, p)?;
+        err.check(g, |e| message(e, c))?;
+        Ok(out)
+    }
+
+    fn bwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
+        op: &GhmcOp,
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
+    where
+        T::A: DevElem,
+    {
+        let (n, c) = layout_dims2(NAME, x.l)?;
+        let scalar_up = op.reduction.is_scalar();
+        gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
+        let total = (n * c) as u64;
+        let err = ErrorFlag::new(g)?;
+        let out = g.output::<T>(n * c)?;
+        if total > 0 {
+            let p = GhmBwdParams {
+                x: g.input::<T>(NAME, x.s, x.l)?,
+                tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
+                w: g.tensor::<T::A>(NAME, &op.weights)?,
+                up: g.input::<T>(NAME, up.s, up.l)?,
+                g: g.out_addr(&out),
+                err: err.addr(g),
+                n: n as u64,
+                c: c as u64,
+                scale: op.reduction.scale(op.mean_denom),
+                bins: op.bins as i32,
+                up_scalar: scalar_up as i32,
+            };
+            let kernel = format!("ghmc_bwd_{}", suffix::<T>(op.kind)?);
+            g.launch(&GHM, &kernel, Launch::elems(total), &p)?;
+        }
+        err.check(g, |e| message(e, c))?;
+        Ok((g.storage(out), Shape::from((n, c))))
+    }
+
+    /// The gradient-norm histogram on backend `g`: `[bins + 1]` i64 (per-bin counts, then the
+    /// number of valid elements).
+    pub(super) fn hist<G: Gpu>(
+        g: &G,
         bins: usize,
         kind: TargetKind,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            NAME,
-            s1.dtype(),
-            hist_t,
-            bins,
-            kind,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            n,
-            c
-        )
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, {
+            hist_t::<G, T>(g, bins, kind, x, tg)
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_t<T>(
+    /// The forward on backend `g`, with the bin weights fixed by the histogram.
+    pub(super) fn forward<G: Gpu>(
+        g: &G,
         op: &GhmcOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
-    {
-        let sfx = format!(
-            "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            kc::target_suffix(op.kind)
-        );
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let total = (n * c) as u64;
-        let (nn, cc) = (n as u64, c as u64);
-        let nbins = op.bins as i32;
-        let err = dev.alloc_zeros::<u64>(2)?;
-        let out = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
-            if op.reduction == Reduction::None {
-                let out = unsafe { dev.alloc::<T>(n * c)? };
-                if total > 0 {
-                    let f = dev.get_or_load_custom_func(
-                        &format!("ghmc_fwd_none_{sfx}"),
-                        MODULE,
-                        ptx::GHM,
-                    )?;
-                    kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                        let mut b = f.builder();
-                        b.arg(&x).arg(&tg).arg(w).arg(&out).arg(&nn).arg(&cc);
-                        b.arg(&nbins).arg(&err);
-                        kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-                    });
-                }
-                return Ok(out);
-            }
-            let cfg = kc::grid(total, kc::MAX_PARTIAL_BLOCKS);
-            let nparts = cfg.grid_dim.0 as i32;
-            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
-            if total > 0 {
-                let f = dev.get_or_load_custom_func(
-                    &format!("ghmc_fwd_partial_{sfx}"),
-                    MODULE,
-                    ptx::GHM,
-                )?;
-                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                    let mut b = f.builder();
-                    b.arg(&x).arg(&tg).arg(w).arg(&psum).arg(&nn).arg(&cc);
-                    b.arg(&nbins).arg(&err);
-                    kc::launched(unsafe { b.launch(cfg) })?;
-                });
-            }
-            let out = unsafe { dev.alloc::<T>(1)? };
-            let f = dev.get_or_load_custom_func(
-                &format!("ghmc_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
-                MODULE,
-                ptx::GHM,
-            )?;
-            let scale = op.reduction.scale(op.mean_denom);
-            let mut b = f.builder();
-            b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
-            kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-            Ok(out)
-        })?;
-        let shape = if op.reduction == Reduction::None {
-            Shape::from((n, c))
-        } else {
-            Shape::from(())
-        };
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, tg) })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_t<T>(
+    /// The gradient on backend `g` (the bin weights constant).
+    pub(super) fn backward<G: Gpu>(
+        g: &G,
         op: &GhmcOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
-    {
-        let sfx = format!(
-            "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            kc::target_suffix(op.kind)
-        );
-        let x: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
-        let total = (n * c) as u64;
-        let (nn, cc) = (n as u64, c as u64);
-        let nbins = op.bins as i32;
-        let up_scalar = op.reduction.is_scalar() as i32;
-        let scale = op.reduction.scale(op.mean_denom);
-        let err = dev.alloc_zeros::<u64>(2)?;
-        let g = kc::param_slice::<T::A, _>(NAME, &op.weights, |w| {
-            let g = unsafe { dev.alloc::<T>(n * c)? };
-            if total > 0 {
-                let f =
-                    dev.get_or_load_custom_func(&format!("ghmc_bwd_{sfx}"), MODULE, ptx::GHM)?;
-                kc::with_targets!(NAME, op.kind, T, s2, l2, tg, {
-                    let mut b = f.builder();
-                    b.arg(&x).arg(&tg).arg(w).arg(&up).arg(&up_scalar).arg(&g);
-                    b.arg(&nn).arg(&cc).arg(&nbins).arg(&scale).arg(&err);
-                    kc::launched(unsafe { b.launch(kc::grid_elems(total)) })?;
-                });
-            }
-            Ok(g)
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(g, dev.clone()),
-            Shape::from((n, c)),
-        ))
-    }
-
-    pub(super) fn forward(
-        op: &GhmcOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(NAME, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, c)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(
-        op: &GhmcOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        c: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            NAME,
-            s1.dtype(),
-            bwd_t,
-            op,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
-            n,
-            c
-        )
+        x: Arg<'_, G::Storage>,
+        tg: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, tg, up) })
     }
 }

@@ -84,9 +84,10 @@ pub enum IouKind {
 ///
 /// # Errors
 ///
-/// Every message starts with `BoxIouLoss:`. Inputs not of shape `[N, 4]` (last dimension not 4,
-/// other rank), shapes differing, a non-float dtype or differing dtypes, different devices,
-/// `eps` negative or not finite, `AvgFactor` not finite and > 0.
+/// Every message starts with `BoxIouLoss:`. A tensor on a Metal device (only the CPU and CUDA have
+/// kernels); inputs not of shape `[N, 4]` (last dimension not 4, other rank), shapes differing, a
+/// non-float dtype or differing dtypes, different devices, `eps` negative or not finite,
+/// `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -128,6 +129,7 @@ impl Default for BoxIouLoss {
 impl BoxIouLoss {
     /// Computes the loss of the predicted boxes `pred` `[N, 4]` against `target` `[N, 4]`.
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(NAME, pred)?;
         self.reduction.validate(NAME)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             bail!("{NAME}: eps must be finite and >= 0, got {}", self.eps)
@@ -653,6 +655,12 @@ impl CustomOp2 for IouFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check_rows(l1)?;
+        crate::common::emulate!("box-iou-fwd", |g| gpu::forward(
+            g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
             let t = cpu_slice::<T>(NAME, s2, l2)?;
@@ -676,8 +684,13 @@ impl CustomOp2 for IouFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        check_rows(l1)?;
-        cuda::forward(&self.op, s1, l1, s2, l2)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::forward(
+            &g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+        )
     }
 
     fn bwd(
@@ -708,6 +721,13 @@ impl CustomOp3 for IouBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check_rows(l1)?;
+        crate::common::emulate!("box-iou-bwd", |g| gpu::backward(
+            g,
+            &self.0,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3)
+        ));
         crate::common::with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
             let t = cpu_slice::<T>(NAME, s2, l2)?;
@@ -733,8 +753,13 @@ impl CustomOp3 for IouBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        check_rows(l1)?;
-        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        let (x, t, up) = (
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3),
+        );
+        gpu::backward(&g, &self.0, x, t, up)
     }
 }
 
@@ -777,156 +802,100 @@ mod tests {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{IouKind, IouOp, NAME};
-    use crate::common::{Acc, Elem};
-    use crate::cuda::{self as kc, ptx};
+    use crate::common::Elem;
+    use crate::gpu::params::{BoxBwdParams, BoxFwdParams};
+    use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, IOU};
     use crate::reduction::Reduction;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+    use candle_core::{Result, Shape};
 
-    const MODULE: &str = "candle_detloss_iou";
-
-    fn kind_name(k: IouKind) -> &'static str {
+    fn prefix(k: IouKind) -> &'static str {
         match k {
-            IouKind::Iou => "iou",
-            IouKind::Giou => "giou",
-            IouKind::Diou => "diou",
-            IouKind::Ciou => "ciou",
+            IouKind::Iou => "box_iou",
+            IouKind::Giou => "box_giou",
+            IouKind::Diou => "box_diou",
+            IouKind::Ciou => "box_ciou",
         }
     }
 
-    fn fwd_t<T>(
+    fn fwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &IouOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr,
-    {
-        let dt = kc::dtype_suffix(T::DTYPE)?;
-        let kn = kind_name(op.kind);
-        let p: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let t: CudaView<'_, T> = kc::view(NAME, s2, l2)?;
-        let n = l1.shape().elem_count() / 4;
-        let nn = n as u64;
-        let eps = <T::A as Acc>::from_f64(op.eps);
-        if op.reduction == Reduction::None {
-            let out = unsafe { dev.alloc::<T>(n)? };
-            if n > 0 {
-                let f = kc::func(dev, MODULE, ptx::IOU, &format!("box_{kn}_fwd_none_{dt}"))?;
-                let mut b = f.builder();
-                b.arg(&p).arg(&t).arg(&out).arg(&nn).arg(&eps);
-                kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
-            }
-            return Ok((
-                CudaStorage::wrap_cuda_slice(out, dev.clone()),
-                Shape::from(n),
-            ));
-        }
-        let cfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
-        let nparts = cfg.grid_dim.0 as i32;
-        let psum = dev.alloc_zeros::<f64>(nparts as usize)?;
-        if n > 0 {
-            let f = kc::func(dev, MODULE, ptx::IOU, &format!("box_{kn}_fwd_partial_{dt}"))?;
-            let mut b = f.builder();
-            b.arg(&p).arg(&t).arg(&psum).arg(&nn).arg(&eps);
-            kc::launched(unsafe { b.launch(cfg) })?;
-        }
-        let out = unsafe { dev.alloc::<T>(1)? };
-        let scale = op.reduction.scale(n as f64);
-        let f = kc::func(dev, MODULE, ptx::IOU, &format!("box_iou_finalize_{dt}"))?;
-        let mut b = f.builder();
-        b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
-        kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(()),
-        ))
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        let n = x.l.shape().elem_count() / 4;
+        let p = BoxFwdParams {
+            p: g.input::<T>(NAME, x.s, x.l)?,
+            t: g.input::<T>(NAME, t.s, t.l)?,
+            n: n as u64,
+            eps: op.eps,
+            ..Default::default()
+        };
+        let plan = ForwardPlan {
+            module: &IOU,
+            prefix: prefix(op.kind),
+            suffix: gpu::dtype_suffix(NAME, T::DTYPE)?,
+            items: n as u64,
+            none_shape: Shape::from(n),
+            scale: (op.reduction != Reduction::None)
+                .then(|| Scale::host(op.reduction.scale(n as f64))),
+        };
+        plan.run::<G, T, _>(g, NAME, p)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_t<T>(
+    fn bwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &IouOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr,
-    {
-        let dt = kc::dtype_suffix(T::DTYPE)?;
-        let kn = kind_name(op.kind);
-        let p: CudaView<'_, T> = kc::view(NAME, s1, l1)?;
-        let t: CudaView<'_, T> = kc::view(NAME, s2, l2)?;
-        let up: CudaView<'_, T> = kc::view(NAME, s3, l3)?;
-        let n = l1.shape().elem_count() / 4;
-        let nn = n as u64;
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        let n = x.l.shape().elem_count() / 4;
         let scalar_up = op.reduction.is_scalar();
-        let want = if scalar_up { 1 } else { n };
-        if l3.shape().elem_count() != want {
-            candle_core::bail!(
-                "{NAME}: upstream gradient has {} elements, expected {want}",
-                l3.shape().elem_count()
-            )
-        }
-        let up_scalar = scalar_up as i32;
-        let scale = op.reduction.scale(n as f64);
-        let eps = <T::A as Acc>::from_f64(op.eps);
-        let g = unsafe { dev.alloc::<T>(4 * n)? };
+        gpu::check_upstream(NAME, up.l, scalar_up, n)?;
+        let out = g.output::<T>(n * 4)?;
         if n > 0 {
-            let f = kc::func(dev, MODULE, ptx::IOU, &format!("box_{kn}_bwd_{dt}"))?;
-            let mut b = f.builder();
-            b.arg(&p)
-                .arg(&t)
-                .arg(&up)
-                .arg(&up_scalar)
-                .arg(&scale)
-                .arg(&g)
-                .arg(&nn)
-                .arg(&eps);
-            kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+            let p = BoxBwdParams {
+                p: g.input::<T>(NAME, x.s, x.l)?,
+                t: g.input::<T>(NAME, t.s, t.l)?,
+                up: g.input::<T>(NAME, up.s, up.l)?,
+                g: g.out_addr(&out),
+                n: n as u64,
+                eps: op.eps,
+                scale: op.reduction.scale(n as f64),
+                up_scalar: scalar_up as i32,
+            };
+            let dt = gpu::dtype_suffix(NAME, T::DTYPE)?;
+            let kernel = format!("{}_bwd_{dt}", prefix(op.kind));
+            g.launch(&IOU, &kernel, Launch::elems(n as u64), &p)?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(g, dev.clone()),
-            Shape::from((n, 4)),
-        ))
+        Ok((g.storage(out), x.l.shape().clone()))
     }
 
-    pub(super) fn forward(
+    /// The forward on backend `g`.
+    pub(super) fn forward<G: Gpu>(
+        g: &G,
         op: &IouOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(NAME, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2)
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        super::check_rows(x.l)?;
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, t) })
     }
 
-    pub(super) fn backward(
+    /// The gradient with respect to the first boxes on backend `g`.
+    pub(super) fn backward<G: Gpu>(
+        g: &G,
         op: &IouOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(NAME, s1.dtype(), bwd_t, op, &dev, s1, l1, s2, l2, s3, l3)
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        super::check_rows(x.l)?;
+        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, t, up) })
     }
 }

@@ -15,6 +15,12 @@
 //! - Logits in f32, f64, f16 or bf16 (half types are computed in f32); the result has the
 //!   logits' dtype. Strided inputs give the result of their contiguous copy.
 //! - Errors start with the loss's name, e.g. `SigmoidFocalLoss: label 83 out of range 0..=80`.
+//! - `class_weights` come in the logits' dtype or in f32 (what [`class_balanced_weights`]
+//!   returns), for logits of any float dtype.
+//! - Devices: the CPU, and CUDA with the `cuda` feature. A `Device::Metal` input is an error
+//!   (`<Loss>: Metal devices are not supported (use Device::Cpu or Device::Cuda)`).
+//! - [`Reduction::AvgFactor`] must be finite and > 0: divide by `num_pos.max(1)` as mmdet and
+//!   torchvision do.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -34,20 +40,40 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod anchors;
 mod ap_loss;
 mod class_balanced;
 mod common;
-#[cfg(feature = "cuda")]
-mod cuda;
 mod fastmath;
 mod focal;
 mod ghm;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu;
 mod iou;
 pub mod metrics;
 mod reduction;
 mod regression;
 mod softmax;
+
+/// Test support of the `cuda-emu` feature, under which CPU tensors run through the CUDA
+/// kernels (compiled for the host with an emulation of the CUDA execution model).
+#[cfg(feature = "cuda-emu")]
+pub mod cuda_emu {
+    /// Runs `f` with the CPU kernels on this thread (the emulated CUDA kernels otherwise), e.g.
+    /// to compare the two paths on the same inputs.
+    pub fn with_cpu_kernels<R>(f: impl FnOnce() -> R) -> R {
+        crate::gpu::emu::with_cpu_kernels(f)
+    }
+
+    /// The names of every CUDA kernel of the crate (`kernels/*.cu`), sorted. With
+    /// `CANDLE_DETLOSS_EMU_COVERAGE=FILE` each process appends the kernels it launches to FILE,
+    /// so a test run can be checked against this list.
+    pub fn kernel_names() -> Vec<String> {
+        crate::gpu::emu::kernel_names()
+    }
+}
 
 pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use class_balanced::class_balanced_weights;
@@ -57,3 +83,8 @@ pub use iou::{BoxIouLoss, IouKind};
 pub use reduction::Reduction;
 pub use regression::{BalancedL1Loss, SmoothL1Loss};
 pub use softmax::{CrossEntropyLoss, SoftmaxFocalLoss};
+
+/// The README's Rust snippets, compiled and run by `cargo test --doc` (and `cargo test`).
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

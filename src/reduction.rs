@@ -54,17 +54,6 @@ impl Reduction {
             Reduction::AvgFactor(f) => 1.0 / f,
         }
     }
-
-    /// Small integer code shared with the CUDA kernels.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn code(&self) -> i32 {
-        match self {
-            Reduction::None => 0,
-            Reduction::Sum => 1,
-            Reduction::Mean => 2,
-            Reduction::AvgFactor(_) => 3,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -40,8 +40,9 @@ const BALANCED: &str = "BalancedL1Loss";
 ///
 /// # Errors
 ///
-/// Every message starts with `SmoothL1Loss:`. `pred` not a float dtype; `target` of another
-/// shape, dtype or device; `beta` negative or not finite; `AvgFactor` not finite and > 0.
+/// Every message starts with `SmoothL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `beta`
+/// negative or not finite; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -81,6 +82,7 @@ impl Default for SmoothL1Loss {
 impl SmoothL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(SMOOTH, pred)?;
         self.reduction.validate(SMOOTH)?;
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             bail!("{SMOOTH}: beta must be finite and >= 0, got {}", self.beta)
@@ -125,9 +127,10 @@ impl SmoothL1Loss {
 ///
 /// # Errors
 ///
-/// Every message starts with `BalancedL1Loss:`. `pred` not a float dtype; `target` of another
-/// shape, dtype or device; `alpha ≤ 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any
-/// of them not finite, or `e^{γ/α}` overflowing f64; `AvgFactor` not finite and > 0.
+/// Every message starts with `BalancedL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `alpha ≤
+/// 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any of them not finite, or `e^{γ/α}`
+/// overflowing f64; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -171,6 +174,7 @@ impl Default for BalancedL1Loss {
 impl BalancedL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(BALANCED, pred)?;
         self.reduction.validate(BALANCED)?;
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!(
@@ -595,6 +599,12 @@ impl CustomOp2 for RegFwd {
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.op;
         let name = op.name();
+        crate::common::emulate!(name, |g| gpu::forward(
+            g,
+            op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         let saved = self.saved.as_ref();
         crate::common::with_float_type!(name, s1.dtype(), T, {
             let x = cpu_slice::<T>(name, s1, l1)?;
@@ -622,7 +632,13 @@ impl CustomOp2 for RegFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::forward(&self.op, s1, l1, s2, l2)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::forward(
+            &g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+        )
     }
 
     fn bwd(
@@ -657,6 +673,13 @@ impl CustomOp3 for RegBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
         let name = op.name();
+        crate::common::emulate!(name, |g| gpu::backward(
+            g,
+            op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3)
+        ));
         crate::common::with_float_type!(name, s1.dtype(), T, {
             let x = cpu_slice::<T>(name, s1, l1)?;
             let t = cpu_slice::<T>(name, s2, l2)?;
@@ -685,21 +708,25 @@ impl CustomOp3 for RegBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        let (x, t, up) = (
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3),
+        );
+        gpu::backward(&g, &self.0, x, t, up)
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{consts, Kind, RegOp};
-    use crate::common::{Acc, Elem};
-    use crate::cuda::{self as kc, ptx};
+    use crate::common::Elem;
+    use crate::gpu::params::{RegBwdParams, RegFwdParams};
+    use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, REGRESSION};
     use crate::reduction::Reduction;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
-
-    const MODULE: &str = "candle_detloss_regression";
+    use candle_core::{Result, Shape};
 
     fn prefix(op: &RegOp) -> &'static str {
         match op.kind {
@@ -708,175 +735,99 @@ mod cuda {
         }
     }
 
-    fn fwd_t<T>(
+    fn fwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &RegOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr,
-    {
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
         let name = op.name();
-        let dt = kc::dtype_suffix(T::DTYPE)?;
-        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
-        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
-        let n = l1.shape().elem_count();
-        let nn = n as u64;
-        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
-        if op.reduction == Reduction::None {
-            let out = unsafe { dev.alloc::<T>(n)? };
-            if n > 0 {
-                let f = kc::func(
-                    dev,
-                    MODULE,
-                    ptx::REGRESSION,
-                    &format!("{}_fwd_none_{dt}", prefix(op)),
-                )?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&t).arg(&out).arg(&nn);
-                for v in &c {
-                    b.arg(v);
-                }
-                kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
-            }
-            return Ok((
-                CudaStorage::wrap_cuda_slice(out, dev.clone()),
-                l1.shape().clone(),
-            ));
-        }
-        let cfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
-        let nparts = cfg.grid_dim.0 as i32;
-        let psum = dev.alloc_zeros::<f64>(nparts as usize)?;
-        if n > 0 {
-            let f = kc::func(
-                dev,
-                MODULE,
-                ptx::REGRESSION,
-                &format!("{}_fwd_partial_{dt}", prefix(op)),
-            )?;
-            let mut b = f.builder();
-            b.arg(&x).arg(&t).arg(&psum).arg(&nn);
-            for v in &c {
-                b.arg(v);
-            }
-            kc::launched(unsafe { b.launch(cfg) })?;
-        }
-        let out = unsafe { dev.alloc::<T>(1)? };
-        let scale = op.reduction.scale(n as f64);
-        let f = kc::func(
-            dev,
-            MODULE,
-            ptx::REGRESSION,
-            &format!("regression_finalize_{dt}"),
-        )?;
-        let mut b = f.builder();
-        b.arg(&psum).arg(&nparts).arg(&scale).arg(&out);
-        kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from(()),
-        ))
+        let n = x.l.shape().elem_count();
+        let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
+        let p = RegFwdParams {
+            x: g.input::<T>(name, x.s, x.l)?,
+            t: g.input::<T>(name, t.s, t.l)?,
+            n: n as u64,
+            p0,
+            p1,
+            p2,
+            p3,
+            p4,
+            p5,
+            p6,
+            p7,
+            ..Default::default()
+        };
+        let plan = ForwardPlan {
+            module: &REGRESSION,
+            prefix: prefix(op),
+            suffix: gpu::dtype_suffix(name, T::DTYPE)?,
+            items: n as u64,
+            none_shape: x.l.shape().clone(),
+            scale: (op.reduction != Reduction::None)
+                .then(|| Scale::host(op.reduction.scale(n as f64))),
+        };
+        plan.run::<G, T, _>(g, name, p)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_t<T>(
+    fn bwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &RegOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)>
-    where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr,
-    {
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
         let name = op.name();
-        let dt = kc::dtype_suffix(T::DTYPE)?;
-        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
-        let t: CudaView<'_, T> = kc::view(name, s2, l2)?;
-        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
-        let n = l1.shape().elem_count();
-        let nn = n as u64;
+        let n = x.l.shape().elem_count();
         let scalar_up = op.reduction.is_scalar();
-        let want = if scalar_up { 1 } else { n };
-        if l3.shape().elem_count() != want {
-            candle_core::bail!(
-                "{name}: upstream gradient has {} elements, expected {want}",
-                l3.shape().elem_count()
-            )
-        }
-        let up_scalar = scalar_up as i32;
-        let scale = op.reduction.scale(n as f64);
-        let c = consts(op.kind).map(<T::A as Acc>::from_f64);
-        let g = unsafe { dev.alloc::<T>(n)? };
+        gpu::check_upstream(name, up.l, scalar_up, n)?;
+        let out = g.output::<T>(n)?;
         if n > 0 {
-            let f = kc::func(
-                dev,
-                MODULE,
-                ptx::REGRESSION,
-                &format!("{}_bwd_{dt}", prefix(op)),
-            )?;
-            let mut b = f.builder();
-            b.arg(&x)
-                .arg(&t)
-                .arg(&up)
-                .arg(&up_scalar)
-                .arg(&scale)
-                .arg(&g)
-                .arg(&nn);
-            for v in &c {
-                b.arg(v);
-            }
-            kc::launched(unsafe { b.launch(kc::grid_elems(nn)) })?;
+            let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
+            let p = RegBwdParams {
+                x: g.input::<T>(name, x.s, x.l)?,
+                t: g.input::<T>(name, t.s, t.l)?,
+                up: g.input::<T>(name, up.s, up.l)?,
+                g: g.out_addr(&out),
+                n: n as u64,
+                scale: op.reduction.scale(n as f64),
+                p0,
+                p1,
+                p2,
+                p3,
+                p4,
+                p5,
+                p6,
+                p7,
+                up_scalar: scalar_up as i32,
+            };
+            let dt = gpu::dtype_suffix(name, T::DTYPE)?;
+            let kernel = format!("{}_bwd_{dt}", prefix(op));
+            g.launch(&REGRESSION, &kernel, Launch::elems(n as u64), &p)?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(g, dev.clone()),
-            l1.shape().clone(),
-        ))
+        Ok((g.storage(out), x.l.shape().clone()))
     }
 
-    pub(super) fn forward(
+    /// The forward on backend `g`.
+    pub(super) fn forward<G: Gpu>(
+        g: &G,
         op: &RegOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(op.name(), s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2)
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(op.name(), g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, t) })
     }
 
-    pub(super) fn backward(
+    /// The gradient with respect to the predictions on backend `g`.
+    pub(super) fn backward<G: Gpu>(
+        g: &G,
         op: &RegOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            op.name(),
-            s1.dtype(),
-            bwd_t,
-            op,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3
-        )
+        x: Arg<'_, G::Storage>,
+        t: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(op.name(), g.dtype(x.s), T, {
+            bwd_t::<G, T>(g, op, x, t, up)
+        })
     }
 }

@@ -50,15 +50,18 @@ const SF_NAME: &str = "SoftmaxFocalLoss";
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored row: no loss, zero
 ///   gradient, not counted by `Mean`). There is no background value: background is an ordinary
 ///   column.
-/// - `class_weights`: `[K]`, in the logits' dtype (expected ≥ 0).
+/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as [`crate::class_balanced_weights`]
+///   returns them; used at f32 precision with f16/bf16 logits, converted exactly to f64 with f64
+///   logits); expected ≥ 0.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
 ///
-/// Every message starts with `CrossEntropyLoss:`. Logits not of rank 2, of a non-float dtype or
-/// with `K = 0`; labels of another shape, dtype or device; a label outside `0..K` and not `-1`;
-/// class weights of a length other than `K`, another dtype or device; `label_smoothing` outside
-/// `[0, 1]`; `AvgFactor` not finite and > 0.
+/// Every message starts with `CrossEntropyLoss:`. A tensor on a Metal device (only the CPU and CUDA
+/// have kernels); logits not of rank 2, of a non-float dtype or with `K = 0`; labels of another
+/// shape, dtype or device; a label outside `0..K` and not `-1`; class weights of a length other
+/// than `K`, another dtype or device; `label_smoothing` outside `[0, 1]`; `AvgFactor` not finite
+/// and > 0.
 ///
 /// # Example
 ///
@@ -99,6 +102,7 @@ impl Default for CrossEntropyLoss {
 impl CrossEntropyLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(CE_NAME, logits)?;
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
             bail!("{CE_NAME}: label_smoothing must be in [0, 1], got {eps}")
@@ -141,7 +145,7 @@ impl CrossEntropyLoss {
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored).
-/// - `class_weights`: `[K]`, in the logits' dtype.
+/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as for [`CrossEntropyLoss`]).
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// # Errors
@@ -190,6 +194,7 @@ impl Default for SoftmaxFocalLoss {
 impl SoftmaxFocalLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        crate::common::check_supported_device(SF_NAME, logits)?;
         check_non_negative(SF_NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
             check_non_negative(SF_NAME, "alpha", a)?;
@@ -255,13 +260,7 @@ fn apply(
         None => None,
         Some(w) => {
             check_same_device(name, "class_weights", logits, w)?;
-            if w.dtype() != logits.dtype() {
-                bail!(
-                    "{name}: class_weights dtype {:?} differs from the logits dtype {:?}",
-                    w.dtype(),
-                    logits.dtype()
-                )
-            }
+            crate::common::check_class_weights_dtype(name, logits.dtype(), w.dtype())?;
             match w.dims() {
                 [len] if *len == k => {}
                 [len] => bail!("{name}: class_weights has length {len}, expected K = {k}"),
@@ -775,6 +774,12 @@ impl CustomOp2 for SoftmaxFwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.op;
+        crate::common::emulate!(op.name, |g| gpu::forward(
+            g,
+            op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2)
+        ));
         let (n, k) = crate::common::layout_dims2(op.name, l1)?;
         let saved = self.saved.as_ref();
         crate::common::with_float_type!(op.name, s1.dtype(), T, {
@@ -796,8 +801,13 @@ impl CustomOp2 for SoftmaxFwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = crate::common::layout_dims2(self.op.name, l1)?;
-        cuda::forward(&self.op, s1, l1, s2, l2, n, k)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu::forward(
+            &g,
+            &self.op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+        )
     }
 
     fn bwd(
@@ -831,6 +841,13 @@ impl CustomOp3 for SoftmaxBwd {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = &self.0;
+        crate::common::emulate!(op.name, |g| gpu::backward(
+            g,
+            op,
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3)
+        ));
         let (n, k) = crate::common::layout_dims2(op.name, l1)?;
         crate::common::with_float_type!(op.name, s1.dtype(), T, {
             let x = cpu_slice::<T>(op.name, s1, l1)?;
@@ -854,40 +871,37 @@ impl CustomOp3 for SoftmaxBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, k) = crate::common::layout_dims2(self.0.name, l1)?;
-        cuda::backward(&self.0, s1, l1, s2, l2, s3, l3, n, k)
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        let (x, lab, up) = (
+            crate::gpu::arg(s1, l1),
+            crate::gpu::arg(s2, l2),
+            crate::gpu::arg(s3, l3),
+        );
+        gpu::backward(&g, &self.0, x, lab, up)
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
+/// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod gpu {
     use super::{Kind, LabelKind, SoftmaxOp};
-    use crate::common::{Acc, Elem};
-    use crate::cuda::{self as kc, ptx};
+    use crate::common::{layout_dims2, Elem};
+    use crate::gpu::params::{SoftmaxBwdParams, SoftmaxDenParams, SoftmaxFwdParams};
+    use crate::gpu::{self, Arg, DevElem, ErrorFlag, Gpu, Launch, Partials, Scale, SOFTMAX};
     use crate::reduction::Reduction;
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-    };
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaDevice, CudaStorage, Layout, Result, Shape};
+    use candle_core::{Result, Shape};
 
-    const MODULE: &str = "candle_detloss_softmax";
     /// Rows of at most this many classes get one warp each; longer rows one block each.
     const WARP_MAX_K: usize = 1024;
 
     /// Launch shape: `(config, warp-per-row)`, at most `MAX_PARTIAL_BLOCKS` blocks (grid-stride
     /// over rows), so the per-block partials fit the finalize kernel.
-    fn row_grid(n: usize, k: usize) -> (LaunchConfig, bool) {
+    fn row_grid(n: usize, k: usize) -> (Launch, bool) {
         let warp = k <= WARP_MAX_K;
-        let rows_per_block = if warp { (kc::BLOCK / 32) as usize } else { 1 };
-        let blocks = n
-            .div_ceil(rows_per_block)
-            .clamp(1, kc::MAX_PARTIAL_BLOCKS as usize) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (kc::BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let rows_per_block = if warp { (gpu::BLOCK / 32) as u64 } else { 1 };
+        let groups = (n as u64).div_ceil(rows_per_block);
+        // Launch::partials puts one thread per item: ask for one block per group.
+        let cfg = Launch::partials(groups * gpu::BLOCK as u64);
         (cfg, warp)
     }
 
@@ -898,282 +912,200 @@ mod cuda {
         }
     }
 
-    /// Binds `$v` to the labels view of the right integer type.
-    macro_rules! with_labels {
-        ($kind:expr, $name:expr, $s:expr, $l:expr, $v:ident, $body:block) => {
-            match $kind {
-                LabelKind::U32 => {
-                    let $v: CudaView<'_, u32> = kc::view($name, $s, $l)?;
-                    $body
-                }
-                LabelKind::I64 => {
-                    let $v: CudaView<'_, i64> = kc::view($name, $s, $l)?;
-                    $body
-                }
-            }
-        };
-    }
-
-    /// Runs `f(weights, weight sum, has_w)`; without class weights, 1-element dummies and 0.
-    fn with_weights<A: DeviceRepr + CudaDType + ValidAsZeroBits, R>(
-        op: &SoftmaxOp,
-        dev: &CudaDevice,
-        f: impl FnOnce(&CudaSlice<A>, &CudaSlice<A>, i32) -> Result<R>,
-    ) -> Result<R> {
-        match &op.weights {
-            None => {
-                let d = dev.alloc_zeros::<A>(1)?;
-                f(&d, &d, 0)
-            }
-            Some((w, ws)) => kc::param_slice(op.name, w, |w| {
-                kc::param_slice(op.name, ws, |ws| f(w, ws, 1))
-            }),
-        }
-    }
-
     /// `(focal, a, c, gamma)` of the kernels' `P<A>`.
-    fn params<A: Acc>(op: &SoftmaxOp, k: usize) -> (i32, A, A, A) {
+    fn hyper(op: &SoftmaxOp, k: usize) -> (i32, f64, f64, f64) {
         match op.kind {
-            Kind::Ce { eps } => (
-                0,
-                A::from_f64(1.0 - eps),
-                A::from_f64(eps / k as f64),
-                A::ZERO,
-            ),
-            Kind::Focal { alpha, gamma } => (1, A::from_f64(alpha), A::ZERO, A::from_f64(gamma)),
+            Kind::Ce { eps } => (0, 1.0 - eps, eps / k as f64, 0.0),
+            Kind::Focal { alpha, gamma } => (1, alpha, 0.0, gamma),
         }
+    }
+
+    /// The addresses of what every softmax kernel reads: labels, weights, their sum, has_w.
+    struct Common {
+        lab: u64,
+        w: u64,
+        wsum: u64,
+        has_w: i32,
+    }
+
+    fn common<G: Gpu, A: DevElem>(
+        g: &G,
+        op: &SoftmaxOp,
+        lab: &Arg<'_, G::Storage>,
+    ) -> Result<Common> {
+        let lab = match op.labels {
+            LabelKind::U32 => g.input::<u32>(op.name, lab.s, lab.l)?,
+            LabelKind::I64 => g.input::<i64>(op.name, lab.s, lab.l)?,
+        };
+        Ok(match &op.weights {
+            None => Common {
+                lab,
+                w: 0,
+                wsum: 0,
+                has_w: 0,
+            },
+            Some((w, ws)) => Common {
+                lab,
+                w: g.tensor::<A>(op.name, w)?,
+                wsum: g.tensor::<A>(op.name, ws)?,
+                has_w: 1,
+            },
+        })
     }
 
     fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
         Ok(format!(
             "{}_{}_s{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
+            gpu::dtype_suffix(op.name, T::DTYPE)?,
             label_suffix(op.labels),
             op.smooth() as u8,
             if warp { "warp" } else { "block" }
         ))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn fwd_t<T>(
+    fn fwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &SoftmaxOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        k: usize,
-    ) -> Result<(CudaStorage, Shape)>
+        x: Arg<'_, G::Storage>,
+        lab: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
     where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+        T::A: DevElem,
     {
         let name = op.name;
+        let (n, k) = layout_dims2(name, x.l)?;
         let (cfg, warp) = row_grid(n, k);
-        let sfx = suffix::<T>(op, warp)?;
-        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
-        let (nn, kk) = (n as u64, k as u64);
-        let (focal, a, c, gamma) = params::<T::A>(op, k);
-        let none = (op.reduction == Reduction::None) as i32;
-        let err = dev.alloc_zeros::<u64>(2)?;
-        let nparts = cfg.grid_dim.0 as i32;
-        let out = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
-            let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
-            let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
-            let out = unsafe { dev.alloc::<T>(if none == 1 { n } else { 1 })? };
-            if n > 0 {
-                let f = dev.get_or_load_custom_func(
-                    &format!("softmax_fwd_{sfx}"),
-                    MODULE,
-                    ptx::SOFTMAX,
-                )?;
-                with_labels!(op.labels, name, s2, l2, lab, {
-                    let mut b = f.builder();
-                    b.arg(&x).arg(&lab).arg(w).arg(ws).arg(&has_w).arg(&out);
-                    b.arg(&psum).arg(&pden).arg(&nn).arg(&kk);
-                    b.arg(&focal)
-                        .arg(&a)
-                        .arg(&c)
-                        .arg(&gamma)
-                        .arg(&none)
-                        .arg(&err);
-                    kc::launched(unsafe { b.launch(cfg) })?;
-                });
-            }
-            if none == 0 {
-                let scale = dev.alloc_zeros::<f64>(1)?;
-                let f = dev.get_or_load_custom_func(
-                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
-                    MODULE,
-                    ptx::SOFTMAX,
-                )?;
-                let red = op.reduction.code();
-                let avg = match op.reduction {
-                    Reduction::AvgFactor(f) => f,
-                    _ => 1.0,
-                };
-                let mut b = f.builder();
-                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
-                b.arg(&out).arg(&scale);
-                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-            }
-            Ok(out)
-        })?;
-        kc::check_label_flag(name, dev, &err, k - 1)?;
-        let shape = if none == 1 {
-            Shape::from(n)
-        } else {
-            Shape::from(())
+        let (focal, a, c, gamma) = hyper(op, k);
+        let none = op.reduction == Reduction::None;
+        let cm = common::<G, T::A>(g, op, &lab)?;
+        let err = ErrorFlag::new(g)?;
+        // The partials are sized for the launch: one per block.
+        let parts = Partials::new(g, cfg.grid as u64 * gpu::BLOCK as u64)?;
+        let out = g.output::<T>(if none { n } else { 1 })?;
+        let p = SoftmaxFwdParams {
+            x: g.input::<T>(name, x.s, x.l)?,
+            lab: cm.lab,
+            w: cm.w,
+            wsum: cm.wsum,
+            out: if none { g.out_addr(&out) } else { 0 },
+            psum: g.words_addr(&parts.psum),
+            pden: g.words_addr(&parts.pden),
+            err: err.addr(g),
+            n: n as u64,
+            k: k as u64,
+            a,
+            c,
+            gamma,
+            has_w: cm.has_w,
+            focal,
+            none: none as i32,
         };
-        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+        if n > 0 {
+            let kernel = format!("softmax_fwd_{}", suffix::<T>(op, warp)?);
+            g.launch(&SOFTMAX, &kernel, cfg, &p)?;
+        }
+        let (out, shape) = if none {
+            (out, Shape::from(n))
+        } else {
+            // Mean: Σ w·l / Σ w over the non-ignored rows, both summed per block.
+            let scale = match op.reduction {
+                Reduction::Mean => Scale::device(1.0),
+                r => Scale::host(r.scale(0.0)),
+            };
+            (
+                gpu::finalize::<G, T>(g, name, &parts, scale, None)?,
+                Shape::from(()),
+            )
+        };
+        err.check_labels(g, name, k - 1)?;
+        Ok((g.storage(out), shape))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bwd_t<T>(
+    fn bwd_t<G: Gpu, T: Elem + DevElem>(
+        g: &G,
         op: &SoftmaxOp,
-        dev: &CudaDevice,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        k: usize,
-    ) -> Result<(CudaStorage, Shape)>
+        x: Arg<'_, G::Storage>,
+        lab: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
     where
-        T: Elem + DeviceRepr + CudaDType,
-        T::A: DeviceRepr + CudaDType + ValidAsZeroBits,
+        T::A: DevElem,
     {
         let name = op.name;
+        let (n, k) = layout_dims2(name, x.l)?;
+        let scalar_up = op.reduction.is_scalar();
+        gpu::check_upstream(name, up.l, scalar_up, n)?;
         let (cfg, warp) = row_grid(n, k);
-        let sfx = suffix::<T>(op, warp)?;
-        let x: CudaView<'_, T> = kc::view(name, s1, l1)?;
-        let up: CudaView<'_, T> = kc::view(name, s3, l3)?;
-        let (nn, kk) = (n as u64, k as u64);
-        let (focal, a, c, gamma) = params::<T::A>(op, k);
-        let up_scalar = op.reduction.is_scalar() as i32;
-        let err = dev.alloc_zeros::<u64>(2)?;
-        // Mean: the scale 1 / Σ w_label is computed on the device (no host round trip).
-        let use_scale = (op.reduction == Reduction::Mean) as i32;
-        let base_scale = op.reduction.scale(0.0);
-        let scale = dev.alloc_zeros::<f64>(1)?;
-        let dsfx = format!(
-            "{}_{}",
-            kc::dtype_suffix(T::DTYPE)?,
-            label_suffix(op.labels)
-        );
-        let g = with_weights::<T::A, _>(op, dev, |w, ws, has_w| {
-            let g = unsafe { dev.alloc::<T>(n * k)? };
-            if n == 0 {
-                return Ok(g);
+        let (focal, a, c, gamma) = hyper(op, k);
+        let cm = common::<G, T::A>(g, op, &lab)?;
+        let err = ErrorFlag::new(g)?;
+        let out = g.output::<T>(n * k)?;
+        if n > 0 {
+            // Mean: the scale 1 / Σ w_label is computed on the device (no host round trip).
+            let mean = op.reduction == Reduction::Mean;
+            let scale_buf = g.words(1)?;
+            if mean {
+                let parts = Partials::new(g, n as u64)?;
+                let p = SoftmaxDenParams {
+                    lab: cm.lab,
+                    w: cm.w,
+                    pden: g.words_addr(&parts.pden),
+                    err: err.addr(g),
+                    n: n as u64,
+                    k: k as u64,
+                    has_w: cm.has_w,
+                };
+                let dt = gpu::dtype_suffix(name, T::DTYPE)?;
+                let kernel = format!("softmax_den_{dt}_{}", label_suffix(op.labels));
+                g.launch(&SOFTMAX, &kernel, parts.cfg, &p)?;
+                gpu::finalize::<G, T>(g, name, &parts, Scale::device(1.0), Some(&scale_buf))?;
             }
-            if use_scale == 1 {
-                let dcfg = kc::grid(nn, kc::MAX_PARTIAL_BLOCKS);
-                let nparts = dcfg.grid_dim.0 as i32;
-                let pden = dev.alloc_zeros::<T::A>(nparts as usize)?;
-                let psum = dev.alloc_zeros::<T::A>(nparts as usize)?;
-                let f = dev.get_or_load_custom_func(
-                    &format!("softmax_den_{dsfx}"),
-                    MODULE,
-                    ptx::SOFTMAX,
-                )?;
-                with_labels!(op.labels, name, s2, l2, lab, {
-                    let mut b = f.builder();
-                    b.arg(&lab)
-                        .arg(w)
-                        .arg(&has_w)
-                        .arg(&nn)
-                        .arg(&kk)
-                        .arg(&pden)
-                        .arg(&err);
-                    kc::launched(unsafe { b.launch(dcfg) })?;
-                });
-                let dummy = unsafe { dev.alloc::<T>(1)? };
-                let f = dev.get_or_load_custom_func(
-                    &format!("softmax_finalize_{}", kc::dtype_suffix(T::DTYPE)?),
-                    MODULE,
-                    ptx::SOFTMAX,
-                )?;
-                let red = op.reduction.code();
-                let avg = 1.0f64;
-                let mut b = f.builder();
-                b.arg(&psum).arg(&pden).arg(&nparts).arg(&red).arg(&avg);
-                b.arg(&dummy).arg(&scale);
-                kc::launched(unsafe { b.launch(kc::grid(1, 1)) })?;
-            }
-            let f =
-                dev.get_or_load_custom_func(&format!("softmax_bwd_{sfx}"), MODULE, ptx::SOFTMAX)?;
-            with_labels!(op.labels, name, s2, l2, lab, {
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&lab)
-                    .arg(w)
-                    .arg(ws)
-                    .arg(&has_w)
-                    .arg(&up)
-                    .arg(&up_scalar);
-                b.arg(&g)
-                    .arg(&nn)
-                    .arg(&kk)
-                    .arg(&focal)
-                    .arg(&a)
-                    .arg(&c)
-                    .arg(&gamma);
-                b.arg(&base_scale).arg(&scale).arg(&use_scale).arg(&err);
-                kc::launched(unsafe { b.launch(cfg) })?;
-            });
-            Ok(g)
-        })?;
-        Ok((
-            CudaStorage::wrap_cuda_slice(g, dev.clone()),
-            Shape::from((n, k)),
-        ))
+            let p = SoftmaxBwdParams {
+                x: g.input::<T>(name, x.s, x.l)?,
+                lab: cm.lab,
+                w: cm.w,
+                wsum: cm.wsum,
+                up: g.input::<T>(name, up.s, up.l)?,
+                g: g.out_addr(&out),
+                scale_p: if mean { g.words_addr(&scale_buf) } else { 0 },
+                err: err.addr(g),
+                n: n as u64,
+                k: k as u64,
+                a,
+                c,
+                gamma,
+                scale: op.reduction.scale(0.0),
+                has_w: cm.has_w,
+                focal,
+                up_scalar: scalar_up as i32,
+            };
+            let kernel = format!("softmax_bwd_{}", suffix::<T>(op, warp)?);
+            g.launch(&SOFTMAX, &kernel, cfg, &p)?;
+        }
+        err.check_labels(g, name, k - 1)?;
+        Ok((g.storage(out), Shape::from((n, k))))
     }
 
-    pub(super) fn forward(
+    /// The forward on backend `g`: per-row losses or the reduced scalar.
+    pub(super) fn forward<G: Gpu>(
+        g: &G,
         op: &SoftmaxOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        n: usize,
-        k: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(op.name, s1.dtype(), fwd_t, op, &dev, s1, l1, s2, l2, n, k)
+        x: Arg<'_, G::Storage>,
+        lab: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(op.name, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, lab) })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn backward(
+    /// The gradient on backend `g`.
+    pub(super) fn backward<G: Gpu>(
+        g: &G,
         op: &SoftmaxOp,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-        n: usize,
-        k: usize,
-    ) -> Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let dev = s1.device().clone();
-        crate::common::dispatch_float!(
-            op.name,
-            s1.dtype(),
-            bwd_t,
-            op,
-            &dev,
-            s1,
-            l1,
-            s2,
-            l2,
-            s3,
-            l3,
-            n,
-            k
-        )
+        x: Arg<'_, G::Storage>,
+        lab: Arg<'_, G::Storage>,
+        up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)> {
+        crate::common::with_float_type!(op.name, g.dtype(x.s), T, {
+            bwd_t::<G, T>(g, op, x, lab, up)
+        })
     }
 }

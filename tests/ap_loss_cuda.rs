@@ -2,7 +2,7 @@
 //! sums), loss and update (1e-6 relative), both bucket-accumulation paths (shared memory for
 //! P <= 1002, global atomics above), the warp-aggregated case of nearly equal scores, every
 //! dtype and target form, NaN, bad input and shards. Skipped (with a notice) without a GPU.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
 mod common;
 
@@ -51,13 +51,13 @@ fn run(ap: &ApLoss, x: &Tensor, t: &Tensor) -> (Vec<f64>, Vec<f64>) {
 fn compare(what: &str, ap: &ApLoss, x_cpu: &Tensor, t_cpu: &Tensor, gpu: &Device) {
     let x_gpu = x_cpu.to_device(gpu).unwrap();
     let t_gpu = t_cpu.to_device(gpu).unwrap();
-    let pc = ap.gather_positives(x_cpu, t_cpu).unwrap();
+    let pc = on_cpu_kernels(|| ap.gather_positives(x_cpu, t_cpu)).unwrap();
     let pg = ap.gather_positives(&x_gpu, &t_gpu).unwrap();
     assert_eq!(pc, pg, "{what}: positives");
-    let sc = ap.bucket_stats(x_cpu, t_cpu, &pc).unwrap();
+    let sc = on_cpu_kernels(|| ap.bucket_stats(x_cpu, t_cpu, &pc)).unwrap();
     let sg = ap.bucket_stats(&x_gpu, &t_gpu, &pg).unwrap();
     assert_eq!(sc.to_words(), sg.to_words(), "{what}: bucket statistics");
-    let (lc, gc) = run(ap, x_cpu, t_cpu);
+    let (lc, gc) = on_cpu_kernels(|| run(ap, x_cpu, t_cpu));
     let (lg, gg) = run(ap, &x_gpu, &t_gpu);
     assert!(lc[0].is_finite() && lc[0] > 0.0, "{what}: {lc:?}");
     assert_close(&format!("{what} loss"), &lg, &lc, 0.0, 1e-6);

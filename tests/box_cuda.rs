@@ -1,7 +1,7 @@
 //! CUDA kernels of SmoothL1Loss, BalancedL1Loss and BoxIouLoss against the CPU kernels on the
 //! same inputs (loss and gradient, every dtype and reduction). Skipped, with a printed notice,
 //! where there is no CUDA device.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
 mod common;
 
@@ -56,11 +56,14 @@ fn compare(what: &str, cpu: &(Vec<f64>, Vec<f64>), gpu: &(Vec<f64>, Vec<f64>), d
         t * scale(&cpu.0),
         t,
     );
+    // The gradient's scale is at least that of its terms, O(1/box side) ≥ 1e-2 for the boxes
+    // here (tens of pixels): where they cancel (identical boxes), one backend may round to an
+    // exact 0 and the other to a residue of the terms' rounding.
     assert_close(
         &format!("{what} grad"),
         &gpu.1,
         &cpu.1,
-        t * scale(&cpu.1),
+        t * scale(&cpu.1).max(1e-2),
         t,
     );
 }
@@ -120,7 +123,7 @@ fn smooth_and_balanced_l1_cuda_match_cpu() {
                     let what = format!("smooth {shape:?} {dtype:?} {red:?} beta={beta}");
                     compare(
                         &what,
-                        &run(&fwd, &x, &t, &up, &cpu),
+                        &on_cpu_kernels(|| run(&fwd, &x, &t, &up, &cpu)),
                         &run(&fwd, &x, &t, &up, &gpu),
                         dtype,
                     );
@@ -136,7 +139,7 @@ fn smooth_and_balanced_l1_cuda_match_cpu() {
                     let what = format!("balanced {shape:?} {dtype:?} {red:?} a={alpha} b={beta}");
                     compare(
                         &what,
-                        &run(&fwd, &x, &t, &up, &cpu),
+                        &on_cpu_kernels(|| run(&fwd, &x, &t, &up, &cpu)),
                         &run(&fwd, &x, &t, &up, &gpu),
                         dtype,
                     );
@@ -206,9 +209,17 @@ fn box_iou_cuda_matches_cpu() {
                         };
                         let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
                         let what = format!("n={n} {dtype:?} {kind:?} {red:?} eps={eps}");
-                        let c = run(&fwd, &p, &g, &up, &cpu);
+                        let c = on_cpu_kernels(|| run(&fwd, &p, &g, &up, &cpu));
                         let d = run(&fwd, &p, &g, &up, &gpu);
-                        assert!(d.0.iter().chain(&d.1).all(|v| v.is_finite()), "{what}");
+                        // Finite wherever the CPU result is (a half-precision Sum of 300k
+                        // losses overflows to inf on both).
+                        let finite = |v: &(Vec<f64>, Vec<f64>)| {
+                            v.0.iter()
+                                .chain(&v.1)
+                                .map(|x| x.is_finite())
+                                .collect::<Vec<_>>()
+                        };
+                        assert_eq!(finite(&d), finite(&c), "{what}");
                         compare(&what, &c, &d, dtype);
                     }
                 }
@@ -277,6 +288,9 @@ fn cuda_bad_input_is_an_error_not_a_launch() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("BoxIouLoss") && e.contains("[5, 3]"), "{e}");
+    if emulated(&gpu) {
+        return; // one device: nothing to mix
+    }
     let cpu_t = Tensor::zeros((5, 4), DType::F32, &Device::Cpu).unwrap();
     let gp = Tensor::zeros((5, 4), DType::F32, &gpu).unwrap();
     let e = SmoothL1Loss::default()

@@ -4,7 +4,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_detloss::{class_balanced_weights, CrossEntropyLoss, SigmoidFocalLoss};
+use candle_detloss::{
+    class_balanced_weights, CrossEntropyLoss, Reduction, SigmoidFocalLoss, SoftmaxFocalLoss,
+};
 use common::*;
 
 fn weights(counts: &[u64], beta: f64) -> Vec<f64> {
@@ -111,6 +113,127 @@ fn usable_as_class_weights_of_the_losses() {
         ..Default::default()
     };
     assert!(fl.forward(&x, &labels).unwrap().to_scalar::<f32>().unwrap() > 0.0);
+}
+
+/// A loss with class weights `w`: `(w, logits, labels, reduction) -> loss`.
+type WeightedLoss = Box<dyn Fn(Tensor, &Tensor, &Tensor, Reduction) -> candle_core::Result<Tensor>>;
+
+/// Every loss that takes `class_weights`, as a function of the weights.
+fn weighted_losses() -> Vec<(&'static str, WeightedLoss)> {
+    vec![
+        (
+            "SigmoidFocalLoss",
+            Box::new(|w, x, l, reduction| {
+                SigmoidFocalLoss {
+                    class_weights: Some(w),
+                    reduction,
+                    ..Default::default()
+                }
+                .forward(x, l)
+            }),
+        ),
+        (
+            "CrossEntropyLoss",
+            Box::new(|w, x, l, reduction| {
+                CrossEntropyLoss {
+                    class_weights: Some(w),
+                    reduction,
+                    label_smoothing: 0.1,
+                }
+                .forward(x, l)
+            }),
+        ),
+        (
+            "SoftmaxFocalLoss",
+            Box::new(|w, x, l, reduction| {
+                SoftmaxFocalLoss {
+                    class_weights: Some(w),
+                    reduction,
+                    ..Default::default()
+                }
+                .forward(x, l)
+            }),
+        ),
+    ]
+}
+
+/// f32 class weights (what `class_balanced_weights` returns) are accepted with f16, bf16 and f64
+/// logits. The kernels read the weights in their accumulation dtype (f32 for half logits, f64 for
+/// f64 logits), so for weights exactly representable in the logits' dtype the loss and the
+/// gradient are bitwise those of the same weights given in the logits' dtype.
+#[test]
+fn f32_class_weights_with_half_and_f64_logits_equal_weights_in_the_logits_dtype() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(17);
+    let (n, c) = (37, 4);
+    let x = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (n, c), &dev).unwrap();
+    // Labels in 0..C (a class for the sigmoid and the softmax losses alike) and -1 (ignored).
+    let labels: Vec<i64> = (0..n as i64)
+        .map(|i| if i % 7 == 6 { -1 } else { i % 4 })
+        .collect();
+    let labels = Tensor::new(labels, &dev).unwrap();
+    // Exactly representable in f16 and bf16.
+    let w32 = Tensor::new(&[0.5f32, 1.25, 2.0, 0.75], &dev).unwrap();
+    for dt in [DType::F16, DType::BF16, DType::F64] {
+        let xd = x.to_dtype(dt).unwrap();
+        let wd = w32.to_dtype(dt).unwrap();
+        for (name, f) in weighted_losses() {
+            for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
+                let what = format!("{name} {dt:?} {reduction:?}");
+                let shape = if reduction == Reduction::None {
+                    xd.dims().to_vec()
+                } else {
+                    vec![]
+                };
+                // Reduction::None: [N, C] for the sigmoid loss, [N] for the softmax losses.
+                let shape = if name == "SigmoidFocalLoss" {
+                    shape
+                } else {
+                    shape[..shape.len().min(1)].to_vec()
+                };
+                let up = Tensor::ones(shape, dt, &dev).unwrap();
+                let (l32, g32) =
+                    loss_and_grad(&xd, &up, |x| f(w32.clone(), x, &labels, reduction)).unwrap();
+                let (ld, gd) =
+                    loss_and_grad(&xd, &up, |x| f(wd.clone(), x, &labels, reduction)).unwrap();
+                assert_eq!(l32.dtype(), dt, "{what}");
+                assert_eq!(bits_of(&l32), bits_of(&ld), "{what}: loss");
+                assert_eq!(bits_of(&g32), bits_of(&gd), "{what}: gradient");
+            }
+        }
+    }
+}
+
+/// The weights of `class_balanced_weights` (f32, not representable in a half type) with f16 /
+/// bf16 logits: the f32 values are used, so the loss is the f64-logit loss to half precision.
+#[test]
+fn class_balanced_weights_work_with_every_logits_dtype() {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(5);
+    let (n, c) = (64, 3);
+    let x = Tensor::from_vec(rng.vec_normal(n * c, 1.5), (n, c), &dev).unwrap();
+    let labels: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
+    let labels = Tensor::new(labels, &dev).unwrap();
+    let w = class_balanced_weights(&[1000, 100, 3], 0.999, &dev).unwrap();
+    for (name, f) in weighted_losses() {
+        let reference = to_f64_vec(&f(w.clone(), &x, &labels, Reduction::Sum).unwrap());
+        for (dt, rtol) in [
+            (DType::F32, 1e-5),
+            (DType::F64, 1e-6),
+            (DType::F16, 1e-2),
+            (DType::BF16, 2e-2),
+        ] {
+            let l = f(w.clone(), &x.to_dtype(dt).unwrap(), &labels, Reduction::Sum).unwrap();
+            assert_eq!(l.dtype(), dt);
+            assert_close(
+                &format!("{name} {dt:?}"),
+                &to_f64_vec(&l),
+                &reference,
+                0.0,
+                rtol,
+            );
+        }
+    }
 }
 
 #[test]

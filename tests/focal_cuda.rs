@@ -1,6 +1,6 @@
 //! SigmoidFocalLoss on CUDA against the CPU kernel, for every dtype, target kind, reduction and
 //! option; skipped (with a printed notice) where there is no CUDA device.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
 mod common;
 
@@ -86,13 +86,20 @@ fn cuda_matches_cpu() {
                     };
                     let (xc, tc, uc, fc) = mk(&cpu);
                     let (xg, tg, ug, fg) = mk(&gpu);
-                    let (lc, gc) = run(&xc, &tc, &uc, &fc);
+                    let (lc, gc) = on_cpu_kernels(|| run(&xc, &tc, &uc, &fc));
                     let (lg, gg) = run(&xg, &tg, &ug, &fg);
                     let what = format!("{n}x{c} {dtype:?} {red:?} {kind}");
                     let ls = lc.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                     let gs = gc.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+                    // No result is nearer than one step of its dtype's grid: f16 gradients of a
+                    // Mean over 1.6M elements are subnormal, where a step is 2^-24.
+                    let step = if dtype == DType::F16 {
+                        2f64.powi(-24)
+                    } else {
+                        0.0
+                    };
                     assert_close(&format!("{what} loss"), &lg, &lc, tol * ls, tol);
-                    assert_close(&format!("{what} grad"), &gg, &gc, tol * gs, tol);
+                    assert_close(&format!("{what} grad"), &gg, &gc, (tol * gs).max(step), tol);
                 }
             }
         }
@@ -123,6 +130,9 @@ fn cuda_label_out_of_range_is_an_error_and_mixed_devices_are_rejected() {
             .unwrap_err()
             .to_string();
         assert!(e.contains("label 81"), "{e}");
+    }
+    if emulated(&gpu) {
+        return; // one device: nothing to mix
     }
     let cpu_labels = Tensor::new(&[0i64, 1, 2, 3], &Device::Cpu).unwrap();
     let e = SigmoidFocalLoss::default()

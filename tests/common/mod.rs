@@ -65,8 +65,8 @@ pub fn assert_close(what: &str, a: &[f64], b: &[f64], atol: f64, rtol: f64) {
         b.len()
     );
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        if x.is_nan() && y.is_nan() {
-            continue;
+        if x == y || x.is_nan() && y.is_nan() {
+            continue; // equal, including the same infinity
         }
         let tol = atol + rtol * y.abs();
         assert!(
@@ -144,15 +144,37 @@ impl Rng {
     }
 }
 
-/// The CUDA device, or `None` (with a printed notice) where there is none: such a test is
-/// skipped, never counted as a pass of the CUDA path.
+/// The device the CUDA kernels run on: a CUDA device; else, under the `cuda-emu` feature, the
+/// CPU, whose tensors then run through the emulated CUDA kernels; else `None` (with a printed
+/// notice): such a test is skipped, never counted as a pass of the CUDA path.
 pub fn cuda_device(test: &str) -> Option<Device> {
     match Device::new_cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
+            if cfg!(feature = "cuda-emu") {
+                return Some(Device::Cpu);
+            }
             eprintln!("SKIP {test}: no CUDA device ({e})");
             None
         }
+    }
+}
+
+/// Whether `dev` (from [`cuda_device`]) is the CPU running the emulated CUDA kernels.
+pub fn emulated(dev: &Device) -> bool {
+    dev.is_cpu()
+}
+
+/// The reference side of a CUDA-vs-CPU comparison: `f` with the CPU kernels (under
+/// `cuda-emu`, CPU tensors otherwise take the emulated CUDA kernels).
+pub fn on_cpu_kernels<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(feature = "cuda-emu")]
+    {
+        candle_detloss::cuda_emu::with_cpu_kernels(f)
+    }
+    #[cfg(not(feature = "cuda-emu"))]
+    {
+        f()
     }
 }
 
