@@ -281,6 +281,8 @@ pub struct Trainer {
     pub loss_state: LossState,
     pub step: usize,
     pub device: Device,
+    /// Side of the training images the anchors were generated for.
+    pub image_size: usize,
 }
 
 impl Trainer {
@@ -327,7 +329,22 @@ impl Trainer {
             loss_state: LossState::new(counts),
             step: 0,
             device: device.clone(),
+            image_size: train.size,
         })
+    }
+
+    /// Replaces the matched targets by those of `ds` (new random crops each epoch). `ds` must
+    /// have the image size the trainer was built for.
+    pub fn set_targets(&mut self, ds: &Dataset) -> Result<()> {
+        if ds.size != self.image_size {
+            bail!(
+                "training images are {0}x{0}, the anchors were made for {1}x{1}",
+                ds.size,
+                self.image_size
+            )
+        }
+        self.targets = build_targets(ds, &self.anchors, &self.coder, ds.class_names.len())?;
+        Ok(())
     }
 
     /// Learning rate at `step`: linear warm-up from lr/10, then cosine decay to lr/50.
@@ -508,35 +525,49 @@ pub fn predict(
 }
 
 /// Runs the model over `ds` and evaluates with the COCO protocol. Returns the stats, the
-/// detections (COCO format, original coordinates) and the per-image detections in model
-/// coordinates.
+/// detections (COCO format, original coordinates, clipped to the original image) and the
+/// per-image detections in model coordinates. `ds` may have another image size than the
+/// training images (anchors are generated for it). A progress bar shows on a terminal.
 pub fn evaluate(
     trainer: &Trainer,
     ds: &Dataset,
     batch: usize,
 ) -> Result<(CocoStats, Vec<CocoDet>, Vec<Vec<Detection>>)> {
     let c = ds.class_names.len();
+    let anchors_own;
+    let anchors = if ds.size == trainer.image_size {
+        &trainer.anchors
+    } else {
+        anchors_own = trainer.cfg.anchors.generate(ds.size, ds.size)?;
+        &anchors_own
+    };
     let mut per_image = Vec::new();
     let idx: Vec<usize> = (0..ds.samples.len()).collect();
+    let pb = crate::data::progress(ds.samples.len(), "evaluating");
     for chunk in idx.chunks(batch.max(1)) {
         let images = ds.batch_images(chunk, &trainer.device)?;
         per_image.extend(predict(
             &trainer.model,
             &images,
-            &trainer.anchors,
+            anchors,
             &trainer.coder,
             c,
             trainer.cfg.cls.is_softmax(),
             &PostProcess::default(),
         )?);
+        pb.inc(chunk.len() as u64);
     }
+    pb.finish_and_clear();
     let mut dets = Vec::new();
     for (s, ds_) in ds.samples.iter().zip(&per_image) {
+        let (w0, h0) = (s.orig_size[0] as f64, s.orig_size[1] as f64);
         for d in ds_ {
             let [sx, sy] = s.scale;
             let b = d.bbox;
-            let (x1, y1) = (b[0] as f64 / sx as f64, b[1] as f64 / sy as f64);
-            let (x2, y2) = (b[2] as f64 / sx as f64, b[3] as f64 / sy as f64);
+            let x1 = (b[0] as f64 / sx as f64).clamp(0.0, w0);
+            let y1 = (b[1] as f64 / sy as f64).clamp(0.0, h0);
+            let x2 = (b[2] as f64 / sx as f64).clamp(0.0, w0);
+            let y2 = (b[3] as f64 / sy as f64).clamp(0.0, h0);
             dets.push(CocoDet {
                 image_id: s.image_id,
                 category_id: ds.category_ids[d.class as usize],
