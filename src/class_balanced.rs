@@ -44,7 +44,7 @@ const NAME: &str = "class_balanced_weights";
 /// # Ok(()) }
 /// ```
 pub fn class_balanced_weights(counts: &[u64], beta: f64, device: &Device) -> Result<Tensor> {
-    crate::common::check_supported_location(NAME, device.location())?;
+    crate::check::check_supported_location(NAME, device.location())?;
     if counts.is_empty() {
         bail!("{NAME}: counts is empty (need one count per class)")
     }

@@ -250,6 +250,37 @@ pub(crate) fn sigmoid_f32(x: f32) -> f32 {
     q - q * (d_lo * (INV_C0 - INV_C1 * d))
 }
 
+/// Branch-free `atan` for f32 (Cephes `atanf`: reduction to `|x| <= tan(π/8)` by selects, degree-4
+/// polynomial in `x²`; max error 3 ulp, relative 2e-7, see the test below). Vectorises like
+/// `crate::fastmath`; ±inf gives ±π/2 and NaN gives NaN.
+#[inline(always)]
+pub(crate) fn atan_f32(x: f32) -> f32 {
+    use std::f32::consts::{FRAC_PI_2, FRAC_PI_4};
+    let ax = x.abs();
+    let big = ax > 2.414_213_6; // tan(3π/8)
+    let mid = ax > 0.414_213_57; // tan(π/8)
+                                 // atan(a) = π/2 + atan(-1/a) = π/4 + atan((a-1)/(a+1))
+    let r_big = -1.0 / ax;
+    let r_mid = (ax - 1.0) / (ax + 1.0);
+    let r = if big {
+        r_big
+    } else if mid {
+        r_mid
+    } else {
+        ax
+    };
+    let y0 = if big {
+        FRAC_PI_2
+    } else if mid {
+        FRAC_PI_4
+    } else {
+        0.0
+    };
+    let z = r * r;
+    let p = (((8.053_744_5e-2 * z - 1.387_768_6e-1) * z + 1.997_771_1e-1) * z - 3.333_295e-1) * z;
+    (y0 + (r + r * p)).copysign(x)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

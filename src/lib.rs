@@ -44,8 +44,10 @@
 
 pub mod anchors;
 mod ap_loss;
+mod check;
 mod class_balanced;
-mod common;
+mod cpu;
+mod dtype;
 mod fastmath;
 mod focal;
 mod ghm;
@@ -53,9 +55,11 @@ mod ghm;
 mod gpu;
 mod iou;
 pub mod metrics;
+mod op;
 mod reduction;
 mod regression;
 mod softmax;
+mod targets;
 
 /// Test support of the `cuda-emu` feature, under which CPU tensors run through the CUDA
 /// kernels (compiled for the host with an emulation of the CUDA execution model).

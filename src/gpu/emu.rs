@@ -218,7 +218,7 @@ impl Gpu for Emu {
     }
 
     fn input<T: DevElem>(&self, loss: &str, s: &CpuStorage, l: &Layout) -> Result<u64> {
-        Ok(crate::common::cpu_slice::<T>(loss, s, l)?.as_ptr() as u64)
+        Ok(crate::op::cpu_slice::<T>(loss, s, l)?.as_ptr() as u64)
     }
 
     fn tensor<T: DevElem>(&self, loss: &str, t: &Tensor) -> Result<u64> {

@@ -198,10 +198,11 @@ pub(crate) fn dtype_suffix(loss: &str, dtype: DType) -> Result<&'static str> {
 }
 
 /// The kernel-name suffix of a target kind (`dense`, `u32`, `i64`).
-pub(crate) fn target_suffix(k: crate::common::TargetKind) -> &'static str {
-    use crate::common::TargetKind;
+pub(crate) fn target_suffix(k: crate::targets::TargetKind) -> &'static str {
+    use crate::targets::TargetKind;
     match k {
         TargetKind::Dense => "dense",
+        TargetKind::DenseI64 => "densei64",
         TargetKind::LabelsU32 => "u32",
         TargetKind::LabelsI64 => "i64",
     }
@@ -211,15 +212,15 @@ pub(crate) fn target_suffix(k: crate::common::TargetKind) -> &'static str {
 pub(crate) fn targets_addr<G: Gpu, T: DevElem>(
     g: &G,
     loss: &str,
-    kind: crate::common::TargetKind,
+    kind: crate::targets::TargetKind,
     s: &G::Storage,
     l: &Layout,
 ) -> Result<u64> {
-    use crate::common::TargetKind;
+    use crate::targets::TargetKind;
     match kind {
         TargetKind::Dense => g.input::<T>(loss, s, l),
         TargetKind::LabelsU32 => g.input::<u32>(loss, s, l),
-        TargetKind::LabelsI64 => g.input::<i64>(loss, s, l),
+        TargetKind::DenseI64 | TargetKind::LabelsI64 => g.input::<i64>(loss, s, l),
     }
 }
 

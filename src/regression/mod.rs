@@ -1,13 +1,13 @@
 //! Elementwise box-regression losses: smooth L1 (Girshick 2015) and balanced L1 (Pang et al.
 //! 2019, Libra R-CNN), fused into one custom op each with a hand-written backward.
 
-use crate::common::{
-    check_float, check_same_device, cpu_slice, lane_sum, ordered_sum, scale_in_place, vectorized,
-    zeroed_vec, Acc, Elem, SavedGrad, CHUNK_ELEMS,
-};
+use crate::check::{check_float, check_same_device};
+use crate::cpu::{lane_sum, ordered_sum, scale_in_place, vectorized, zeroed_vec, CHUNK_ELEMS};
+use crate::dtype::{Acc, Elem};
+use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
 use crate::reduction::Reduction;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::targets::TargetKind;
+use candle_core::{bail, CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const SMOOTH: &str = "SmoothL1Loss";
@@ -82,7 +82,7 @@ impl Default for SmoothL1Loss {
 impl SmoothL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        crate::common::check_supported_device(SMOOTH, pred)?;
+        crate::check::check_supported_device(SMOOTH, pred)?;
         self.reduction.validate(SMOOTH)?;
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             bail!("{SMOOTH}: beta must be finite and >= 0, got {}", self.beta)
@@ -174,7 +174,7 @@ impl Default for BalancedL1Loss {
 impl BalancedL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        crate::common::check_supported_device(BALANCED, pred)?;
+        crate::check::check_supported_device(BALANCED, pred)?;
         self.reduction.validate(BALANCED)?;
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
             bail!(
@@ -236,9 +236,8 @@ fn apply(op: RegOp, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     }
     // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also computes
     // the gradient, and the backward only scales it.
-    let saved = (op.reduction.is_scalar() && pred.track_op()).then(SavedGrad::default);
-    pred.contiguous()?
-        .apply_op2(&target.contiguous()?, RegFwd { op, saved })
+    let op = Fwd::new(op, op.reduction.is_scalar() && pred.track_op());
+    pred.contiguous()?.apply_op2(&target.contiguous()?, op)
 }
 
 /// Which loss, with its hyper-parameters.
@@ -254,14 +253,6 @@ struct RegOp {
     kind: Kind,
     reduction: Reduction,
 }
-
-/// Forward op: `(pred, target) -> loss`; with `saved`, the CPU pass also stores the gradient.
-struct RegFwd {
-    op: RegOp,
-    saved: Option<SavedGrad>,
-}
-/// Backward op: `(pred, target, upstream gradient) -> ∂loss/∂pred`.
-struct RegBwd(RegOp);
 
 /// The per-element constants of a loss, precomputed in f64 (the kernels take them as 8
 /// accumulator-typed scalars, the same slots on the CPU and in `kernels/regression.cu`).
@@ -582,252 +573,57 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
     Ok((T::to_cpu_storage_owned(g), shape.clone()))
 }
 
-impl CustomOp2 for RegFwd {
-    fn name(&self) -> &'static str {
-        match self.op.kind {
-            Kind::Smooth { .. } => "smooth-l1-fwd",
-            Kind::Balanced { .. } => "balanced-l1-fwd",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = &self.op;
-        let name = op.name();
-        crate::common::emulate!(name, |g| gpu::forward(
-            g,
-            op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2)
-        ));
-        let saved = self.saved.as_ref();
-        crate::common::with_float_type!(name, s1.dtype(), T, {
-            let x = cpu_slice::<T>(name, s1, l1)?;
-            let t = cpu_slice::<T>(name, s2, l2)?;
-            let shape = l1.shape();
-            match op.kind {
-                Kind::Smooth { .. } => {
-                    cpu_fwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, shape, saved)
-                }
-                Kind::Balanced { beta: 1.0, .. } => {
-                    cpu_fwd_t::<T, Balanced<<T as Elem>::A, true>>(op, x, t, shape, saved)
-                }
-                Kind::Balanced { .. } => {
-                    cpu_fwd_t::<T, Balanced<<T as Elem>::A, false>>(op, x, t, shape, saved)
-                }
+/// Runs `$f::<T, L>(args)` with `L` the element loss of `$op.kind` (balanced L1 with β = 1
+/// has its own instance).
+macro_rules! by_kind {
+    ($op:expr, $f:ident, $T:ty, $($arg:expr),*) => {
+        match $op.kind {
+            Kind::Smooth { .. } => $f::<$T, Smooth<<$T as Elem>::A>>($op, $($arg),*),
+            Kind::Balanced { beta: 1.0, .. } => {
+                $f::<$T, Balanced<<$T as Elem>::A, true>>($op, $($arg),*)
             }
-        })
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu::forward(
-            &g,
-            &self.op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-        )
-    }
-
-    fn bwd(
-        &self,
-        pred: &Tensor,
-        target: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The target is a constant of the loss: it gets no gradient.
-        let (name, saved) = (self.op.name(), self.saved.as_ref());
-        crate::common::saved_or_backward(name, saved, pred, target, grad_res, &RegBwd(self.op))
-    }
+            Kind::Balanced { .. } => $f::<$T, Balanced<<$T as Elem>::A, false>>($op, $($arg),*),
+        }
+    };
 }
 
-impl CustomOp3 for RegBwd {
-    fn name(&self) -> &'static str {
-        match self.0.kind {
-            Kind::Smooth { .. } => "smooth-l1-bwd",
-            Kind::Balanced { .. } => "balanced-l1-bwd",
+impl LossKernel for RegOp {
+    fn loss_name(&self) -> &'static str {
+        self.name()
+    }
+
+    fn op_names(&self) -> (&'static str, &'static str) {
+        match self.kind {
+            Kind::Smooth { .. } => ("smooth-l1-fwd", "smooth-l1-bwd"),
+            Kind::Balanced { .. } => ("balanced-l1-fwd", "balanced-l1-bwd"),
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let op = &self.0;
-        let name = op.name();
-        crate::common::emulate!(name, |g| gpu::backward(
-            g,
-            op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-            crate::gpu::arg(s3, l3)
-        ));
-        crate::common::with_float_type!(name, s1.dtype(), T, {
-            let x = cpu_slice::<T>(name, s1, l1)?;
-            let t = cpu_slice::<T>(name, s2, l2)?;
-            let up = cpu_slice::<T>(name, s3, l3)?;
-            match op.kind {
-                Kind::Smooth { .. } => {
-                    cpu_bwd_t::<T, Smooth<<T as Elem>::A>>(op, x, t, up, l1.shape())
-                }
-                Kind::Balanced { beta: 1.0, .. } => {
-                    cpu_bwd_t::<T, Balanced<<T as Elem>::A, true>>(op, x, t, up, l1.shape())
-                }
-                Kind::Balanced { .. } => {
-                    cpu_bwd_t::<T, Balanced<<T as Elem>::A, false>>(op, x, t, up, l1.shape())
-                }
-            }
-        })
+    fn target_kind(&self) -> TargetKind {
+        TargetKind::Dense
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cpu_forward<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        let (x, t, up) = (
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-            crate::gpu::arg(s3, l3),
-        );
-        gpu::backward(&g, &self.0, x, t, up)
+        inp: &CpuInputs<'_, T>,
+        saved: Option<&SavedGrad>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = inp.t.dense(self.name())?;
+        by_kind!(self, cpu_fwd_t, T, inp.x, t, inp.shape, saved)
     }
+
+    fn cpu_backward<T: Elem>(
+        &self,
+        inp: &CpuInputs<'_, T>,
+        up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = inp.t.dense(self.name())?;
+        by_kind!(self, cpu_bwd_t, T, inp.x, t, up, inp.shape)
+    }
+
+    crate::op::gpu_kernel_methods!();
 }
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-mod gpu {
-    use super::{consts, Kind, RegOp};
-    use crate::common::Elem;
-    use crate::gpu::params::{RegBwdParams, RegFwdParams};
-    use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, REGRESSION};
-    use crate::reduction::Reduction;
-    use candle_core::{Result, Shape};
-
-    fn prefix(op: &RegOp) -> &'static str {
-        match op.kind {
-            Kind::Smooth { .. } => "smooth_l1",
-            Kind::Balanced { .. } => "balanced_l1",
-        }
-    }
-
-    fn fwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &RegOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        let name = op.name();
-        let n = x.l.shape().elem_count();
-        let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
-        let p = RegFwdParams {
-            x: g.input::<T>(name, x.s, x.l)?,
-            t: g.input::<T>(name, t.s, t.l)?,
-            n: n as u64,
-            p0,
-            p1,
-            p2,
-            p3,
-            p4,
-            p5,
-            p6,
-            p7,
-            ..Default::default()
-        };
-        let plan = ForwardPlan {
-            module: &REGRESSION,
-            prefix: prefix(op),
-            suffix: gpu::dtype_suffix(name, T::DTYPE)?,
-            items: n as u64,
-            none_shape: x.l.shape().clone(),
-            scale: (op.reduction != Reduction::None)
-                .then(|| Scale::host(op.reduction.scale(n as f64))),
-        };
-        plan.run::<G, T, _>(g, name, p)
-    }
-
-    fn bwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &RegOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        let name = op.name();
-        let n = x.l.shape().elem_count();
-        let scalar_up = op.reduction.is_scalar();
-        gpu::check_upstream(name, up.l, scalar_up, n)?;
-        let out = g.output::<T>(n)?;
-        if n > 0 {
-            let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
-            let p = RegBwdParams {
-                x: g.input::<T>(name, x.s, x.l)?,
-                t: g.input::<T>(name, t.s, t.l)?,
-                up: g.input::<T>(name, up.s, up.l)?,
-                g: g.out_addr(&out),
-                n: n as u64,
-                scale: op.reduction.scale(n as f64),
-                p0,
-                p1,
-                p2,
-                p3,
-                p4,
-                p5,
-                p6,
-                p7,
-                up_scalar: scalar_up as i32,
-            };
-            let dt = gpu::dtype_suffix(name, T::DTYPE)?;
-            let kernel = format!("{}_bwd_{dt}", prefix(op));
-            g.launch(&REGRESSION, &kernel, Launch::elems(n as u64), &p)?;
-        }
-        Ok((g.storage(out), x.l.shape().clone()))
-    }
-
-    /// The forward on backend `g`.
-    pub(super) fn forward<G: Gpu>(
-        g: &G,
-        op: &RegOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(op.name(), g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, t) })
-    }
-
-    /// The gradient with respect to the predictions on backend `g`.
-    pub(super) fn backward<G: Gpu>(
-        g: &G,
-        op: &RegOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(op.name(), g.dtype(x.s), T, {
-            bwd_t::<G, T>(g, op, x, t, up)
-        })
-    }
-}
+mod gpu;

@@ -1,14 +1,14 @@
 //! Sigmoid focal loss (Lin et al. 2017, RetinaNet) as a fused Candle custom op.
 
-use crate::common::{
-    self, check_float_2d, check_non_negative, cpu_slice, lane_sum, layout_dims2, ordered_sum,
-    rows_per_chunk, vectorized, zeroed_vec, Acc, CpuTargets, Elem, RowLabel, RowTarget, SavedGrad,
-    TargetKind,
+use crate::check::{self, check_float_2d, check_non_negative};
+use crate::cpu::{
+    self, lane_sum, map_chunks, map_indices, ordered_sum, rows_per_chunk, zeroed_vec,
 };
+use crate::dtype::{Acc, Elem};
+use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
 use crate::reduction::Reduction;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
+use crate::targets::{self, RowLabel, RowTarget, TargetKind};
+use candle_core::{bail, CpuStorage, Result, Shape, Tensor};
 
 const NAME: &str = "SigmoidFocalLoss";
 
@@ -101,7 +101,7 @@ impl Default for SigmoidFocalLoss {
 impl SigmoidFocalLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        common::check_supported_device(NAME, logits)?;
+        check::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         check_non_negative(NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
@@ -110,23 +110,21 @@ impl SigmoidFocalLoss {
             }
         }
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
-        let kind = common::target_kind(NAME, logits, targets, n, c)?;
+        let kind = targets::target_kind(NAME, logits, targets, n, c)?;
         if kind == TargetKind::Dense && self.class_weights.is_some() {
             bail!("{NAME}: class_weights need integer labels; weight dense targets by multiplying the Reduction::None result")
         }
-        let weights = common::row_weights(NAME, logits, c, self.class_weights.as_ref())?;
-        let op = FocalFwd {
-            op: FocalOp {
-                alpha: self.alpha,
-                gamma: self.gamma,
-                reduction: self.reduction,
-                kind,
-                weights,
-            },
-            // Training (a scalar loss of logits that track gradients): the forward pass also
-            // computes the gradient, and the backward only scales it.
-            saved: (self.reduction.is_scalar() && logits.track_op()).then(SavedGrad::default),
+        let weights = targets::row_weights(NAME, logits, c, self.class_weights.as_ref())?;
+        let op = FocalOp {
+            alpha: self.alpha,
+            gamma: self.gamma,
+            reduction: self.reduction,
+            kind,
+            weights,
         };
+        // Training (a scalar loss of logits that track gradients): the forward pass also
+        // computes the gradient, and the backward only scales it.
+        let op = Fwd::new(op, self.reduction.is_scalar() && logits.track_op());
         logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
     }
 }
@@ -141,14 +139,6 @@ struct FocalOp {
     /// Row weights by label, length C+1, in the accumulator dtype (f32, or f64 for f64 logits).
     weights: Tensor,
 }
-
-/// Forward op: `(logits, targets) -> loss`; with `saved`, the CPU pass also stores the gradient.
-struct FocalFwd {
-    op: FocalOp,
-    saved: Option<SavedGrad>,
-}
-/// Backward op: `(logits, targets, upstream gradient) -> ∂loss/∂logits`.
-struct FocalBwd(FocalOp);
 
 /// Hyper-parameters in the accumulator type. `α_t = a_pos·t + a_neg·(1-t)`, with
 /// `a_pos = a_neg = 1` when alpha is disabled, so the element loop has no branch.
@@ -379,89 +369,60 @@ impl FocalOp {
         }
     }
 
-    /// The row weights as a host vector (CPU storage only).
-    fn cpu_weights<A: Acc + candle_core::WithDType>(&self) -> Result<Vec<A>> {
-        let (st, l) = self.weights.storage_and_layout();
-        match &*st {
-            Storage::Cpu(s) => Ok(cpu_slice::<A>(NAME, s, l)?.to_vec()),
-            _ => bail!("{NAME}: class weights are not on the CPU"),
-        }
-    }
-
     fn cpu_fwd_t<T: Elem>(
         &self,
-        x: &[T],
-        tg: &CpuTargets<'_, T>,
-        n: usize,
-        c: usize,
+        inp: &CpuInputs<'_, T>,
         saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        T::A: candle_core::WithDType,
-    {
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let p = self.params::<T::A>();
-        let w = self.cpu_weights::<T::A>()?;
+        let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
         let rpc = rows_per_chunk(c);
         if let (Some(saved), true) = (saved, self.reduction.is_scalar()) {
-            return self.cpu_fused_t(x, tg, n, c, &p, &w, saved);
+            return self.cpu_fused_t(inp, &p, &w, saved);
         }
         if self.reduction == Reduction::None {
             let mut out = zeroed_vec::<T>(n * c)?;
-            let res: Vec<Result<()>> = out
-                .par_chunks_mut((rpc * c).max(1))
-                .enumerate()
-                .map(|(ci, o)| {
-                    vectorized(
-                        #[inline(always)]
-                        || {
-                            let mut sc = Scratch::new(c);
-                            for (r, orow) in o.chunks_mut(c).enumerate() {
-                                let i = ci * rpc + r;
-                                let rt = tg.row(NAME, i, c)?;
-                                let wr = row_weight(&rt, &w, c);
-                                let xr = &x[i * c..(i + 1) * c];
-                                row_forward(&p, &mut sc, xr, &rt, wr, Some(orow));
-                            }
-                            Ok(())
-                        },
-                    )
-                })
-                .collect();
-            res.into_iter().collect::<Result<Vec<()>>>()?;
+            map_chunks(
+                &mut out,
+                rpc * c,
+                #[inline(always)]
+                |ci, o| {
+                    let mut sc = Scratch::new(c);
+                    for (r, orow) in o.chunks_mut(c).enumerate() {
+                        let i = ci * rpc + r;
+                        let rt = tg.row(NAME, i, c)?;
+                        let wr = row_weight(&rt, &w, c);
+                        let xr = &x[i * c..(i + 1) * c];
+                        row_forward(&p, &mut sc, xr, &rt, wr, Some(orow));
+                    }
+                    Ok(())
+                },
+            )?;
             return Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))));
         }
-        let chunks = n.div_ceil(rpc);
         // (weighted sum, non-ignored rows) per chunk, merged below in chunk order.
-        let parts: Vec<Result<(f64, usize)>> = (0..chunks)
-            .into_par_iter()
-            .map(|ci| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let (mut s, mut k) = (0f64, 0usize);
-                        let mut sc = Scratch::new(c);
-                        for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                            let rt = tg.row(NAME, i, c)?;
-                            if let RowTarget::Label(RowLabel::Ignored) = rt {
-                                continue;
-                            }
-                            let wr = row_weight(&rt, &w, c);
-                            let row = &x[i * c..(i + 1) * c];
-                            s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
-                            k += 1;
-                        }
-                        Ok((s, k))
-                    },
-                )
-            })
-            .collect();
-        let mut sums = Vec::with_capacity(chunks);
-        let mut rows = 0usize;
-        for part in parts {
-            let (s, k) = part?;
-            sums.push(s);
-            rows += k;
-        }
+        let parts = map_indices(
+            n.div_ceil(rpc),
+            #[inline(always)]
+            |ci| {
+                let (mut s, mut k) = (0f64, 0usize);
+                let mut sc = Scratch::new(c);
+                for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                    let rt = tg.row(NAME, i, c)?;
+                    if let RowTarget::Label(RowLabel::Ignored) = rt {
+                        continue;
+                    }
+                    let wr = row_weight(&rt, &w, c);
+                    let row = &x[i * c..(i + 1) * c];
+                    s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
+                    k += 1;
+                }
+                Ok((s, k))
+            },
+        )?;
+        let sums: Vec<f64> = parts.iter().map(|p| p.0).collect();
+        let rows: usize = parts.iter().map(|p| p.1).sum();
         let total = ordered_sum(&sums) * self.reduction.scale((rows * c) as f64);
         let out = vec![T::from_acc(T::A::from_f64(total))];
         Ok((T::to_cpu_storage_owned(out), Shape::from(())))
@@ -470,69 +431,49 @@ impl FocalOp {
     /// Scalar loss and its gradient in one pass; the gradient (already times the reduction's
     /// normaliser and the row weights) goes to `saved`. Same chunks, so the same loss bits, as
     /// the loss-only pass.
-    #[allow(clippy::too_many_arguments)]
     fn cpu_fused_t<T: Elem>(
         &self,
-        x: &[T],
-        tg: &CpuTargets<'_, T>,
-        n: usize,
-        c: usize,
+        inp: &CpuInputs<'_, T>,
         p: &Params<T::A>,
         w: &[T::A],
         saved: &SavedGrad,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        T::A: candle_core::WithDType,
-    {
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let rows = tg.valid_rows(NAME, n, c)?;
         let scale = self.reduction.scale((rows * c) as f64);
         let coef = T::A::from_f64(scale);
         let rpc = rows_per_chunk(c);
         let mut g = zeroed_vec::<T>(n * c)?;
-        let parts: Vec<Result<f64>> = g
-            .par_chunks_mut((rpc * c).max(1))
-            .enumerate()
-            .map(|(ci, gc)| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let mut s = 0f64;
-                        let mut sc = Scratch::new(c);
-                        for (r, grow) in gc.chunks_mut(c).enumerate() {
-                            let i = ci * rpc + r;
-                            let rt = tg.row(NAME, i, c)?;
-                            if let RowTarget::Label(RowLabel::Ignored) = rt {
-                                continue; // its gradient row stays 0
-                            }
-                            let wr = row_weight(&rt, w, c);
-                            let row = &x[i * c..(i + 1) * c];
-                            s += (wr * row_fused(p, &mut sc, row, &rt, coef * wr, grow)).to_f64();
-                        }
-                        Ok(s)
-                    },
-                )
-            })
-            .collect();
-        let sums = parts.into_iter().collect::<Result<Vec<f64>>>()?;
+        let sums = map_chunks(
+            &mut g,
+            rpc * c,
+            #[inline(always)]
+            |ci, gc| {
+                let mut s = 0f64;
+                let mut sc = Scratch::new(c);
+                for (r, grow) in gc.chunks_mut(c).enumerate() {
+                    let i = ci * rpc + r;
+                    let rt = tg.row(NAME, i, c)?;
+                    if let RowTarget::Label(RowLabel::Ignored) = rt {
+                        continue; // its gradient row stays 0
+                    }
+                    let wr = row_weight(&rt, w, c);
+                    let row = &x[i * c..(i + 1) * c];
+                    s += (wr * row_fused(p, &mut sc, row, &rt, coef * wr, grow)).to_f64();
+                }
+                Ok(s)
+            },
+        )?;
         saved.put(T::to_cpu_storage_owned(g), Shape::from((n, c)));
         let total = ordered_sum(&sums) * scale;
         let out = vec![T::from_acc(T::A::from_f64(total))];
         Ok((T::to_cpu_storage_owned(out), Shape::from(())))
     }
 
-    fn cpu_bwd_t<T: Elem>(
-        &self,
-        x: &[T],
-        tg: &CpuTargets<'_, T>,
-        up: &[T],
-        n: usize,
-        c: usize,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        T::A: candle_core::WithDType,
-    {
+    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> Result<(CpuStorage, Shape)> {
+        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let p = self.params::<T::A>();
-        let w = self.cpu_weights::<T::A>()?;
+        let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
         let scalar_up = self.reduction.is_scalar();
         if scalar_up && up.len() != 1 || !scalar_up && up.len() != n * c {
             bail!("{NAME}: upstream gradient has {} elements", up.len())
@@ -545,241 +486,60 @@ impl FocalOp {
         };
         let rpc = rows_per_chunk(c);
         let mut g = zeroed_vec::<T>(n * c)?;
-        let res: Vec<Result<()>> = g
-            .par_chunks_mut((rpc * c).max(1))
-            .enumerate()
-            .map(|(ci, gc)| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let mut sc = Scratch::new(c);
-                        for (r, grow) in gc.chunks_mut(c).enumerate() {
-                            let i = ci * rpc + r;
-                            let rt = tg.row(NAME, i, c)?;
-                            let coef = T::A::from_f64(scale) * row_weight(&rt, &w, c);
-                            let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
-                            let xr = &x[i * c..(i + 1) * c];
-                            row_backward(&p, &mut sc, xr, &rt, coef, u, grow);
-                        }
-                        Ok(())
-                    },
-                )
-            })
-            .collect();
-        res.into_iter().collect::<Result<Vec<()>>>()?;
-        common::apply_scalar_upstream(&mut g, scalar_up, up);
+        map_chunks(
+            &mut g,
+            rpc * c,
+            #[inline(always)]
+            |ci, gc| {
+                let mut sc = Scratch::new(c);
+                for (r, grow) in gc.chunks_mut(c).enumerate() {
+                    let i = ci * rpc + r;
+                    let rt = tg.row(NAME, i, c)?;
+                    let coef = T::A::from_f64(scale) * row_weight(&rt, &w, c);
+                    let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
+                    let xr = &x[i * c..(i + 1) * c];
+                    row_backward(&p, &mut sc, xr, &rt, coef, u, grow);
+                }
+                Ok(())
+            },
+        )?;
+        cpu::apply_scalar_upstream(&mut g, scalar_up, up);
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
 }
 
-impl CustomOp2 for FocalFwd {
-    fn name(&self) -> &'static str {
-        "sigmoid-focal-fwd"
+impl LossKernel for FocalOp {
+    fn loss_name(&self) -> &'static str {
+        NAME
     }
 
-    fn cpu_fwd(
+    fn op_names(&self) -> (&'static str, &'static str) {
+        ("sigmoid-focal-fwd", "sigmoid-focal-bwd")
+    }
+
+    fn target_kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    fn cpu_forward<T: Elem>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        inp: &CpuInputs<'_, T>,
+        saved: Option<&SavedGrad>,
     ) -> Result<(CpuStorage, Shape)> {
-        common::emulate!("sigmoid-focal-fwd", |g| gpu::forward(
-            g,
-            &self.op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2)
-        ));
-        let (n, c) = layout_dims2(NAME, l1)?;
-        crate::common::with_float_type!(NAME, s1.dtype(), T, {
-            let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(NAME, self.op.kind, s2, l2)?;
-            self.op.cpu_fwd_t(x, &tg, n, c, self.saved.as_ref())
-        })
+        self.cpu_fwd_t(inp, saved)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cpu_backward<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu::forward(
-            &g,
-            &self.op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-        )
+        inp: &CpuInputs<'_, T>,
+        up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_bwd_t(inp, up)
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bwd = FocalBwd(self.op.clone());
-        let saved = self.saved.as_ref();
-        common::saved_or_backward(NAME, saved, logits, targets, grad_res, &bwd)
-    }
+    crate::op::gpu_kernel_methods!();
 }
-
-common::targets_backward_op!(FocalBwd, "sigmoid-focal-bwd", NAME);
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-mod gpu {
-    use super::{FocalOp, NAME};
-    use crate::common::{layout_dims2, Elem, TargetKind};
-    use crate::gpu::params::{FocalBwdParams, FocalFwdParams, RowCountParams};
-    use crate::gpu::{
-        self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, Launch, Partials, Scale, FOCAL,
-    };
-    use crate::reduction::Reduction;
-    use candle_core::{Result, Shape};
-
-    fn fwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &FocalOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem,
-    {
-        let (n, c) = layout_dims2(NAME, x.l)?;
-        let sfx = format!(
-            "{}_{}",
-            gpu::dtype_suffix(NAME, T::DTYPE)?,
-            gpu::target_suffix(op.kind)
-        );
-        let err = ErrorFlag::new(g)?;
-        let p = FocalFwdParams {
-            x: g.input::<T>(NAME, x.s, x.l)?,
-            tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
-            w: g.tensor::<T::A>(NAME, &op.weights)?,
-            err: err.addr(g),
-            n: n as u64,
-            c: c as u64,
-            alpha: op.alpha.unwrap_or(1.0),
-            gamma: op.gamma,
-            has_alpha: op.alpha.is_some() as i32,
-            ..Default::default()
-        };
-        let plan = ForwardPlan {
-            module: &FOCAL,
-            prefix: "sigmoid_focal",
-            suffix: &sfx,
-            items: (n * c) as u64,
-            none_shape: Shape::from((n, c)),
-            // Mean: sum / (non-ignored rows × C), the rows counted per block at column 0.
-            scale: match op.reduction {
-                Reduction::None => None,
-                Reduction::Mean => Some(Scale::device(c as f64)),
-                r => Some(Scale::host(r.scale(0.0))),
-            },
-        };
-        let out = plan.run::<G, T, _>(g, NAME, p)?;
-        err.check_labels(g, NAME, c)?;
-        Ok(out)
-    }
-
-    fn bwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &FocalOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem,
-    {
-        let (n, c) = layout_dims2(NAME, x.l)?;
-        let scalar_up = op.reduction.is_scalar();
-        gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
-        let sfx = format!(
-            "{}_{}",
-            gpu::dtype_suffix(NAME, T::DTYPE)?,
-            gpu::target_suffix(op.kind)
-        );
-        let total = (n * c) as u64;
-        let err = ErrorFlag::new(g)?;
-        let out = g.output::<T>(n * c)?;
-        let tg_addr = gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?;
-        // Mean over labels divides by the number of non-ignored rows, counted on the device.
-        let count_rows = op.reduction == Reduction::Mean && op.kind != TargetKind::Dense;
-        let scale_buf = g.words(1)?;
-        if total > 0 {
-            if count_rows {
-                let parts = Partials::new(g, n as u64)?;
-                let p = RowCountParams {
-                    tg: tg_addr,
-                    pden: g.words_addr(&parts.pden),
-                    err: err.addr(g),
-                    n: n as u64,
-                    c: c as u64,
-                };
-                let name = format!("sigmoid_focal_count_{}", gpu::target_suffix(op.kind));
-                g.launch(&FOCAL, &name, parts.cfg, &p)?;
-                let scale = Scale::device(c as f64);
-                gpu::finalize::<G, T>(g, NAME, &parts, scale, Some(&scale_buf))?;
-            }
-            let p = FocalBwdParams {
-                x: g.input::<T>(NAME, x.s, x.l)?,
-                tg: tg_addr,
-                w: g.tensor::<T::A>(NAME, &op.weights)?,
-                up: g.input::<T>(NAME, up.s, up.l)?,
-                g: g.out_addr(&out),
-                scale_p: if count_rows {
-                    g.words_addr(&scale_buf)
-                } else {
-                    0
-                },
-                err: err.addr(g),
-                n: n as u64,
-                c: c as u64,
-                alpha: op.alpha.unwrap_or(1.0),
-                gamma: op.gamma,
-                scale: match op.reduction {
-                    Reduction::Mean => op.reduction.scale(total as f64), // dense: N·C
-                    r => r.scale(0.0),
-                },
-                has_alpha: op.alpha.is_some() as i32,
-                up_scalar: scalar_up as i32,
-            };
-            g.launch(
-                &FOCAL,
-                &format!("sigmoid_focal_bwd_{sfx}"),
-                Launch::elems(total),
-                &p,
-            )?;
-        }
-        err.check_labels(g, NAME, c)?;
-        Ok((g.storage(out), Shape::from((n, c))))
-    }
-
-    /// The forward on backend `g`: per-element losses or the reduced scalar.
-    pub(super) fn forward<G: Gpu>(
-        g: &G,
-        op: &FocalOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, tg) })
-    }
-
-    /// The gradient on backend `g`.
-    pub(super) fn backward<G: Gpu>(
-        g: &G,
-        op: &FocalOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, tg, up) })
-    }
-}
+mod gpu;

@@ -1,13 +1,15 @@
 //! IoU-family box losses (IoU, GIoU, DIoU, CIoU) on paired boxes, fused into one custom op with a
 //! hand-derived backward; torchvision semantics and eps placement.
 
-use crate::common::{
-    apply_scalar_upstream, check_float, check_same_device, cpu_slice, lane_sum, ordered_sum,
-    rows_per_chunk, vectorized, zeroed_vec, Acc, Elem, SavedGrad,
+use crate::check::{check_float, check_same_device};
+use crate::cpu::{
+    apply_scalar_upstream, lane_sum, ordered_sum, rows_per_chunk, vectorized, zeroed_vec,
 };
+use crate::dtype::{Acc, Elem};
+use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
 use crate::reduction::Reduction;
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use crate::targets::TargetKind;
+use candle_core::{bail, CpuStorage, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const NAME: &str = "BoxIouLoss";
@@ -129,7 +131,7 @@ impl Default for BoxIouLoss {
 impl BoxIouLoss {
     /// Computes the loss of the predicted boxes `pred` `[N, 4]` against `target` `[N, 4]`.
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        crate::common::check_supported_device(NAME, pred)?;
+        crate::check::check_supported_device(NAME, pred)?;
         self.reduction.validate(NAME)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             bail!("{NAME}: eps must be finite and >= 0, got {}", self.eps)
@@ -161,9 +163,8 @@ impl BoxIouLoss {
         };
         // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also
         // computes the gradient, and the backward only scales it.
-        let saved = (self.reduction.is_scalar() && pred.track_op()).then(SavedGrad::default);
-        pred.contiguous()?
-            .apply_op2(&target.contiguous()?, IouFwd { op, saved })
+        let op = Fwd::new(op, self.reduction.is_scalar() && pred.track_op());
+        pred.contiguous()?.apply_op2(&target.contiguous()?, op)
     }
 }
 
@@ -173,64 +174,6 @@ struct IouOp {
     kind: IouKind,
     eps: f64,
     reduction: Reduction,
-}
-
-/// Forward op: `(pred, target) -> loss`; with `saved`, the CPU pass also stores the gradient.
-struct IouFwd {
-    op: IouOp,
-    saved: Option<SavedGrad>,
-}
-/// Backward op: `(pred, target, upstream gradient) -> ∂loss/∂pred`.
-struct IouBwd(IouOp);
-
-/// The accumulator types with the arc tangent the CIoU term needs.
-pub(crate) trait IouAcc: Acc {
-    fn atan(self) -> Self;
-}
-
-impl IouAcc for f64 {
-    #[inline(always)]
-    fn atan(self) -> Self {
-        f64::atan(self)
-    }
-}
-
-impl IouAcc for f32 {
-    #[inline(always)]
-    fn atan(self) -> Self {
-        atan_f32(self)
-    }
-}
-
-/// Branch-free `atan` for f32 (Cephes `atanf`: reduction to `|x| <= tan(π/8)` by selects, degree-4
-/// polynomial in `x²`; max error 3 ulp, relative 2e-7, see the test below). Vectorises like
-/// `crate::fastmath`; ±inf gives ±π/2 and NaN gives NaN.
-#[inline(always)]
-pub(crate) fn atan_f32(x: f32) -> f32 {
-    use std::f32::consts::{FRAC_PI_2, FRAC_PI_4};
-    let ax = x.abs();
-    let big = ax > 2.414_213_6; // tan(3π/8)
-    let mid = ax > 0.414_213_57; // tan(π/8)
-                                 // atan(a) = π/2 + atan(-1/a) = π/4 + atan((a-1)/(a+1))
-    let r_big = -1.0 / ax;
-    let r_mid = (ax - 1.0) / (ax + 1.0);
-    let r = if big {
-        r_big
-    } else if mid {
-        r_mid
-    } else {
-        ax
-    };
-    let y0 = if big {
-        FRAC_PI_2
-    } else if mid {
-        FRAC_PI_4
-    } else {
-        0.0
-    };
-    let z = r * r;
-    let p = (((8.053_744_5e-2 * z - 1.387_768_6e-1) * z + 1.997_771_1e-1) * z - 3.333_295e-1) * z;
-    (y0 + (r + r * p)).copysign(x)
 }
 
 const KIND_IOU: u8 = 0;
@@ -292,7 +235,7 @@ fn recip<A: Acc>(d: A) -> A {
 /// Loss of one box pair and, when `GRAD`, its gradient w.r.t. the predicted box scaled by `up`.
 /// `K` is the loss kind (`KIND_*`): the branches on it are resolved at compile time.
 #[inline(always)]
-fn box_pair<A: IouAcc, const K: u8, const GRAD: bool>(
+fn box_pair<A: Acc, const K: u8, const GRAD: bool>(
     p: [A; 4],
     t: [A; 4],
     eps: A,
@@ -405,7 +348,7 @@ struct Block<A> {
     d: [[A; BLOCK_ROWS]; 4],
 }
 
-impl<A: IouAcc> Block<A> {
+impl<A: Acc> Block<A> {
     fn new(up: A) -> Self {
         Self {
             c: [[A::ZERO; BLOCK_ROWS]; 8],
@@ -473,10 +416,7 @@ fn chunk_sum<T: Elem, const K: u8, const GRAD: bool>(
     vc: T::A,
     coef: T::A,
     g: &mut [T],
-) -> f64
-where
-    T::A: IouAcc,
-{
+) -> f64 {
     let mut s = 0f64;
     let mut blk = Block::<T::A>::new(coef);
     let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
@@ -498,10 +438,7 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
     x: &[T],
     t: &[T],
     saved: Option<&SavedGrad>,
-) -> Result<(CpuStorage, Shape)>
-where
-    T::A: IouAcc,
-{
+) -> Result<(CpuStorage, Shape)> {
     let n = x.len() / 4;
     let eps = T::A::from_f64(op.eps);
     let vc = T::A::from_f64(V_COEF);
@@ -570,10 +507,7 @@ fn cpu_bwd_t<T: Elem, const K: u8>(
     x: &[T],
     t: &[T],
     up: &[T],
-) -> Result<(CpuStorage, Shape)>
-where
-    T::A: IouAcc,
-{
+) -> Result<(CpuStorage, Shape)> {
     let n = x.len() / 4;
     let scalar_up = op.reduction.is_scalar();
     if (scalar_up && up.len() != 1) || (!scalar_up && up.len() != n) {
@@ -642,260 +576,57 @@ fn check_rows(l: &Layout) -> Result<()> {
     }
 }
 
-impl CustomOp2 for IouFwd {
-    fn name(&self) -> &'static str {
-        "box-iou-fwd"
+impl LossKernel for IouOp {
+    fn loss_name(&self) -> &'static str {
+        NAME
     }
 
-    fn cpu_fwd(
+    fn op_names(&self) -> (&'static str, &'static str) {
+        ("box-iou-fwd", "box-iou-bwd")
+    }
+
+    fn target_kind(&self) -> TargetKind {
+        TargetKind::Dense
+    }
+
+    fn check_layout(&self, x: &Layout) -> Result<()> {
+        check_rows(x)
+    }
+
+    fn cpu_forward<T: Elem>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        inp: &CpuInputs<'_, T>,
+        saved: Option<&SavedGrad>,
     ) -> Result<(CpuStorage, Shape)> {
-        check_rows(l1)?;
-        crate::common::emulate!("box-iou-fwd", |g| gpu::forward(
-            g,
-            &self.op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2)
-        ));
-        crate::common::with_float_type!(NAME, s1.dtype(), T, {
-            let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let t = cpu_slice::<T>(NAME, s2, l2)?;
-            if t.len() != x.len() {
-                bail!(
-                    "{NAME}: internal error, {} vs {} coordinates",
-                    x.len(),
-                    t.len()
-                )
-            }
-            let saved = self.saved.as_ref();
-            by_kind!(self.op.kind, cpu_fwd_t, T, &self.op, x, t, saved)
-        })
+        let (x, t) = paired(inp)?;
+        by_kind!(self.kind, cpu_fwd_t, T, self, x, t, saved)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cpu_backward<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu::forward(
-            &g,
-            &self.op,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
+        inp: &CpuInputs<'_, T>,
+        up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, t) = paired(inp)?;
+        by_kind!(self.kind, cpu_bwd_t, T, self, x, t, up)
+    }
+
+    crate::op::gpu_kernel_methods!();
+}
+
+/// The predicted and target coordinates, of equal length.
+fn paired<'a, T: Elem>(inp: &CpuInputs<'a, T>) -> Result<(&'a [T], &'a [T])> {
+    let (x, t) = (inp.x, inp.t.dense(NAME)?);
+    if t.len() != x.len() {
+        bail!(
+            "{NAME}: internal error, {} vs {} coordinates",
+            x.len(),
+            t.len()
         )
     }
-
-    fn bwd(
-        &self,
-        pred: &Tensor,
-        target: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // The target boxes are constants of the loss: they get no gradient.
-        let saved = self.saved.as_ref();
-        crate::common::saved_or_backward(NAME, saved, pred, target, grad_res, &IouBwd(self.op))
-    }
-}
-
-impl CustomOp3 for IouBwd {
-    fn name(&self) -> &'static str {
-        "box-iou-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        check_rows(l1)?;
-        crate::common::emulate!("box-iou-bwd", |g| gpu::backward(
-            g,
-            &self.0,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-            crate::gpu::arg(s3, l3)
-        ));
-        crate::common::with_float_type!(NAME, s1.dtype(), T, {
-            let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let t = cpu_slice::<T>(NAME, s2, l2)?;
-            let up = cpu_slice::<T>(NAME, s3, l3)?;
-            if t.len() != x.len() {
-                bail!(
-                    "{NAME}: internal error, {} vs {} coordinates",
-                    x.len(),
-                    t.len()
-                )
-            }
-            by_kind!(self.0.kind, cpu_bwd_t, T, &self.0, x, t, up)
-        })
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        let (x, t, up) = (
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-            crate::gpu::arg(s3, l3),
-        );
-        gpu::backward(&g, &self.0, x, t, up)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atan_f32_is_within_3_ulp_and_handles_special_values() {
-        let ulp = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs();
-        let mut worst = 0u64;
-        let mut worst_rel = 0f64;
-        let mut rel = |a: f32, v: f32| {
-            let e = (v as f64).atan();
-            worst_rel = f64::max(worst_rel, ((a as f64 - e) / e).abs());
-        };
-        // Every binade from 1e-30 to 1e30, both signs, and a dense sweep of [-4, 4].
-        let mut x = 1e-30f32;
-        while x < 1e30 {
-            for v in [x, -x] {
-                worst = worst.max(ulp(atan_f32(v), (v as f64).atan() as f32));
-                rel(atan_f32(v), v);
-            }
-            x *= 1.000_3;
-        }
-        for i in 0..=800_000 {
-            let v = -4.0 + 8.0 * i as f32 / 800_000.0;
-            if v != 0.0 {
-                worst = worst.max(ulp(atan_f32(v), (v as f64).atan() as f32));
-                rel(atan_f32(v), v);
-            }
-        }
-        assert!(worst <= 3, "atan_f32: {worst} ulp");
-        assert!(worst_rel <= 2e-7, "atan_f32: relative error {worst_rel:e}");
-        assert_eq!(atan_f32(0.0).to_bits(), 0.0f32.to_bits());
-        assert_eq!(atan_f32(-0.0).to_bits(), (-0.0f32).to_bits());
-        assert_eq!(atan_f32(f32::INFINITY), std::f32::consts::FRAC_PI_2);
-        assert_eq!(atan_f32(f32::NEG_INFINITY), -std::f32::consts::FRAC_PI_2);
-        assert!(atan_f32(f32::NAN).is_nan());
-    }
+    Ok((x, t))
 }
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-mod gpu {
-    use super::{IouKind, IouOp, NAME};
-    use crate::common::Elem;
-    use crate::gpu::params::{BoxBwdParams, BoxFwdParams};
-    use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, IOU};
-    use crate::reduction::Reduction;
-    use candle_core::{Result, Shape};
-
-    fn prefix(k: IouKind) -> &'static str {
-        match k {
-            IouKind::Iou => "box_iou",
-            IouKind::Giou => "box_giou",
-            IouKind::Diou => "box_diou",
-            IouKind::Ciou => "box_ciou",
-        }
-    }
-
-    fn fwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &IouOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        let n = x.l.shape().elem_count() / 4;
-        let p = BoxFwdParams {
-            p: g.input::<T>(NAME, x.s, x.l)?,
-            t: g.input::<T>(NAME, t.s, t.l)?,
-            n: n as u64,
-            eps: op.eps,
-            ..Default::default()
-        };
-        let plan = ForwardPlan {
-            module: &IOU,
-            prefix: prefix(op.kind),
-            suffix: gpu::dtype_suffix(NAME, T::DTYPE)?,
-            items: n as u64,
-            none_shape: Shape::from(n),
-            scale: (op.reduction != Reduction::None)
-                .then(|| Scale::host(op.reduction.scale(n as f64))),
-        };
-        plan.run::<G, T, _>(g, NAME, p)
-    }
-
-    fn bwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &IouOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        let n = x.l.shape().elem_count() / 4;
-        let scalar_up = op.reduction.is_scalar();
-        gpu::check_upstream(NAME, up.l, scalar_up, n)?;
-        let out = g.output::<T>(n * 4)?;
-        if n > 0 {
-            let p = BoxBwdParams {
-                p: g.input::<T>(NAME, x.s, x.l)?,
-                t: g.input::<T>(NAME, t.s, t.l)?,
-                up: g.input::<T>(NAME, up.s, up.l)?,
-                g: g.out_addr(&out),
-                n: n as u64,
-                eps: op.eps,
-                scale: op.reduction.scale(n as f64),
-                up_scalar: scalar_up as i32,
-            };
-            let dt = gpu::dtype_suffix(NAME, T::DTYPE)?;
-            let kernel = format!("{}_bwd_{dt}", prefix(op.kind));
-            g.launch(&IOU, &kernel, Launch::elems(n as u64), &p)?;
-        }
-        Ok((g.storage(out), x.l.shape().clone()))
-    }
-
-    /// The forward on backend `g`.
-    pub(super) fn forward<G: Gpu>(
-        g: &G,
-        op: &IouOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        super::check_rows(x.l)?;
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, t) })
-    }
-
-    /// The gradient with respect to the first boxes on backend `g`.
-    pub(super) fn backward<G: Gpu>(
-        g: &G,
-        op: &IouOp,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        super::check_rows(x.l)?;
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, t, up) })
-    }
-}
+mod gpu;

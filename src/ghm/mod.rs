@@ -4,14 +4,14 @@
 //! any scalar loss without a second pass; the backward is one pass that recomputes `σ(x) - t`
 //! and its bin. On CUDA the histogram and the weighted BCE are two kernels.
 
-use crate::common::{
-    self, check_float_2d, cpu_slice, layout_dims2, rows_per_chunk, vectorized, zeroed_vec, Acc,
-    CpuTargets, Elem, RowLabel, RowTarget, TargetKind,
-};
+use crate::check::{self, check_float_2d, layout_dims2};
+use crate::cpu::{map_chunks, map_indices, rows_per_chunk, zeroed_vec};
+use crate::dtype::{self, with_float_type, Acc, Elem};
+use crate::op::{cpu_slice, emulate, CpuInputs, Fwd, LossKernel, SavedGrad};
 use crate::reduction::Reduction;
+use crate::targets::{self, CpuTargets, RowLabel, RowTarget, TargetKind};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, WithDType};
-use rayon::prelude::*;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 const NAME: &str = "GhmcLoss";
 /// Upper bound on `bins` (bin indices are `i32` in the kernels; mmdet uses 10 or 30).
@@ -103,7 +103,7 @@ impl GhmcLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (labels `[N]` or dense
     /// `[N, C]`), updating the running histogram when `momentum > 0`.
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        crate::common::check_supported_device(NAME, logits)?;
+        check::check_supported_device(NAME, logits)?;
         self.reduction.validate(NAME)?;
         let bins = self.bins;
         if bins == 0 || bins > MAX_BINS {
@@ -114,7 +114,7 @@ impl GhmcLoss {
             bail!("{NAME}: momentum must be in [0, 1), got {mom}")
         }
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
-        let kind = common::target_kind(NAME, logits, targets, n, c)?;
+        let kind = targets::target_kind(NAME, logits, targets, n, c)?;
         let x = logits.contiguous()?;
         let tg = targets.contiguous()?;
         // Pass 1: the histogram of g over the valid elements, plus their number (last entry).
@@ -163,7 +163,7 @@ impl GhmcLoss {
             }
             _ => None,
         };
-        let acc = common::acc_dtype(logits.dtype());
+        let acc = dtype::acc_dtype(logits.dtype());
         let weights = Tensor::new(weights, logits.device())?.to_dtype(acc)?;
         let op = GhmcOp {
             bins,
@@ -175,37 +175,7 @@ impl GhmcLoss {
         };
         // Carries the loss into the graph (CUDA and `Reduction::None`: pass 2, the weighted
         // BCE reduced in the kernel).
-        x.apply_op2(&tg, GhmcFwd(op))
-    }
-}
-
-/// The two conversions the branch-free bin index needs, in the accumulator type.
-pub(crate) trait BinMath: Acc {
-    /// `self as i32` (truncation, saturating; NaN gives 0).
-    fn trunc_i32(self) -> i32;
-    /// mmdet's edge `i / bins`, computed in f32.
-    fn edge(i: i32, bins: f32) -> Self;
-}
-
-impl BinMath for f32 {
-    #[inline(always)]
-    fn trunc_i32(self) -> i32 {
-        self as i32
-    }
-    #[inline(always)]
-    fn edge(i: i32, bins: f32) -> Self {
-        i as f32 / bins
-    }
-}
-
-impl BinMath for f64 {
-    #[inline(always)]
-    fn trunc_i32(self) -> i32 {
-        self as i32
-    }
-    #[inline(always)]
-    fn edge(i: i32, bins: f32) -> Self {
-        (i as f32 / bins) as f64
+        x.apply_op2(&tg, Fwd::new(op, false))
     }
 }
 
@@ -214,12 +184,12 @@ impl BinMath for f64 {
 /// bin, as in mmdet). The guess `⌊g·bins⌋` corrected by one step against the edges, with
 /// selects only so that the row loops vectorise.
 #[inline(always)]
-fn bin_of<A: BinMath>(g: A, bins: i32, bins_f: A, bins_f32: f32) -> i32 {
+fn bin_of<A: Acc>(g: A, bins: i32, bins_f: A, bins_f32: f32) -> i32 {
     let guess = (g * bins_f).trunc_i32();
     let b = if guess < bins - 1 { guess } else { bins - 1 };
     let b = if b > 0 { b } else { 0 };
-    let down = b > 0 && g < A::edge(b, bins_f32);
-    let up = b + 1 < bins && g >= A::edge(b + 1, bins_f32);
+    let down = b > 0 && g < A::from_f32(b as f32 / bins_f32);
+    let up = b + 1 < bins && g >= A::from_f32((b + 1) as f32 / bins_f32);
     let b = b - down as i32 + up as i32;
     if g <= A::ONE {
         b
@@ -236,7 +206,7 @@ struct Scratch<A> {
     bin: Vec<i32>,
 }
 
-impl<A: BinMath> Scratch<A> {
+impl<A: Acc> Scratch<A> {
     fn new(c: usize) -> Self {
         Self {
             t: vec![A::ZERO; c],
@@ -250,15 +220,15 @@ impl<A: BinMath> Scratch<A> {
     /// outside `[0, 1]`.
     #[inline(always)]
     fn load<T: Elem<A = A>>(&mut self, tg: &CpuTargets<'_, T>, i: usize, c: usize) -> Result<bool> {
-        match ghm_row(tg, i, c)? {
-            RowT::Ignored => return Ok(false),
-            RowT::Label(k) => {
+        match tg.row(NAME, i, c)? {
+            RowTarget::Label(RowLabel::Ignored) => return Ok(false),
+            RowTarget::Label(RowLabel::Class(k)) => {
                 self.t.fill(A::ZERO);
                 if let Some(t) = self.t.get_mut(k) {
                     *t = A::ONE; // k == C (background): all negative
                 }
             }
-            RowT::Dense(tr) => {
+            RowTarget::Dense(tr) => {
                 let mut bad = false;
                 for (t, v) in self.t.iter_mut().zip(tr) {
                     *t = v.to_acc();
@@ -293,7 +263,7 @@ impl<A: BinMath> Scratch<A> {
 
 /// `(g, bce, σ(x) - t)` of one element, `g = |σ(x) - t|` (mmdet's gradient norm).
 #[inline(always)]
-fn elem<A: BinMath>(x: A, t: A) -> (A, A, A) {
+fn elem<A: Acc>(x: A, t: A) -> (A, A, A) {
     // One exp, one log1p and one division give both sigmoids and both softplus terms.
     let one = A::ONE;
     let e = x.exp_neg_abs(); // e^{-|x|} ∈ (0, 1]
@@ -309,24 +279,6 @@ fn elem<A: BinMath>(x: A, t: A) -> (A, A, A) {
     let d = s_pos * u - s_neg * t;
     let ce = t * sp_neg + u * sp_pos; // BCE with logits, both terms ≥ 0
     (d.abs(), ce, d)
-}
-
-/// The targets of one row.
-enum RowT<'a, T> {
-    Dense(&'a [T]),
-    /// Class `0..C` or background `C`.
-    Label(usize),
-    Ignored,
-}
-
-/// Row `i` of the targets in GHM-C's form.
-#[inline(always)]
-fn ghm_row<'a, T: Elem>(tg: &CpuTargets<'a, T>, i: usize, c: usize) -> Result<RowT<'a, T>> {
-    Ok(match tg.row(NAME, i, c)? {
-        RowTarget::Dense(d) => RowT::Dense(d),
-        RowTarget::Label(RowLabel::Ignored) => RowT::Ignored,
-        RowTarget::Label(RowLabel::Class(k)) => RowT::Label(k),
-    })
 }
 
 /// Histogram op: `(logits, targets) -> [bins + 1]` i64 (per-bin counts, then valid elements).
@@ -350,11 +302,6 @@ struct GhmcOp {
     /// The reduced loss when the CPU histogram pass already gave it.
     cpu_loss: Option<f64>,
 }
-
-/// Forward op: `(logits, targets) -> loss`.
-struct GhmcFwd(GhmcOp);
-/// Backward op: `(logits, targets, upstream) -> ∂loss/∂logits`.
-struct GhmcBwd(GhmcOp);
 
 fn check_dense_target<A: Acc>(t: A) -> Result<()> {
     if t < A::ZERO || t > A::ONE {
@@ -384,56 +331,48 @@ impl GhmcHist {
         tg: &CpuTargets<'_, T>,
         n: usize,
         c: usize,
-    ) -> Result<(Vec<i64>, Vec<f64>)>
-    where
-        T::A: BinMath,
-    {
+    ) -> Result<(Vec<i64>, Vec<f64>)> {
         let bins = self.bins;
         // Slot `bins` collects the NaN elements (valid, in no bin).
         let slots = bins + 1;
         let rpc = rows_per_chunk(c);
-        let parts: Vec<Result<ChunkHist>> = (0..n.div_ceil(rpc))
-            .into_par_iter()
-            .map(|ci| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let mut cnt = vec![0u64; COPIES * slots];
-                        let mut sum = vec![0f64; COPIES * slots];
-                        let mut valid = 0u64;
-                        let mut sc = Scratch::<T::A>::new(c);
-                        for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                            if !sc.load(tg, i, c)? {
-                                continue;
-                            }
-                            sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
-                            for (j, (&b, &ce)) in sc.bin.iter().zip(&sc.ce).enumerate() {
-                                let k = (j % COPIES) * slots + (b as usize).min(bins);
-                                cnt[k] += 1;
-                                sum[k] += Acc::to_f64(ce);
-                            }
-                            valid += c as u64;
-                        }
-                        let fold = |v: &mut [f64], w: &[f64]| {
-                            v.iter_mut().zip(w).for_each(|(a, b)| *a += *b)
-                        };
-                        let (s0, rest) = sum.split_at_mut(slots);
-                        rest.chunks(slots).for_each(|w| fold(s0, w));
-                        let (c0, rest) = cnt.split_at_mut(slots);
-                        for w in rest.chunks(slots) {
-                            c0.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
-                        }
-                        cnt.truncate(bins);
-                        sum.truncate(slots);
-                        Ok((cnt, sum, valid))
-                    },
-                )
-            })
-            .collect();
+        let parts: Vec<ChunkHist> = map_indices(
+            n.div_ceil(rpc),
+            #[inline(always)]
+            |ci| {
+                let mut cnt = vec![0u64; COPIES * slots];
+                let mut sum = vec![0f64; COPIES * slots];
+                let mut valid = 0u64;
+                let mut sc = Scratch::<T::A>::new(c);
+                for i in ci * rpc..((ci + 1) * rpc).min(n) {
+                    if !sc.load(tg, i, c)? {
+                        continue;
+                    }
+                    sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
+                    for (j, (&b, &ce)) in sc.bin.iter().zip(&sc.ce).enumerate() {
+                        let k = (j % COPIES) * slots + (b as usize).min(bins);
+                        cnt[k] += 1;
+                        sum[k] += Acc::to_f64(ce);
+                    }
+                    valid += c as u64;
+                }
+                let fold =
+                    |v: &mut [f64], w: &[f64]| v.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
+                let (s0, rest) = sum.split_at_mut(slots);
+                rest.chunks(slots).for_each(|w| fold(s0, w));
+                let (c0, rest) = cnt.split_at_mut(slots);
+                for w in rest.chunks(slots) {
+                    c0.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
+                }
+                cnt.truncate(bins);
+                sum.truncate(slots);
+                Ok((cnt, sum, valid))
+            },
+        )?;
         let mut hist = vec![0i64; bins + 1];
         let mut sums = vec![0f64; slots];
         for p in parts {
-            let (cnt, sum, valid) = p?;
+            let (cnt, sum, valid) = p;
             for (a, b) in hist.iter_mut().zip(&cnt) {
                 *a += *b as i64;
             }
@@ -458,7 +397,7 @@ impl CustomOp2 for GhmcHist {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        crate::common::emulate!("ghmc-hist", |g| gpu::hist(
+        emulate!("ghmc-hist", |g| gpu::hist(
             g,
             self.bins,
             self.kind,
@@ -466,7 +405,7 @@ impl CustomOp2 for GhmcHist {
             crate::gpu::arg(s2, l2)
         ));
         let (n, c) = layout_dims2(NAME, l1)?;
-        let (h, sums) = crate::common::with_float_type!(NAME, s1.dtype(), T, {
+        let (h, sums) = with_float_type!(NAME, s1.dtype(), T, {
             let x = cpu_slice::<T>(NAME, s1, l1)?;
             let tg = CpuTargets::<T>::new(NAME, self.kind, s2, l2)?;
             self.cpu_t(x, &tg, n, c)?
@@ -492,32 +431,15 @@ impl CustomOp2 for GhmcHist {
 }
 
 impl GhmcOp {
-    /// The per-bin weights as a host vector (CPU storage only).
-    fn cpu_weights<A: Acc + WithDType>(&self) -> Result<Vec<A>> {
-        let (st, l) = self.weights.storage_and_layout();
-        match &*st {
-            Storage::Cpu(s) => Ok(cpu_slice::<A>(NAME, s, l)?.to_vec()),
-            _ => bail!("{NAME}: bin weights are not on the CPU"),
-        }
-    }
-
     /// The weights with a last entry for the NaN slot (any value: NaN · w stays NaN).
-    fn cpu_weights_ext<A: Acc + WithDType>(&self) -> Result<Vec<A>> {
-        let mut w = self.cpu_weights::<A>()?;
+    fn cpu_weights_ext<A: Acc>(&self) -> Result<Vec<A>> {
+        let mut w = A::host_vec(NAME, "bin weights", &self.weights)?;
         w.resize(self.bins + 1, A::ZERO);
         Ok(w)
     }
 
-    fn cpu_fwd_t<T: Elem>(
-        &self,
-        x: &[T],
-        tg: &CpuTargets<'_, T>,
-        n: usize,
-        c: usize,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        T::A: BinMath + WithDType,
-    {
+    fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>) -> Result<(CpuStorage, Shape)> {
+        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         if self.reduction.is_scalar() {
             let Some(loss) = self.cpu_loss else {
                 bail!("{NAME}: internal error: the histogram pass gave no loss")
@@ -529,44 +451,30 @@ impl GhmcOp {
         let w = self.cpu_weights_ext::<T::A>()?;
         let rpc = rows_per_chunk(c);
         let mut out = zeroed_vec::<T>(n * c)?;
-        let res: Vec<Result<()>> = out
-            .par_chunks_mut((rpc * c).max(1))
-            .enumerate()
-            .map(|(ci, o)| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let mut sc = Scratch::<T::A>::new(c);
-                        for (r, orow) in o.chunks_mut(c).enumerate() {
-                            let i = ci * rpc + r;
-                            if !sc.load(tg, i, c)? {
-                                continue;
-                            }
-                            sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
-                            for ((oj, &b), &ce) in orow.iter_mut().zip(&sc.bin).zip(&sc.ce) {
-                                *oj = T::from_acc(w[(b as usize).min(bins)] * ce);
-                            }
-                        }
-                        Ok(())
-                    },
-                )
-            })
-            .collect();
-        res.into_iter().collect::<Result<Vec<()>>>()?;
+        map_chunks(
+            &mut out,
+            rpc * c,
+            #[inline(always)]
+            |ci, o| {
+                let mut sc = Scratch::<T::A>::new(c);
+                for (r, orow) in o.chunks_mut(c).enumerate() {
+                    let i = ci * rpc + r;
+                    if !sc.load(tg, i, c)? {
+                        continue;
+                    }
+                    sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
+                    for ((oj, &b), &ce) in orow.iter_mut().zip(&sc.bin).zip(&sc.ce) {
+                        *oj = T::from_acc(w[(b as usize).min(bins)] * ce);
+                    }
+                }
+                Ok(())
+            },
+        )?;
         Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))))
     }
 
-    fn cpu_bwd_t<T: Elem>(
-        &self,
-        x: &[T],
-        tg: &CpuTargets<'_, T>,
-        up: &[T],
-        n: usize,
-        c: usize,
-    ) -> Result<(CpuStorage, Shape)>
-    where
-        T::A: BinMath + WithDType,
-    {
+    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> Result<(CpuStorage, Shape)> {
+        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let bins = self.bins;
         let w = self.cpu_weights_ext::<T::A>()?;
         let scalar_up = self.reduction.is_scalar();
@@ -581,273 +489,72 @@ impl GhmcOp {
         });
         let rpc = rows_per_chunk(c);
         let mut g = zeroed_vec::<T>(n * c)?;
-        let res: Vec<Result<()>> = g
-            .par_chunks_mut((rpc * c).max(1))
-            .enumerate()
-            .map(|(ci, gc)| {
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        let mut sc = Scratch::<T::A>::new(c);
-                        for (r, grow) in gc.chunks_mut(c).enumerate() {
-                            let i = ci * rpc + r;
-                            if !sc.load(tg, i, c)? {
-                                continue;
-                            }
-                            sc.eval::<T, false>(&x[i * c..(i + 1) * c], bins);
-                            // β·(σ(x) - t), the weights held constant.
-                            let it = grow.iter_mut().zip(&sc.bin).zip(&sc.d);
-                            if scalar_up {
-                                for ((gj, &b), &d) in it {
-                                    *gj = T::from_acc(base * (w[(b as usize).min(bins)] * d));
-                                }
-                            } else {
-                                let ur = &up[i * c..(i + 1) * c];
-                                for (((gj, &b), &d), u) in it.zip(ur) {
-                                    let wd = w[(b as usize).min(bins)] * d;
-                                    *gj = T::from_acc(base * u.to_acc() * wd);
-                                }
-                            }
+        map_chunks(
+            &mut g,
+            rpc * c,
+            #[inline(always)]
+            |ci, gc| {
+                let mut sc = Scratch::<T::A>::new(c);
+                for (r, grow) in gc.chunks_mut(c).enumerate() {
+                    let i = ci * rpc + r;
+                    if !sc.load(tg, i, c)? {
+                        continue;
+                    }
+                    sc.eval::<T, false>(&x[i * c..(i + 1) * c], bins);
+                    // β·(σ(x) - t), the weights held constant.
+                    let it = grow.iter_mut().zip(&sc.bin).zip(&sc.d);
+                    if scalar_up {
+                        for ((gj, &b), &d) in it {
+                            *gj = T::from_acc(base * (w[(b as usize).min(bins)] * d));
                         }
-                        Ok(())
-                    },
-                )
-            })
-            .collect();
-        res.into_iter().collect::<Result<Vec<()>>>()?;
+                    } else {
+                        let ur = &up[i * c..(i + 1) * c];
+                        for (((gj, &b), &d), u) in it.zip(ur) {
+                            let wd = w[(b as usize).min(bins)] * d;
+                            *gj = T::from_acc(base * u.to_acc() * wd);
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
 }
 
-impl CustomOp2 for GhmcFwd {
-    fn name(&self) -> &'static str {
-        "ghmc-fwd"
+impl LossKernel for GhmcOp {
+    fn loss_name(&self) -> &'static str {
+        NAME
     }
 
-    fn cpu_fwd(
+    fn op_names(&self) -> (&'static str, &'static str) {
+        ("ghmc-fwd", "ghmc-bwd")
+    }
+
+    fn target_kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    /// The loss (the weights are those of the histogram pass: no gradient is saved).
+    fn cpu_forward<T: Elem>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        inp: &CpuInputs<'_, T>,
+        _saved: Option<&SavedGrad>,
     ) -> Result<(CpuStorage, Shape)> {
-        crate::common::emulate!("ghmc-fwd", |g| gpu::forward(
-            g,
-            &self.0,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2)
-        ));
-        let (n, c) = layout_dims2(NAME, l1)?;
-        crate::common::with_float_type!(NAME, s1.dtype(), T, {
-            let x = cpu_slice::<T>(NAME, s1, l1)?;
-            let tg = CpuTargets::<T>::new(NAME, self.0.kind, s2, l2)?;
-            self.0.cpu_fwd_t(x, &tg, n, c)
-        })
+        self.cpu_fwd_t(inp)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
+    fn cpu_backward<T: Elem>(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu::forward(
-            &g,
-            &self.0,
-            crate::gpu::arg(s1, l1),
-            crate::gpu::arg(s2, l2),
-        )
+        inp: &CpuInputs<'_, T>,
+        up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_bwd_t(inp, up)
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let bwd = GhmcBwd(self.0.clone());
-        common::saved_or_backward(NAME, None, logits, targets, grad_res, &bwd)
-    }
+    crate::op::gpu_kernel_methods!();
 }
-
-common::targets_backward_op!(GhmcBwd, "ghmc-bwd", NAME);
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-mod gpu {
-    use super::{GhmcOp, NAME};
-    use crate::common::{layout_dims2, Elem, TargetKind};
-    use crate::gpu::params::{GhmBwdParams, GhmFwdParams, GhmHistParams};
-    use crate::gpu::{
-        self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, KernelError, Launch, Scale, GHM,
-    };
-    use crate::reduction::Reduction;
-    use candle_core::{Result, Shape};
-
-    /// Histograms of at most this many bins live in shared memory (u32 per bin).
-    const SHARED_MAX_BINS: usize = 8192;
-
-    /// The message of a kernel error: an invalid label or dense target.
-    fn message(e: KernelError, c: usize) -> String {
-        match e.code {
-            gpu::ERR_TARGET => {
-                format!("{NAME}: dense targets must be in [0, 1], got {}", e.value())
-            }
-            _ => e.label(NAME, c),
-        }
-    }
-
-    fn suffix<T: candle_core::WithDType>(kind: TargetKind) -> Result<String> {
-        Ok(format!(
-            "{}_{}",
-            gpu::dtype_suffix(NAME, T::DTYPE)?,
-            gpu::target_suffix(kind)
-        ))
-    }
-
-    fn hist_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        bins: usize,
-        kind: TargetKind,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        let (n, c) = layout_dims2(NAME, x.l)?;
-        let total = (n * c) as u64;
-        let err = ErrorFlag::new(g)?;
-        // u64 counts in the kernel; an i64 tensor (same bits, counts < 2^63) for candle.
-        let counts = g.zeros::<i64>(bins + 1)?;
-        if total > 0 {
-            let global = bins > SHARED_MAX_BINS;
-            let mut cfg = Launch::partials(total);
-            if !global {
-                cfg = cfg.with_shmem(bins * 4);
-            }
-            let p = GhmHistParams {
-                x: g.input::<T>(NAME, x.s, x.l)?,
-                tg: gpu::targets_addr::<G, T>(g, NAME, kind, tg.s, tg.l)?,
-                counts: g.out_addr(&counts),
-                err: err.addr(g),
-                n: n as u64,
-                c: c as u64,
-                bins: bins as i32,
-                global: global as i32,
-            };
-            g.launch(&GHM, &format!("ghmc_hist_{}", suffix::<T>(kind)?), cfg, &p)?;
-        }
-        err.check(g, |e| message(e, c))?;
-        Ok((g.storage(counts), Shape::from(bins + 1)))
-    }
-
-    fn fwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &GhmcOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem,
-    {
-        let (n, c) = layout_dims2(NAME, x.l)?;
-        let err = ErrorFlag::new(g)?;
-        let p = GhmFwdParams {
-            x: g.input::<T>(NAME, x.s, x.l)?,
-            tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
-            w: g.tensor::<T::A>(NAME, &op.weights)?,
-            err: err.addr(g),
-            n: n as u64,
-            c: c as u64,
-            bins: op.bins as i32,
-            ..Default::default()
-        };
-        let sfx = suffix::<T>(op.kind)?;
-        let plan = ForwardPlan {
-            module: &GHM,
-            prefix: "ghmc",
-            suffix: &sfx,
-            items: (n * c) as u64,
-            none_shape: Shape::from((n, c)),
-            scale: (op.reduction != Reduction::None)
-                .then(|| Scale::host(op.reduction.scale(op.mean_denom))),
-        };
-        let out = plan.run::<G, T, _>(g, NAME, p)?;
-        err.check(g, |e| message(e, c))?;
-        Ok(out)
-    }
-
-    fn bwd_t<G: Gpu, T: Elem + DevElem>(
-        g: &G,
-        op: &GhmcOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem,
-    {
-        let (n, c) = layout_dims2(NAME, x.l)?;
-        let scalar_up = op.reduction.is_scalar();
-        gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
-        let total = (n * c) as u64;
-        let err = ErrorFlag::new(g)?;
-        let out = g.output::<T>(n * c)?;
-        if total > 0 {
-            let p = GhmBwdParams {
-                x: g.input::<T>(NAME, x.s, x.l)?,
-                tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
-                w: g.tensor::<T::A>(NAME, &op.weights)?,
-                up: g.input::<T>(NAME, up.s, up.l)?,
-                g: g.out_addr(&out),
-                err: err.addr(g),
-                n: n as u64,
-                c: c as u64,
-                scale: op.reduction.scale(op.mean_denom),
-                bins: op.bins as i32,
-                up_scalar: scalar_up as i32,
-            };
-            let kernel = format!("ghmc_bwd_{}", suffix::<T>(op.kind)?);
-            g.launch(&GHM, &kernel, Launch::elems(total), &p)?;
-        }
-        err.check(g, |e| message(e, c))?;
-        Ok((g.storage(out), Shape::from((n, c))))
-    }
-
-    /// The gradient-norm histogram on backend `g`: `[bins + 1]` i64 (per-bin counts, then the
-    /// number of valid elements).
-    pub(super) fn hist<G: Gpu>(
-        g: &G,
-        bins: usize,
-        kind: TargetKind,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, {
-            hist_t::<G, T>(g, bins, kind, x, tg)
-        })
-    }
-
-    /// The forward on backend `g`, with the bin weights fixed by the histogram.
-    pub(super) fn forward<G: Gpu>(
-        g: &G,
-        op: &GhmcOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { fwd_t::<G, T>(g, op, x, tg) })
-    }
-
-    /// The gradient on backend `g` (the bin weights constant).
-    pub(super) fn backward<G: Gpu>(
-        g: &G,
-        op: &GhmcOp,
-        x: Arg<'_, G::Storage>,
-        tg: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)> {
-        crate::common::with_float_type!(NAME, g.dtype(x.s), T, { bwd_t::<G, T>(g, op, x, tg, up) })
-    }
-}
+mod gpu;

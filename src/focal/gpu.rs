@@ -1,0 +1,132 @@
+//! The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+
+use super::{FocalOp, NAME};
+use crate::check::layout_dims2;
+use crate::dtype::Elem;
+use crate::gpu::params::{FocalBwdParams, FocalFwdParams, RowCountParams};
+use crate::gpu::{self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, Launch, Partials, Scale, FOCAL};
+use crate::reduction::Reduction;
+use crate::targets::TargetKind;
+use candle_core::{Result, Shape};
+
+/// The forward on backend `g`: per-element losses or the reduced scalar.
+pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+    g: &G,
+    op: &FocalOp,
+    x: Arg<'_, G::Storage>,
+    tg: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)>
+where
+    T::A: DevElem,
+{
+    let (n, c) = layout_dims2(NAME, x.l)?;
+    let sfx = format!(
+        "{}_{}",
+        gpu::dtype_suffix(NAME, T::DTYPE)?,
+        gpu::target_suffix(op.kind)
+    );
+    let err = ErrorFlag::new(g)?;
+    let p = FocalFwdParams {
+        x: g.input::<T>(NAME, x.s, x.l)?,
+        tg: gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?,
+        w: g.tensor::<T::A>(NAME, &op.weights)?,
+        err: err.addr(g),
+        n: n as u64,
+        c: c as u64,
+        alpha: op.alpha.unwrap_or(1.0),
+        gamma: op.gamma,
+        has_alpha: op.alpha.is_some() as i32,
+        ..Default::default()
+    };
+    let plan = ForwardPlan {
+        module: &FOCAL,
+        prefix: "sigmoid_focal",
+        suffix: &sfx,
+        items: (n * c) as u64,
+        none_shape: Shape::from((n, c)),
+        // Mean: sum / (non-ignored rows × C), the rows counted per block at column 0.
+        scale: match op.reduction {
+            Reduction::None => None,
+            Reduction::Mean => Some(Scale::device(c as f64)),
+            r => Some(Scale::host(r.scale(0.0))),
+        },
+    };
+    let out = plan.run::<G, T, _>(g, NAME, p)?;
+    err.check_labels(g, NAME, c)?;
+    Ok(out)
+}
+
+/// The gradient on backend `g`.
+pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
+    g: &G,
+    op: &FocalOp,
+    x: Arg<'_, G::Storage>,
+    tg: Arg<'_, G::Storage>,
+    up: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)>
+where
+    T::A: DevElem,
+{
+    let (n, c) = layout_dims2(NAME, x.l)?;
+    let scalar_up = op.reduction.is_scalar();
+    gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
+    let sfx = format!(
+        "{}_{}",
+        gpu::dtype_suffix(NAME, T::DTYPE)?,
+        gpu::target_suffix(op.kind)
+    );
+    let total = (n * c) as u64;
+    let err = ErrorFlag::new(g)?;
+    let out = g.output::<T>(n * c)?;
+    let tg_addr = gpu::targets_addr::<G, T>(g, NAME, op.kind, tg.s, tg.l)?;
+    // Mean over labels divides by the number of non-ignored rows, counted on the device.
+    let count_rows = op.reduction == Reduction::Mean && op.kind != TargetKind::Dense;
+    let scale_buf = g.words(1)?;
+    if total > 0 {
+        if count_rows {
+            let parts = Partials::new(g, n as u64)?;
+            let p = RowCountParams {
+                tg: tg_addr,
+                pden: g.words_addr(&parts.pden),
+                err: err.addr(g),
+                n: n as u64,
+                c: c as u64,
+            };
+            let name = format!("sigmoid_focal_count_{}", gpu::target_suffix(op.kind));
+            g.launch(&FOCAL, &name, parts.cfg, &p)?;
+            let scale = Scale::device(c as f64);
+            gpu::finalize::<G, T>(g, NAME, &parts, scale, Some(&scale_buf))?;
+        }
+        let p = FocalBwdParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg: tg_addr,
+            w: g.tensor::<T::A>(NAME, &op.weights)?,
+            up: g.input::<T>(NAME, up.s, up.l)?,
+            g: g.out_addr(&out),
+            scale_p: if count_rows {
+                g.words_addr(&scale_buf)
+            } else {
+                0
+            },
+            err: err.addr(g),
+            n: n as u64,
+            c: c as u64,
+            alpha: op.alpha.unwrap_or(1.0),
+            gamma: op.gamma,
+            scale: match op.reduction {
+                Reduction::Mean => op.reduction.scale(total as f64), // dense: N·C
+                r => r.scale(0.0),
+            },
+            has_alpha: op.alpha.is_some() as i32,
+            up_scalar: scalar_up as i32,
+        };
+        g.launch(
+            &FOCAL,
+            &format!("sigmoid_focal_bwd_{sfx}"),
+            Launch::elems(total),
+            &p,
+        )?;
+    }
+    err.check_labels(g, NAME, c)?;
+    Ok((g.storage(out), Shape::from((n, c))))
+}

@@ -1,0 +1,89 @@
+//! The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
+
+use super::{consts, Kind, RegOp};
+use crate::dtype::Elem;
+use crate::gpu::params::{RegBwdParams, RegFwdParams};
+use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, REGRESSION};
+use crate::reduction::Reduction;
+use candle_core::{Result, Shape};
+
+fn prefix(op: &RegOp) -> &'static str {
+    match op.kind {
+        Kind::Smooth { .. } => "smooth_l1",
+        Kind::Balanced { .. } => "balanced_l1",
+    }
+}
+
+/// The forward on backend `g`: per-element losses or the reduced scalar.
+pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+    g: &G,
+    op: &RegOp,
+    x: Arg<'_, G::Storage>,
+    t: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)> {
+    let name = op.name();
+    let n = x.l.shape().elem_count();
+    let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
+    let p = RegFwdParams {
+        x: g.input::<T>(name, x.s, x.l)?,
+        t: g.input::<T>(name, t.s, t.l)?,
+        n: n as u64,
+        p0,
+        p1,
+        p2,
+        p3,
+        p4,
+        p5,
+        p6,
+        p7,
+        ..Default::default()
+    };
+    let plan = ForwardPlan {
+        module: &REGRESSION,
+        prefix: prefix(op),
+        suffix: gpu::dtype_suffix(name, T::DTYPE)?,
+        items: n as u64,
+        none_shape: x.l.shape().clone(),
+        scale: (op.reduction != Reduction::None).then(|| Scale::host(op.reduction.scale(n as f64))),
+    };
+    plan.run::<G, T, _>(g, name, p)
+}
+
+/// The gradient on backend `g`.
+pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
+    g: &G,
+    op: &RegOp,
+    x: Arg<'_, G::Storage>,
+    t: Arg<'_, G::Storage>,
+    up: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)> {
+    let name = op.name();
+    let n = x.l.shape().elem_count();
+    let scalar_up = op.reduction.is_scalar();
+    gpu::check_upstream(name, up.l, scalar_up, n)?;
+    let out = g.output::<T>(n)?;
+    if n > 0 {
+        let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
+        let p = RegBwdParams {
+            x: g.input::<T>(name, x.s, x.l)?,
+            t: g.input::<T>(name, t.s, t.l)?,
+            up: g.input::<T>(name, up.s, up.l)?,
+            g: g.out_addr(&out),
+            n: n as u64,
+            scale: op.reduction.scale(n as f64),
+            p0,
+            p1,
+            p2,
+            p3,
+            p4,
+            p5,
+            p6,
+            p7,
+            up_scalar: scalar_up as i32,
+        };
+        let dt = gpu::dtype_suffix(name, T::DTYPE)?;
+        let kernel = format!("{}_bwd_{dt}", prefix(op));
+        g.launch(&REGRESSION, &kernel, Launch::elems(n as u64), &p)?;
+    }
+    Ok((g.storage(out), x.l.shape().clone()))
+}
