@@ -18,18 +18,22 @@ enum Loss {
     Balanced { alpha: f64, gamma: f64, beta: f64 },
 }
 
-/// (loss, d loss / d pred) of one element.
-fn ref_elem(loss: Loss, x: f64, t: f64) -> (f64, f64) {
-    let d = x - t;
-    let ad = d.abs();
-    // torch: d|d|/dd = sign(d), 0 at d = 0.
-    let sgn = if d > 0.0 {
+/// torch's d|d|/dd: sign(d), 0 at d = 0.
+fn sign(d: f64) -> f64 {
+    if d > 0.0 {
         1.0
     } else if d < 0.0 {
         -1.0
     } else {
         0.0
-    };
+    }
+}
+
+/// (loss, d loss / d pred) of one element.
+fn ref_elem(loss: Loss, x: f64, t: f64) -> (f64, f64) {
+    let d = x - t;
+    let ad = d.abs();
+    let sgn = sign(d);
     match loss {
         Loss::Smooth(beta) => {
             if beta == 0.0 {
@@ -303,13 +307,7 @@ fn naive_half(loss: Loss, x: f64, t: f64, dt: DType) -> (f64, f64) {
     let r = |v: f64| round_half(v, dt);
     let d = r(x - t);
     let ad = d.abs();
-    let sgn = if d > 0.0 {
-        1.0
-    } else if d < 0.0 {
-        -1.0
-    } else {
-        0.0
-    };
+    let sgn = sign(d);
     match loss {
         Loss::Smooth(beta) => {
             let beta_h = r(beta);

@@ -337,6 +337,15 @@ pub fn round_half(v: f64, dtype: DType) -> f64 {
     }
 }
 
+/// `len` moderate logits for a half-precision comparison, where the naive half formula is still
+/// finite: normal with standard deviation 2.5, clamped to ±8 and rounded to the half `dtype`.
+pub fn half_logits(rng: &mut super::Rng, len: usize, dtype: DType) -> Vec<f64> {
+    rng.vec_normal(len, 2.5)
+        .iter()
+        .map(|v| round_half(v.clamp(-8.0, 8.0), dtype))
+        .collect()
+}
+
 /// The values `v` as `dtype` holds them.
 pub fn round_to_dtype(v: &[f64], dtype: DType) -> Vec<f64> {
     to_f64_vec(
