@@ -455,14 +455,9 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(6);
     let (n, c) = (37, 11);
-    // t() of a transposed buffer.
-    let x_strided = transposed(rng.vec_normal(n * c, 2.0), n, c, DType::F32, &dev);
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, c, c as u64 + 2);
     let x_contig = x_strided.contiguous().unwrap();
-    // Labels taken as a strided column of a [N, 2] tensor.
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(c as u64 + 2) as i64 - 1)
-        .collect();
-    let lab_strided = label_column(lab2, n, &dev);
     let lab_contig = lab_strided.contiguous().unwrap();
     // Dense targets from a narrow of a wider buffer, and from a broadcast row.
     let wide = Tensor::from_vec(

@@ -437,11 +437,8 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(36);
     let (n, c) = (37, 11);
-    let x_strided = transposed(rng.vec_normal(n * c, 2.0), n, c, DType::F32, &dev);
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(c as u64 + 2) as i64 - 1)
-        .collect();
-    let lab_strided = label_column(lab2, n, &dev);
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, c, c as u64 + 2);
     let wide = Tensor::from_vec(
         (0..n * (c + 5))
             .map(|_| (rng.below(3) == 0) as u8 as f32)

@@ -569,12 +569,9 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(16);
     let (n, k) = (37, 11);
-    let x_strided = transposed(rng.vec_normal(n * k, 2.0), n, k, DType::F32, &dev);
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, k, k as u64 + 1);
     let x_contig = x_strided.contiguous().unwrap();
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(k as u64 + 1) as i64 - 1)
-        .collect();
-    let lab_strided = label_column(lab2, n, &dev);
     let lab_contig = lab_strided.contiguous().unwrap();
     // Class weights from a strided view too.
     let w2 = Tensor::from_vec(

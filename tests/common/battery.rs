@@ -5,9 +5,11 @@
 //!
 //! - [`REDUCTIONS`], [`upstream`], [`up_tensor`] and [`reduce_reference`]: the reductions every
 //!   loss is checked under, the upstream gradients fed to them and the reference's reduction;
-//! - [`check_against_reference`]: f64 and f32 against the reference;
+//! - [`check_against_reference`], [`check_label_types_agree`]: f64 and f32 against the
+//!   reference, u32 labels against i64 labels;
 //! - [`check_fixture`], [`check_finite_differences`]: PyTorch fixtures and finite differences;
-//! - [`check_extreme`], [`HalfErrors`], [`check_accumulated`]: extreme inputs and half rounding;
+//! - [`check_extreme`], [`HalfErrors`], [`check_accumulated`], [`half_logits`]: extreme inputs
+//!   and half rounding;
 //! - [`check_views_equal_copies`]: strided, broadcast and offset views against plain copies;
 //! - [`check_thread_count_determinism`]: bit-for-bit results for any rayon thread count;
 //! - [`check_error`], [`check_label_errors`], [`check_empty_batch`]: the error table, edge batches;
@@ -196,9 +198,13 @@ impl Tol {
 /// rounding) and in f32 (the crate's fast exp/log against the reference at f32 inputs).
 #[derive(Clone, Copy, Debug)]
 pub struct RefTols {
+    /// The f64 loss.
     pub f64_loss: Tol,
+    /// The f64 gradient.
     pub f64_grad: Tol,
+    /// The f32 loss.
     pub f32_loss: Tol,
+    /// The f32 gradient.
     pub f32_grad: Tol,
 }
 
@@ -538,6 +544,23 @@ pub fn label_column(lab2: Vec<i64>, n: usize, dev: &Device) -> Tensor {
     t
 }
 
+/// The strided inputs of a classification loss: `[n, c]` f32 logits (normal, standard deviation
+/// 2) as the transpose of a `[c, n]` buffer, then labels in `-1..labels_end - 1` as the strided
+/// column of an `[n, 2]` tensor (drawn from `rng` in that order).
+pub fn strided_logits_and_labels(
+    rng: &mut super::Rng,
+    n: usize,
+    c: usize,
+    labels_end: u64,
+) -> (Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let x = transposed(rng.vec_normal(n * c, 2.0), n, c, DType::F32, &dev);
+    let lab2: Vec<i64> = (0..2 * n)
+        .map(|_| rng.below(labels_end) as i64 - 1)
+        .collect();
+    (x, label_column(lab2, n, &dev))
+}
+
 /// `up` narrowed to rows `start..start + len` where it is per item (`Reduction::None`).
 pub fn up_rows(up: &Tensor, red: Reduction, start: usize, len: usize) -> Tensor {
     if red == Reduction::None {
@@ -599,7 +622,9 @@ pub fn check_error<T>(named: Named, r: Result<T>, needles: &[&str]) {
 
 /// A row of [`check_label_errors`]: bad labels of some integer type and what the error says.
 pub enum BadLabels<'a> {
+    /// i64 labels and the text their error contains.
     I64(&'a [i64], &'a str),
+    /// u32 labels and the text their error contains.
     U32(&'a [u32], &'a str),
 }
 
@@ -709,7 +734,9 @@ pub fn check_fused_equals_recomputed(what: &str, x: &Var, f: impl Fn(&Tensor) ->
 /// side).
 #[derive(Clone, Copy, Debug)]
 pub struct Side<'a> {
+    /// The device of this side's inputs.
     pub dev: &'a Device,
+    /// Whether this is the CPU-kernel (reference) side.
     pub cpu_kernels: bool,
 }
 
