@@ -187,3 +187,39 @@ pub fn on_cpu_kernels<R>(f: impl FnOnce() -> R) -> R {
 pub fn bits_of(t: &Tensor) -> Vec<u64> {
     to_f64_vec(t).iter().map(|v| v.to_bits()).collect()
 }
+
+/// The losses that take `class_weights`, by name.
+pub const CLASS_WEIGHTED: [&str; 3] = ["SigmoidFocalLoss", "CrossEntropyLoss", "SoftmaxFocalLoss"];
+
+/// The loss `name` (one of [`CLASS_WEIGHTED`], with its defaults; label smoothing 0.1 for
+/// cross-entropy) with `reduction` and `class_weights`, on logits `x` and labels `l`.
+pub fn class_weighted_forward(
+    name: &str,
+    reduction: candle_detloss::Reduction,
+    class_weights: Option<Tensor>,
+    x: &Tensor,
+    l: &Tensor,
+) -> Result<Tensor> {
+    use candle_detloss::{CrossEntropyLoss, SigmoidFocalLoss, SoftmaxFocalLoss};
+    match name {
+        "SigmoidFocalLoss" => SigmoidFocalLoss {
+            reduction,
+            class_weights,
+            ..Default::default()
+        }
+        .forward(x, l),
+        "CrossEntropyLoss" => CrossEntropyLoss {
+            reduction,
+            class_weights,
+            label_smoothing: 0.1,
+        }
+        .forward(x, l),
+        "SoftmaxFocalLoss" => SoftmaxFocalLoss {
+            reduction,
+            class_weights,
+            ..Default::default()
+        }
+        .forward(x, l),
+        _ => panic!("no class-weighted loss {name}"),
+    }
+}
