@@ -622,14 +622,11 @@ fn fused_forward_gradient_equals_the_recomputed_one_bitwise() {
     let mut rng = Rng::new(77);
     // 5003 x 4 elements: two rayon chunks and partial blocks.
     let (x, t) = make_inputs(&mut rng, 5003 * 4);
+    // Smooth L1 with β = 1/9 and 0, balanced L1 with the defaults and with β = 0.7.
     let losses = [
-        Loss::Smooth(1.0 / 9.0),
-        Loss::Smooth(0.0),
-        Loss::Balanced {
-            alpha: 0.5,
-            gamma: 1.5,
-            beta: 1.0,
-        },
+        LOSSES[1],
+        LOSSES[2],
+        LOSSES[3],
         Loss::Balanced {
             alpha: 0.5,
             gamma: 1.5,
