@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_detloss::{ApLoss, ApStats};
 use common::*;
 
@@ -145,7 +145,7 @@ fn dense(rng: &mut Rng, n: usize, c: usize) -> Tg {
 }
 
 /// Loss and update (gradient of `loss · up`) of ours.
-fn run(ap: &ApLoss, x: &Tensor, t: &Tensor, up: f64) -> (Vec<f64>, Vec<f64>) {
+fn run(ap: &ApLoss, x: &Tensor, t: &Tensor, up: f64) -> LossGrad {
     let upt = Tensor::new(up, x.device()).unwrap();
     let (l, g) = loss_and_grad(x, &upt, |x| ap.forward(x, t)).expect("forward/backward");
     assert_eq!(l.rank(), 0);
@@ -367,27 +367,19 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let mut rng = Rng::new(16);
     let (n, c) = (50, 7);
     let ap = ApLoss::default();
+    let run1 = |v: &[Tensor]| run(&ap, &v[0], &v[1], 1.0);
     // t() of a transposed buffer.
-    let x_strided = Tensor::from_vec(scores(&mut rng, n * c), (c, n), &dev)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .t()
-        .unwrap();
-    assert!(!x_strided.is_contiguous());
+    let x_strided = transposed(scores(&mut rng, n * c), n, c, DType::F32, &dev);
     let x_contig = x_strided.contiguous().unwrap();
     // Labels as a strided column of [N, 2].
     let lab2: Vec<i64> = (0..2 * n)
         .map(|_| rng.below(c as u64 + 2) as i64 - 1)
         .collect();
-    let lab_strided = Tensor::from_vec(lab2, (n, 2), &dev)
-        .unwrap()
-        .i((.., 1))
-        .unwrap();
-    assert!(!lab_strided.is_contiguous());
-    assert_eq!(
-        run(&ap, &x_strided, &lab_strided, 1.0),
-        run(&ap, &x_contig, &lab_strided.contiguous().unwrap(), 1.0)
+    let lab_strided = label_column(lab2, n, &dev);
+    check_views_equal_copies(
+        "labels",
+        &[Views::contiguous(&[&x_strided, &lab_strided])],
+        run1,
     );
     // Dense targets narrowed out of a wider buffer (f32 and i64), and a broadcast row.
     let wide: Vec<i64> = (0..n * (c + 3))
@@ -407,16 +399,21 @@ fn strided_inputs_equal_their_contiguous_copies() {
         row.broadcast_as((n, c)).unwrap(),
     ] {
         assert!(!t.is_contiguous());
-        let a = run(&ap, &x_strided, &t, 1.0);
-        assert!(a.1.iter().any(|v| *v != 0.0));
-        assert_eq!(a, run(&ap, &x_contig, &t.contiguous().unwrap(), 1.0));
+        check_views_equal_copies(
+            &format!("dense {:?}", t.dtype()),
+            &[Views::contiguous(&[&x_strided, &t])],
+            |v| {
+                let a = run1(v);
+                assert!(a.1.iter().any(|v| *v != 0.0));
+                a
+            },
+        );
     }
     // Row-narrowed (offset) views.
-    let xn = x_contig.narrow(0, 5, 20).unwrap();
-    let ln = lab_strided.narrow(0, 5, 20).unwrap();
-    assert_eq!(
-        run(&ap, &xn, &ln, 1.0),
-        run(&ap, &xn.copy().unwrap(), &ln.copy().unwrap(), 1.0)
+    check_views_equal_copies(
+        "offset",
+        &[Views::offset_rows(&[&x_contig, &lab_strided], 5, 20)],
+        run1,
     );
 }
 
@@ -452,11 +449,7 @@ fn nan_propagates_to_loss_and_every_valid_update() {
 }
 
 fn check_err<T>(r: candle_core::Result<T>, needles: &[&str]) {
-    let e = err_of(r);
-    assert!(e.contains("ApLoss"), "{e}");
-    for nd in needles {
-        assert!(e.contains(nd), "`{e}` lacks `{nd}`");
-    }
+    check_error(Named::Anywhere("ApLoss"), r, needles);
 }
 
 #[test]
@@ -467,17 +460,14 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     let ap = ApLoss::default();
     assert!(ap.forward(&x, &ok_labels).is_ok());
     // Labels out of range.
-    check_err(
-        ap.forward(&x, &Tensor::new(&[0i64, 83, 1, 2], &dev).unwrap()),
-        &["label 83 out of range 0..=80"],
-    );
-    check_err(
-        ap.forward(&x, &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap()),
-        &["label -2"],
-    );
-    check_err(
-        ap.forward(&x, &Tensor::new(&[0u32, 81, 1, 2], &dev).unwrap()),
-        &["label 81"],
+    check_label_errors(
+        Named::Anywhere("ApLoss"),
+        &[
+            BadLabels::I64(&[0, 83, 1, 2], "label 83 out of range 0..=80"),
+            BadLabels::I64(&[0, -2, 1, 2], "label -2"),
+            BadLabels::U32(&[0, 81, 1, 2], "label 81"),
+        ],
+        |t| ap.forward(&x, t),
     );
     // Dense targets outside {-1, 0, 1}: float, NaN and i64.
     let mut d = vec![0f32; 4 * 80];
@@ -586,30 +576,21 @@ fn bitwise_deterministic_for_any_thread_count() {
         .iter()
         .flat_map(|tg| target_tensors(tg, n, c, DType::F32, &dev))
         .collect();
-    let run_pool = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut bits = Vec::new();
-            for interpolate in [true, false] {
-                let ap = ApLoss {
-                    delta: 0.5,
-                    interpolate,
-                };
-                for t in &targets {
-                    let (l, g) = run(&ap, &x, t, 1.0);
-                    bits.extend(l.iter().chain(&g).map(|v| v.to_bits()));
-                }
+    let one = check_thread_count_determinism(|| {
+        let mut bits = Vec::new();
+        for interpolate in [true, false] {
+            let ap = ApLoss {
+                delta: 0.5,
+                interpolate,
+            };
+            for t in &targets {
+                let (l, g) = run(&ap, &x, t, 1.0);
+                bits.extend(l.iter().chain(&g).map(|v| v.to_bits()));
             }
-            bits
-        })
-    };
-    let one = run_pool(1);
+        }
+        bits
+    });
     assert!(one.iter().any(|b| *b != 0));
-    assert_eq!(one, run_pool(2));
-    assert_eq!(one, run_pool(3));
 }
 
 /// Splits rows `0..n` into `k` uneven contiguous ranges.

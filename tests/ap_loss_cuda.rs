@@ -42,10 +42,10 @@ fn dense_of(l: &[i64], c: usize) -> Vec<i64> {
         .collect()
 }
 
-fn run(ap: &ApLoss, x: &Tensor, t: &Tensor) -> (Vec<f64>, Vec<f64>) {
-    let up = Tensor::new(0.75f64, x.device()).unwrap();
-    let (l, g) = loss_and_grad(x, &up, |x| ap.forward(x, t)).expect("forward/backward");
-    (to_f64_vec(&l), to_f64_vec(&g))
+fn run(ap: &ApLoss, x: &Tensor, t: &Tensor) -> LossGrad {
+    run_loss(x, &Tensor::new(0.75f64, x.device()).unwrap(), |x| {
+        ap.forward(x, t)
+    })
 }
 
 fn compare(what: &str, ap: &ApLoss, x_cpu: &Tensor, t_cpu: &Tensor, gpu: &Device) {
@@ -57,13 +57,16 @@ fn compare(what: &str, ap: &ApLoss, x_cpu: &Tensor, t_cpu: &Tensor, gpu: &Device
     let sc = on_cpu_kernels(|| ap.bucket_stats(x_cpu, t_cpu, &pc)).unwrap();
     let sg = ap.bucket_stats(&x_gpu, &t_gpu, &pg).unwrap();
     assert_eq!(sc.to_words(), sg.to_words(), "{what}: bucket statistics");
-    let (lc, gc) = on_cpu_kernels(|| run(ap, x_cpu, t_cpu));
-    let (lg, gg) = run(ap, &x_gpu, &t_gpu);
+    let inputs = |d: &Device| {
+        let [x, t] = [x_cpu, t_cpu].map(|v| v.to_device(d).unwrap());
+        [x, t, Tensor::new(0.75f64, d).unwrap()]
+    };
+    let r = cuda_and_cpu(gpu, inputs, |_, x, t| ap.forward(x, t));
+    let lc = &r.cpu.0;
     assert!(lc[0].is_finite() && lc[0] > 0.0, "{what}: {lc:?}");
-    assert_close(&format!("{what} loss"), &lg, &lc, 0.0, 1e-6);
-    let scale = gc.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0, "{what}");
-    assert_close(&format!("{what} update"), &gg, &gc, 1e-9 * scale, 1e-6);
+    assert!(max_abs(&r.cpu.1) > 0.0, "{what}");
+    // The update's absolute tolerance: 1e-9 of the largest.
+    r.assert_close(what, Tol::abs(0.0, 1e-6), Tol::scaled(1e-9, 0.0, 1e-6));
 }
 
 #[test]

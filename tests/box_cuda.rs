@@ -9,30 +9,18 @@ use candle_core::{DType, Device, Tensor};
 use candle_detloss::{BalancedL1Loss, BoxIouLoss, IouKind, Reduction, SmoothL1Loss};
 use common::*;
 
-const REDUCTIONS: [Reduction; 4] = [
-    Reduction::None,
-    Reduction::Sum,
-    Reduction::Mean,
-    Reduction::AvgFactor(7.5),
-];
 const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 
-/// (loss, grad) on `dev` as f64 vectors.
+/// CUDA and CPU-kernel results of `f` on copies of the CPU tensors `x`, `t`, `up`.
 fn run(
-    f: &dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+    gpu: &Device,
+    f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
     x: &Tensor,
     t: &Tensor,
     up: &Tensor,
-    dev: &Device,
-) -> (Vec<f64>, Vec<f64>) {
-    let (x, t, up) = (
-        x.to_device(dev).unwrap(),
-        t.to_device(dev).unwrap(),
-        up.to_device(dev).unwrap(),
-    );
-    let (l, g) = loss_and_grad(&x, &up, |x| f(x, &t)).unwrap();
-    assert!(l.device().same_device(dev) && g.device().same_device(dev));
-    (to_f64_vec(&l), to_f64_vec(&g))
+) -> CudaResults {
+    let inputs = |d: &Device| [x, t, up].map(|v| v.to_device(d).unwrap());
+    cuda_and_cpu(gpu, inputs, |_, x, t| f(x, t))
 }
 
 /// Tolerance (relative to the largest magnitude) by dtype: CUDA may contract to FMA and uses
@@ -60,31 +48,15 @@ fn term_scale(red: Reduction, items: usize, up: &Tensor) -> f64 {
     1e-2 * factor * up_max
 }
 
-fn compare(
-    what: &str,
-    cpu: &(Vec<f64>, Vec<f64>),
-    gpu: &(Vec<f64>, Vec<f64>),
-    dtype: DType,
-    grad_floor: f64,
-) {
-    let scale = |v: &[f64]| v.iter().fold(1e-30f64, |m, x| m.max(x.abs()));
+/// The CUDA result within [`tol`] of the CPU kernels', the gradient's absolute tolerance at
+/// least `tol` of `grad_floor` (see [`term_scale`]) and one step of the dtype's grid.
+fn compare(what: &str, r: &CudaResults, dtype: DType, grad_floor: f64) {
     let t = tol(dtype);
-    assert_close(
-        &format!("{what} loss"),
-        &gpu.0,
-        &cpu.0,
-        t * scale(&cpu.0),
-        t,
+    r.assert_close(
+        what,
+        Tol::scaled(t, 1e-30, t),
+        Tol::scaled(t, grad_floor.max(1e-30), t).at_least(grid_step(dtype)),
     );
-    // Nothing is nearer than one step of its dtype's grid: f16 gradients of a Mean over 1M
-    // elements are subnormal, where a step is 2^-24.
-    let step = if dtype == DType::F16 {
-        2f64.powi(-24)
-    } else {
-        0.0
-    };
-    let atol = (t * scale(&cpu.1).max(grad_floor)).max(step);
-    assert_close(&format!("{what} grad"), &gpu.1, &cpu.1, atol, t);
 }
 
 fn up_for(red: Reduction, shape: &[usize], rng: &mut Rng, dtype: DType) -> Tensor {
@@ -138,15 +110,9 @@ fn smooth_and_balanced_l1_cuda_match_cpu() {
                         beta,
                         reduction: red,
                     };
-                    let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
                     let what = format!("smooth {shape:?} {dtype:?} {red:?} beta={beta}");
-                    compare(
-                        &what,
-                        &on_cpu_kernels(|| run(&fwd, &x, &t, &up, &cpu)),
-                        &run(&fwd, &x, &t, &up, &gpu),
-                        dtype,
-                        term_scale(red, n, &up),
-                    );
+                    let r = run(&gpu, |x, t| f.forward(x, t), &x, &t, &up);
+                    compare(&what, &r, dtype, term_scale(red, n, &up));
                 }
                 for (alpha, gamma, beta) in [(0.5, 1.5, 1.0), (0.25, 2.0, 0.5)] {
                     let f = BalancedL1Loss {
@@ -155,15 +121,9 @@ fn smooth_and_balanced_l1_cuda_match_cpu() {
                         beta,
                         reduction: red,
                     };
-                    let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
                     let what = format!("balanced {shape:?} {dtype:?} {red:?} a={alpha} b={beta}");
-                    compare(
-                        &what,
-                        &on_cpu_kernels(|| run(&fwd, &x, &t, &up, &cpu)),
-                        &run(&fwd, &x, &t, &up, &gpu),
-                        dtype,
-                        term_scale(red, n, &up),
-                    );
+                    let r = run(&gpu, |x, t| f.forward(x, t), &x, &t, &up);
+                    compare(&what, &r, dtype, term_scale(red, n, &up));
                 }
             }
         }
@@ -228,10 +188,8 @@ fn box_iou_cuda_matches_cpu() {
                             eps,
                             reduction: red,
                         };
-                        let fwd = |x: &Tensor, t: &Tensor| f.forward(x, t);
                         let what = format!("n={n} {dtype:?} {kind:?} {red:?} eps={eps}");
-                        let c = on_cpu_kernels(|| run(&fwd, &p, &g, &up, &cpu));
-                        let d = run(&fwd, &p, &g, &up, &gpu);
+                        let r = run(&gpu, |x, t| f.forward(x, t), &p, &g, &up);
                         // Finite wherever the CPU result is (a half-precision Sum of 300k
                         // losses overflows to inf on both).
                         let finite = |v: &(Vec<f64>, Vec<f64>)| {
@@ -240,8 +198,8 @@ fn box_iou_cuda_matches_cpu() {
                                 .map(|x| x.is_finite())
                                 .collect::<Vec<_>>()
                         };
-                        assert_eq!(finite(&d), finite(&c), "{what}");
-                        compare(&what, &c, &d, dtype, term_scale(red, n, &up));
+                        assert_eq!(finite(&r.cuda), finite(&r.cpu), "{what}");
+                        compare(&what, &r, dtype, term_scale(red, n, &up));
                     }
                 }
             }

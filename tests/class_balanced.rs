@@ -4,9 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_detloss::{
-    class_balanced_weights, CrossEntropyLoss, Reduction, SigmoidFocalLoss, SoftmaxFocalLoss,
-};
+use candle_detloss::{class_balanced_weights, CrossEntropyLoss, Reduction, SigmoidFocalLoss};
 use common::*;
 
 fn weights(counts: &[u64], beta: f64) -> Vec<f64> {
@@ -115,48 +113,6 @@ fn usable_as_class_weights_of_the_losses() {
     assert!(fl.forward(&x, &labels).unwrap().to_scalar::<f32>().unwrap() > 0.0);
 }
 
-/// A loss with class weights `w`: `(w, logits, labels, reduction) -> loss`.
-type WeightedLoss = Box<dyn Fn(Tensor, &Tensor, &Tensor, Reduction) -> candle_core::Result<Tensor>>;
-
-/// Every loss that takes `class_weights`, as a function of the weights.
-fn weighted_losses() -> Vec<(&'static str, WeightedLoss)> {
-    vec![
-        (
-            "SigmoidFocalLoss",
-            Box::new(|w, x, l, reduction| {
-                SigmoidFocalLoss {
-                    class_weights: Some(w),
-                    reduction,
-                    ..Default::default()
-                }
-                .forward(x, l)
-            }),
-        ),
-        (
-            "CrossEntropyLoss",
-            Box::new(|w, x, l, reduction| {
-                CrossEntropyLoss {
-                    class_weights: Some(w),
-                    reduction,
-                    label_smoothing: 0.1,
-                }
-                .forward(x, l)
-            }),
-        ),
-        (
-            "SoftmaxFocalLoss",
-            Box::new(|w, x, l, reduction| {
-                SoftmaxFocalLoss {
-                    class_weights: Some(w),
-                    reduction,
-                    ..Default::default()
-                }
-                .forward(x, l)
-            }),
-        ),
-    ]
-}
-
 /// f32 class weights (what `class_balanced_weights` returns) are accepted with f16, bf16 and f64
 /// logits. The kernels read the weights in their accumulation dtype (f32 for half logits, f64 for
 /// f64 logits), so for weights exactly representable in the logits' dtype the loss and the
@@ -177,7 +133,9 @@ fn f32_class_weights_with_half_and_f64_logits_equal_weights_in_the_logits_dtype(
     for dt in [DType::F16, DType::BF16, DType::F64] {
         let xd = x.to_dtype(dt).unwrap();
         let wd = w32.to_dtype(dt).unwrap();
-        for (name, f) in weighted_losses() {
+        for name in CLASS_WEIGHTED {
+            let f =
+                |w, x: &Tensor, l: &Tensor, red| class_weighted_forward(name, red, Some(w), x, l);
             for reduction in [Reduction::None, Reduction::Sum, Reduction::Mean] {
                 let what = format!("{name} {dt:?} {reduction:?}");
                 let shape = if reduction == Reduction::None {
@@ -215,7 +173,8 @@ fn class_balanced_weights_work_with_every_logits_dtype() {
     let labels: Vec<i64> = (0..n as i64).map(|i| i % 3).collect();
     let labels = Tensor::new(labels, &dev).unwrap();
     let w = class_balanced_weights(&[1000, 100, 3], 0.999, &dev).unwrap();
-    for (name, f) in weighted_losses() {
+    for name in CLASS_WEIGHTED {
+        let f = |w, x: &Tensor, l: &Tensor, red| class_weighted_forward(name, red, Some(w), x, l);
         let reference = to_f64_vec(&f(w.clone(), &x, &labels, Reduction::Sum).unwrap());
         for (dt, rtol) in [
             (DType::F32, 1e-5),
@@ -239,13 +198,8 @@ fn class_balanced_weights_work_with_every_logits_dtype() {
 #[test]
 fn bad_input_returns_errors() {
     let dev = Device::Cpu;
-    let check = |r: candle_core::Result<Tensor>, needle: &str| match r {
-        Ok(_) => panic!("expected an error containing {needle}"),
-        Err(e) => {
-            let e = e.to_string();
-            assert!(e.starts_with("class_balanced_weights:"), "{e}");
-            assert!(e.contains(needle), "`{e}` lacks `{needle}`");
-        }
+    let check = |r: candle_core::Result<Tensor>, needle: &str| {
+        check_error(Named::First("class_balanced_weights:"), r, &[needle])
     };
     check(class_balanced_weights(&[], 0.9, &dev), "empty");
     check(class_balanced_weights(&[3, 0, 2], 0.9, &dev), "class 1");

@@ -12,28 +12,16 @@ use candle_detloss::{
 };
 use common::*;
 
-const REDUCTIONS: [Reduction; 4] = [
-    Reduction::None,
-    Reduction::Sum,
-    Reduction::Mean,
-    Reduction::AvgFactor(7.5),
-];
-
-/// Per-dtype (atol relative to the largest magnitude, rtol) for CUDA vs CPU: the two differ
-/// only in their exp/log implementations and summation order.
-fn tol(dtype: DType) -> (f64, f64) {
-    match dtype {
+/// Per-dtype tolerance (atol relative to the largest magnitude, rtol) for CUDA vs CPU: the two
+/// differ only in their exp/log implementations and summation order.
+fn tol(dtype: DType) -> Tol {
+    let (a, r) = match dtype {
         DType::F64 => (1e-12, 1e-10),
         DType::F32 => (2e-6, 2e-5),
         DType::F16 => (2e-3, 4e-3),
         _ => (1.6e-2, 3e-2),
-    }
-}
-
-fn compare(what: &str, dtype: DType, cuda: &[f64], cpu: &[f64]) {
-    let (a, r) = tol(dtype);
-    let scale = cpu.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
-    assert_close(what, cuda, cpu, a * scale, r);
+    };
+    Tol::scaled(a, 1e-6, r)
 }
 
 /// `v` rounded to `dtype`.
@@ -58,6 +46,46 @@ fn labels(rng: &mut Rng, n: usize, hi: u64, ignore: bool) -> Vec<i64> {
         .collect()
 }
 
+/// The softmax losses compared: cross-entropy (label smoothing) and softmax focal (alpha, gamma).
+#[derive(Clone, Copy, Debug)]
+enum Softmax {
+    Ce(&'static str, f64),
+    Focal(Option<f64>, f64),
+}
+
+impl Softmax {
+    fn name(self) -> String {
+        match self {
+            Softmax::Ce(name, _) => name.to_string(),
+            Softmax::Focal(a, g) => format!("focal a={a:?} g={g}"),
+        }
+    }
+
+    fn forward(
+        self,
+        reduction: Reduction,
+        class_weights: Option<Tensor>,
+        x: &Tensor,
+        l: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Softmax::Ce(_, label_smoothing) => CrossEntropyLoss {
+                reduction,
+                class_weights,
+                label_smoothing,
+            }
+            .forward(x, l),
+            Softmax::Focal(alpha, gamma) => SoftmaxFocalLoss {
+                alpha,
+                gamma,
+                reduction,
+                class_weights,
+            }
+            .forward(x, l),
+        }
+    }
+}
+
 #[test]
 fn softmax_losses_cuda_match_cpu() {
     let Some(gpu) = cuda_device("softmax_losses_cuda_match_cpu") else {
@@ -75,7 +103,6 @@ fn softmax_losses_cuda_match_cpu() {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let xg = xc.to_device(&gpu).unwrap();
             let wc = Tensor::from_vec(w.clone(), k, &cpu)
                 .unwrap()
                 .to_dtype(dtype)
@@ -93,7 +120,6 @@ fn softmax_losses_cuda_match_cpu() {
                 } else {
                     Tensor::from_vec(lab.clone(), n, &cpu).unwrap()
                 };
-                let lg = lc.to_device(&gpu).unwrap();
                 for red in REDUCTIONS {
                     let upc = if red == Reduction::None {
                         Tensor::from_vec(rng.vec_normal(n, 1.0), n, &cpu).unwrap()
@@ -102,56 +128,26 @@ fn softmax_losses_cuda_match_cpu() {
                     }
                     .to_dtype(dtype)
                     .unwrap();
-                    let upg = upc.to_device(&gpu).unwrap();
+                    let inputs = |d: &Device| [&xc, &lc, &upc].map(|t| t.to_device(d).unwrap());
                     for weighted in [false, true] {
                         let cw = |d: &Device| weighted.then(|| wc.to_device(d).unwrap());
-                        type F = Box<dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>>;
-                        let losses: Vec<(String, F, F)> = vec![("ce", 0.0), ("ce_ls", 0.1)]
-                            .into_iter()
-                            .map(|(nm, ls)| {
-                                let mk = |d: &Device| {
-                                    let f = CrossEntropyLoss {
-                                        reduction: red,
-                                        class_weights: cw(d),
-                                        label_smoothing: ls,
-                                    };
-                                    Box::new(move |x: &Tensor, l: &Tensor| f.forward(x, l)) as F
-                                };
-                                (nm.to_string(), mk(&cpu), mk(&gpu))
-                            })
-                            .chain([(Some(0.25), 2.0), (None, 0.5)].into_iter().map(|(a, g)| {
-                                let mk = |d: &Device| {
-                                    let f = SoftmaxFocalLoss {
-                                        alpha: a,
-                                        gamma: g,
-                                        reduction: red,
-                                        class_weights: cw(d),
-                                    };
-                                    Box::new(move |x: &Tensor, l: &Tensor| f.forward(x, l)) as F
-                                };
-                                (format!("focal a={a:?} g={g}"), mk(&cpu), mk(&gpu))
-                            }))
-                            .collect();
-                        for (nm, fc, fg) in &losses {
+                        for loss in [
+                            Softmax::Ce("ce", 0.0),
+                            Softmax::Ce("ce_ls", 0.1),
+                            Softmax::Focal(Some(0.25), 2.0),
+                            Softmax::Focal(None, 0.5),
+                        ] {
                             let what = format!(
-                                "{nm} {n}x{k} {dtype:?} u32={u32_labels} w={weighted} {red:?}"
+                                "{} {n}x{k} {dtype:?} u32={u32_labels} w={weighted} {red:?}",
+                                loss.name()
                             );
-                            let (l1, g1) =
-                                on_cpu_kernels(|| loss_and_grad(&xc, &upc, |x| fc(x, &lc)))
-                                    .unwrap();
-                            let (l2, g2) = loss_and_grad(&xg, &upg, |x| fg(x, &lg)).unwrap();
-                            assert_eq!(l1.dims(), l2.dims(), "{what}");
-                            compare(
-                                &format!("{what} loss"),
-                                dtype,
-                                &to_f64_vec(&l2),
-                                &to_f64_vec(&l1),
-                            );
-                            compare(
-                                &format!("{what} grad"),
-                                dtype,
-                                &to_f64_vec(&g2),
-                                &to_f64_vec(&g1),
+                            let forward = |side: Side, x: &Tensor, l: &Tensor| {
+                                loss.forward(red, cw(side.dev), x, l)
+                            };
+                            cuda_and_cpu(&gpu, inputs, forward).assert_close(
+                                &what,
+                                tol(dtype),
+                                tol(dtype),
                             );
                         }
                     }
@@ -241,32 +237,20 @@ fn ghmc_cuda_matches_cpu_including_the_running_histogram() {
                             }
                             .to_dtype(dtype)
                             .unwrap();
-                            let (xg, tg, upg) = (
-                                xc.to_device(&gpu).unwrap(),
-                                tc.to_device(&gpu).unwrap(),
-                                upc.to_device(&gpu).unwrap(),
-                            );
-                            let (l1, g1) = on_cpu_kernels(|| {
-                                loss_and_grad(&xc, &upc, |x| fc.borrow_mut().forward(x, &tc))
-                            })
-                            .unwrap();
-                            let (l2, g2) =
-                                loss_and_grad(&xg, &upg, |x| fg.borrow_mut().forward(x, &tg))
-                                    .unwrap();
                             let what = format!(
                                 "{n}x{c} {dtype:?} dense={dense} u32={u32_labels} bins={bins} m={mom} {red:?} step {step}"
                             );
-                            compare(
-                                &format!("{what} loss"),
-                                dtype,
-                                &to_f64_vec(&l2),
-                                &to_f64_vec(&l1),
-                            );
-                            compare(
-                                &format!("{what} grad"),
-                                dtype,
-                                &to_f64_vec(&g2),
-                                &to_f64_vec(&g1),
+                            // One running histogram a side.
+                            let forward = |side: Side, x: &Tensor, t: &Tensor| {
+                                let f = if side.cpu_kernels { &fc } else { &fg };
+                                f.borrow_mut().forward(x, t)
+                            };
+                            let inputs =
+                                |d: &Device| [&xc, &tc, &upc].map(|t| t.to_device(d).unwrap());
+                            cuda_and_cpu(&gpu, inputs, forward).assert_close(
+                                &what,
+                                tol(dtype),
+                                tol(dtype),
                             );
                         }
                     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_detloss::{Reduction, SigmoidFocalLoss};
 use common::*;
 
@@ -11,15 +11,6 @@ use common::*;
 // Independent reference: torchvision's formula transcribed literally in f64, with its
 // derivative obtained by the chain rule on that formula.
 // ---------------------------------------------------------------------------------------------
-
-/// log(1 + e^z) without overflow.
-fn softplus(z: f64) -> f64 {
-    if z > 0.0 {
-        z + (-z).exp().ln_1p()
-    } else {
-        z.exp().ln_1p()
-    }
-}
 
 /// (loss, d loss / d x) of one element.
 fn ref_elem(x: f64, t: f64, alpha: Option<f64>, gamma: f64) -> (f64, f64) {
@@ -53,18 +44,25 @@ enum Tg {
 }
 
 /// Reference loss (reduced as `red`) and the gradient of `sum(loss · up)`.
-#[allow(clippy::too_many_arguments)]
-fn reference(
-    x: &[f64],
-    tg: &Tg,
+#[derive(Clone, Copy)]
+struct RefCase<'a> {
     n: usize,
     c: usize,
     alpha: Option<f64>,
     gamma: f64,
     red: Reduction,
-    cw: Option<&[f64]>,
-    up: &[f64],
-) -> (Vec<f64>, Vec<f64>) {
+    cw: Option<&'a [f64]>,
+}
+
+fn reference(x: &[f64], tg: &Tg, case: RefCase, up: &[f64]) -> LossGrad {
+    let RefCase {
+        n,
+        c,
+        alpha,
+        gamma,
+        red,
+        cw,
+    } = case;
     let mut per = vec![0.0; n * c];
     let mut dper = vec![0.0; n * c];
     let mut valid_rows = 0usize;
@@ -91,29 +89,7 @@ fn reference(
             dper[i * c + j] = w * d;
         }
     }
-    let sum: f64 = per.iter().sum();
-    let scale = match red {
-        Reduction::None | Reduction::Sum => 1.0,
-        Reduction::Mean => {
-            let d = (valid_rows * c) as f64;
-            if d > 0.0 {
-                1.0 / d
-            } else {
-                0.0
-            }
-        }
-        Reduction::AvgFactor(f) => 1.0 / f,
-    };
-    match red {
-        Reduction::None => {
-            let g = dper.iter().zip(up).map(|(d, u)| d * u).collect();
-            (per, g)
-        }
-        _ => (
-            vec![sum * scale],
-            dper.iter().map(|d| d * scale * up[0]).collect(),
-        ),
-    }
+    reduce_reference(per, dper, red, (valid_rows * c) as f64, up, 1)
 }
 
 fn make_targets(rng: &mut Rng, n: usize, c: usize, dense: bool, soft: bool) -> Tg {
@@ -153,37 +129,13 @@ fn targets_tensor(tg: &Tg, n: usize, c: usize, dtype: DType, dev: &Device) -> Te
     }
 }
 
-fn run_ours(
-    x: &Tensor,
-    targets: &Tensor,
-    up: &Tensor,
-    loss_fn: &SigmoidFocalLoss,
-) -> (Vec<f64>, Vec<f64>) {
-    let (l, g) = loss_and_grad(x, up, |x| loss_fn.forward(x, targets)).expect("forward/backward");
-    (to_f64_vec(&l), to_f64_vec(&g))
+fn run_ours(x: &Tensor, targets: &Tensor, up: &Tensor, loss_fn: &SigmoidFocalLoss) -> LossGrad {
+    run_loss(x, up, |x| loss_fn.forward(x, targets))
 }
 
-const REDUCTIONS: [Reduction; 4] = [
-    Reduction::None,
-    Reduction::Sum,
-    Reduction::Mean,
-    Reduction::AvgFactor(7.5),
-];
-
-fn upstream(rng: &mut Rng, red: Reduction, n: usize, c: usize) -> Vec<f64> {
-    if red == Reduction::None {
-        rng.vec_normal(n * c, 1.0)
-    } else {
-        vec![0.7]
-    }
-}
-
-fn up_tensor(up: &[f64], red: Reduction, n: usize, c: usize, dev: &Device) -> Tensor {
-    if red == Reduction::None {
-        Tensor::from_vec(up.to_vec(), (n, c), dev).unwrap()
-    } else {
-        Tensor::new(up[0], dev).unwrap()
-    }
+/// The upstream gradient of a loss of `[n, c]` (per element) or a scalar.
+fn up_nc(up: &[f64], red: Reduction, n: usize, c: usize, dev: &Device) -> Tensor {
+    up_tensor(up, red, &[n, c], dev)
 }
 
 #[test]
@@ -203,50 +155,46 @@ fn matches_f64_reference_over_shapes_reductions_targets_alpha_and_weights() {
                         let tg = make_targets(&mut rng, n, c, dense, soft);
                         let cw: Option<Vec<f64>> = (cw_len > 0)
                             .then(|| (0..cw_len).map(|_| 0.2 + rng.uniform()).collect());
-                        let up = upstream(&mut rng, red, n, c);
-                        let (rl, rg) =
-                            reference(&x, &tg, n, c, alpha, gamma, red, cw.as_deref(), &up);
-                        let loss_fn = SigmoidFocalLoss {
-                            alpha,
-                            gamma,
-                            reduction: red,
-                            class_weights: cw
-                                .as_ref()
-                                .map(|w| Tensor::from_vec(w.clone(), w.len(), &dev).unwrap()),
-                        };
+                        let up = upstream(&mut rng, red, n * c);
                         let what = format!("{n}x{c} dense={dense} soft={soft} alpha={alpha:?} cw={cw_len} {red:?} gamma={gamma}");
-                        // f64: the kernel's own rounding only.
-                        let xt = Tensor::from_vec(x.clone(), (n, c), &dev).unwrap();
-                        let tt = targets_tensor(&tg, n, c, DType::F64, &dev);
-                        let (l, g) = run_ours(&xt, &tt, &up_tensor(&up, red, n, c, &dev), &loss_fn);
-                        assert_close(&format!("loss f64 {what}"), &l, &rl, 1e-12, 1e-10);
-                        assert_close(&format!("grad f64 {what}"), &g, &rg, 1e-13, 1e-10);
-                        // f32 with the crate's fast exp/log.
-                        let loss_fn32 = SigmoidFocalLoss {
-                            class_weights: loss_fn
-                                .class_weights
-                                .as_ref()
-                                .map(|w| w.to_dtype(DType::F32).unwrap()),
-                            ..loss_fn.clone()
+                        // f64: the kernel's own rounding only; f32 with the crate's fast
+                        // exp/log, against the reference at the f32-rounded inputs.
+                        let ours = |dtype: DType| {
+                            let loss_fn = SigmoidFocalLoss {
+                                alpha,
+                                gamma,
+                                reduction: red,
+                                class_weights: cw.as_ref().map(|w| {
+                                    Tensor::from_vec(w.clone(), w.len(), &dev)
+                                        .unwrap()
+                                        .to_dtype(dtype)
+                                        .unwrap()
+                                }),
+                            };
+                            let xt = Tensor::from_vec(x.clone(), (n, c), &dev)
+                                .unwrap()
+                                .to_dtype(dtype)
+                                .unwrap();
+                            let tt = targets_tensor(&tg, n, c, dtype, &dev);
+                            run_ours(&xt, &tt, &up_nc(&up, red, n, c, &dev), &loss_fn)
                         };
-                        let xt = xt.to_dtype(DType::F32).unwrap();
-                        let tt = targets_tensor(&tg, n, c, DType::F32, &dev);
-                        let (l, g) =
-                            run_ours(&xt, &tt, &up_tensor(&up, red, n, c, &dev), &loss_fn32);
-                        let xr: Vec<f64> = x.iter().map(|v| *v as f32 as f64).collect();
-                        let tr = match &tg {
-                            Tg::Dense(t) => Tg::Dense(t.iter().map(|v| *v as f32 as f64).collect()),
-                            l => l.clone(),
+                        let reference_at = |dtype: DType| {
+                            let tr = match &tg {
+                                Tg::Dense(t) => Tg::Dense(round_to_dtype(t, dtype)),
+                                l => l.clone(),
+                            };
+                            let cwr = cw.as_deref().map(|w| round_to_dtype(w, dtype));
+                            let case = RefCase {
+                                n,
+                                c,
+                                alpha,
+                                gamma,
+                                red,
+                                cw: cwr.as_deref(),
+                            };
+                            reference(&round_to_dtype(&x, dtype), &tr, case, &up)
                         };
-                        let cwr: Option<Vec<f64>> = cw
-                            .as_ref()
-                            .map(|w| w.iter().map(|v| *v as f32 as f64).collect());
-                        let (rl, rg) =
-                            reference(&xr, &tr, n, c, alpha, gamma, red, cwr.as_deref(), &up);
-                        let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
-                        assert_close(&format!("loss f32 {what}"), &l, &rl, 2e-6 * lscale, 1e-5);
-                        let gscale = rg.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
-                        assert_close(&format!("grad f32 {what}"), &g, &rg, 2e-6 * gscale, 1e-5);
+                        check_against_reference(&what, &CLASSIFICATION_TOLS, ours, reference_at);
                     }
                 }
             }
@@ -261,22 +209,13 @@ fn u32_labels_equal_i64_labels() {
     let (n, c) = (50, 9);
     let x = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (n, c), &dev).unwrap();
     let labels: Vec<u32> = (0..n).map(|_| rng.below(c as u64 + 1) as u32).collect();
-    let l32 = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
-    let l64 = Tensor::from_vec(
-        labels.iter().map(|v| *v as i64).collect::<Vec<_>>(),
-        n,
-        &dev,
-    )
-    .unwrap();
     for red in REDUCTIONS {
         let f = SigmoidFocalLoss {
             reduction: red,
             ..Default::default()
         };
-        let up = up_tensor(&upstream(&mut rng, red, n, c), red, n, c, &dev);
-        let a = run_ours(&x, &l32, &up, &f);
-        let b = run_ours(&x, &l64, &up, &f);
-        assert_eq!(a, b, "{red:?}");
+        let up = up_nc(&upstream(&mut rng, red, n * c), red, n, c, &dev);
+        check_label_types_agree(&format!("{red:?}"), &labels, |l| run_ours(&x, l, &up, &f));
     }
 }
 
@@ -294,13 +233,7 @@ fn matches_torchvision_fixtures() {
         } else {
             Tensor::from_vec(fx_ints(&case["targets"]), n, &dev).unwrap()
         };
-        let reduction = match case["reduction"].as_str().unwrap() {
-            "none" => Reduction::None,
-            "sum" => Reduction::Sum,
-            "mean" => Reduction::Mean,
-            "avg_factor" => Reduction::AvgFactor(case["avg_factor"].as_f64().unwrap()),
-            r => panic!("unknown reduction {r}"),
-        };
+        let reduction = fx_reduction(&case["reduction"], &case["avg_factor"]);
         let loss_fn = SigmoidFocalLoss {
             alpha: case["alpha"].as_f64(),
             gamma: case["gamma"].as_f64().unwrap(),
@@ -309,23 +242,16 @@ fn matches_torchvision_fixtures() {
                 .then(|| fx_to_tensor(&case["class_weights"], DType::F64, &dev)),
         };
         let up = fx_to_tensor(&case["upstream"], DType::F64, &dev);
-        let (l, g) = run_ours(&x, &targets, &up, &loss_fn);
-        let (lshape, lexp) = fx_tensor(&case["loss"]);
+        let got = run_ours(&x, &targets, &up, &loss_fn);
+        let tol = Tol::abs(1e-12, 1e-9);
+        let (lshape, _) = check_fixture(name, &got, case, tol, tol);
         assert_eq!(
             lshape.len(),
             if reduction == Reduction::None { 2 } else { 0 },
             "{name}"
         );
-        assert_close(&format!("{name} loss"), &l, &lexp, 1e-12, 1e-9);
-        assert_close(
-            &format!("{name} grad"),
-            &g,
-            &fx_tensor(&case["grad"]).1,
-            1e-12,
-            1e-9,
-        );
-        assert_eq!(l.len(), lexp.len(), "{name}");
-        assert_eq!(n * c, g.len(), "{name}");
+        assert_eq!(got.0.len(), fx_tensor(&case["loss"]).1.len(), "{name}");
+        assert_eq!(n * c, got.1.len(), "{name}");
     }
 }
 
@@ -344,36 +270,22 @@ fn gradient_matches_finite_differences_f64() {
         let x = rng.vec_normal(n * c, 2.0);
         let tg = make_targets(&mut rng, n, c, dense, dense);
         let tt = targets_tensor(&tg, n, c, DType::F64, &dev);
-        let up = upstream(&mut rng, red, n, c);
-        let upt = up_tensor(&up, red, n, c, &dev);
+        let up = upstream(&mut rng, red, n * c);
+        let upt = up_nc(&up, red, n, c, &dev);
         let f = SigmoidFocalLoss {
             alpha: Some(0.3),
             gamma,
             reduction: red,
             class_weights: None,
         };
-        let (_, g) = run_ours(
-            &Tensor::from_vec(x.clone(), (n, c), &dev).unwrap(),
-            &tt,
-            &upt,
-            &f,
-        );
-        let fd = finite_diff(&x, 1e-6, |xs| {
-            let xt = Tensor::from_vec(xs.to_vec(), (n, c), &dev).unwrap();
-            let l = f.forward(&xt, &tt).unwrap();
-            (l * &upt)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        });
-        assert_close(
+        let logits = |xs: &[f64]| Tensor::from_vec(xs.to_vec(), (n, c), &dev).unwrap();
+        let (_, g) = run_ours(&logits(&x), &tt, &upt, &f);
+        check_finite_differences(
             &format!("fd dense={dense} gamma={gamma} {red:?}"),
             &g,
-            &fd,
-            1e-7,
-            1e-6,
+            &x,
+            FD,
+            |xs| weighted_sum(f.forward(&logits(xs), &tt).unwrap(), &upt),
         );
     }
 }
@@ -416,34 +328,29 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
                         reduction: red,
                         class_weights: None,
                     };
-                    let up = upstream(&mut Rng::new(4), red, 3, 2);
-                    let (l, g) = run_ours(
-                        &x,
-                        &tt,
-                        &up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap(),
-                        &f,
-                    );
-                    let upr = to_f64_vec(&up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap());
-                    let (rl, rg) = reference(&xr, &tg, 3, 2, Some(0.25), gamma, red, None, &upr);
-                    let what = format!("{dtype:?} gamma={gamma} {red:?}");
-                    assert!(
-                        l.iter().chain(&g).all(|v| v.is_finite()),
-                        "{what}: {l:?} {g:?}"
-                    );
-                    // Compared with the reference rounded to the output dtype (a half result
-                    // cannot be closer than that), to a few ulp of that dtype.
-                    // (relative tolerance, spacing of the subnormals of the dtype)
-                    let (tol, sub) = match dtype {
-                        DType::F64 => (1e-12, 5e-324),
-                        DType::F32 => (1e-6, 1.5e-45),
-                        DType::F16 => (2e-3, 6e-8),
-                        _ => (1.6e-2, 1e-40),
+                    let up = upstream(&mut Rng::new(4), red, 6);
+                    let upt = up_nc(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap();
+                    let got = run_ours(&x, &tt, &upt, &f);
+                    let case = RefCase {
+                        n: 3,
+                        c: 2,
+                        alpha: Some(0.25),
+                        gamma,
+                        red,
+                        cw: None,
                     };
-                    let round = |v: &[f64]| {
-                        to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap())
+                    let want = reference(&xr, &tg, case, &to_f64_vec(&upt));
+                    let extreme = Extreme {
+                        dtype,
+                        f32_rtol: 1e-6,
+                        loss_relative: false,
                     };
-                    assert_close(&format!("{what} loss"), &l, &round(&rl), 4.0 * sub, tol);
-                    assert_close(&format!("{what} grad"), &g, &round(&rg), 4.0 * sub, tol);
+                    check_extreme(
+                        &format!("{dtype:?} gamma={gamma} {red:?}"),
+                        extreme,
+                        &got,
+                        &want,
+                    );
                 }
             }
         }
@@ -472,17 +379,10 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
     }
 }
 
-/// Rounds to the half type of `dtype`.
-fn rh(v: f64, dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::from_f64(v).to_f64(),
-        _ => half::bf16::from_f64(v).to_f64(),
-    }
-}
-
 /// The formula evaluated naively in the half type (every intermediate rounded), as a user
 /// composing half-precision tensor ops would get it.
 fn naive_half(x: f64, t: f64, alpha: f64, gamma: f64, d: DType) -> (f64, f64) {
+    let rh = round_half;
     let p = rh(1.0 / rh(1.0 + rh((-x).exp(), d), d), d);
     let omp = rh(1.0 - p, d);
     let ce = rh(
@@ -506,16 +406,19 @@ fn half_precision_error_within_twice_the_naive_half_error() {
     let mut rng = Rng::new(5);
     let (n, c) = (64, 40);
     for dtype in [DType::F16, DType::BF16] {
-        // Moderate logits, where the naive half formula is still finite.
-        let x: Vec<f64> = rng
-            .vec_normal(n * c, 2.5)
-            .iter()
-            .map(|v| rh(v.clamp(-8.0, 8.0), dtype))
-            .collect();
+        let x = half_logits(&mut rng, n * c, dtype);
         let labels: Vec<i64> = (0..n).map(|_| rng.below(c as u64 + 1) as i64).collect();
         let tg = Tg::Labels(labels.clone());
         let up = vec![1.0; n * c];
-        let (rl, rg) = reference(&x, &tg, n, c, Some(0.25), 2.0, Reduction::None, None, &up);
+        let case = RefCase {
+            n,
+            c,
+            alpha: Some(0.25),
+            gamma: 2.0,
+            red: Reduction::None,
+            cw: None,
+        };
+        let (rl, rg) = reference(&x, &tg, case, &up);
         let f = SigmoidFocalLoss {
             reduction: Reduction::None,
             ..Default::default()
@@ -527,38 +430,23 @@ fn half_precision_error_within_twice_the_naive_half_error() {
         let lt = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
         let upt = Tensor::ones((n, c), dtype, &dev).unwrap();
         let (l, g) = run_ours(&xt, &lt, &upt, &f);
-        let (mut e_ours_l, mut e_naive_l, mut e_ours_g, mut e_naive_g) = (0f64, 0f64, 0f64, 0f64);
+        let mut errors = HalfErrors::default();
         for (i, &label) in labels.iter().enumerate() {
             for j in 0..c {
                 let k = i * c + j;
                 let t = (label == j as i64) as u8 as f64;
                 let (nl, ng) = naive_half(x[k], t, 0.25, 2.0, dtype);
-                e_ours_l = e_ours_l.max((l[k] - rl[k]).abs());
-                e_naive_l = e_naive_l.max((nl - rl[k]).abs());
-                e_ours_g = e_ours_g.max((g[k] - rg[k]).abs());
-                e_naive_g = e_naive_g.max((ng - rg[k]).abs());
+                errors.loss(l[k], nl, rl[k]);
+                errors.grad(g[k], ng, rg[k]);
             }
         }
-        assert!(e_naive_l > 0.0 && e_naive_g > 0.0);
-        assert!(
-            e_ours_l <= 2.0 * e_naive_l,
-            "{dtype:?} loss: ours {e_ours_l} naive {e_naive_l}"
-        );
-        assert!(
-            e_ours_g <= 2.0 * e_naive_g,
-            "{dtype:?} grad: ours {e_ours_g} naive {e_naive_g}"
-        );
-        // The scalar sum accumulates in f32: far better than half would allow.
+        errors.check(&format!("{dtype:?}"));
         let fs = SigmoidFocalLoss {
             reduction: Reduction::Sum,
             ..Default::default()
         };
         let s = to_f64_vec(&fs.forward(&xt, &lt).unwrap())[0];
-        let rs: f64 = rl.iter().sum();
-        assert!(
-            (s - rs).abs() <= 4e-3 * rs.abs(),
-            "{dtype:?} sum {s} vs {rs}"
-        );
+        check_accumulated(&format!("{dtype:?}"), "sum", s, rl.iter().sum());
     }
 }
 
@@ -567,23 +455,9 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(6);
     let (n, c) = (37, 11);
-    // t() of a transposed buffer.
-    let xt = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (c, n), &dev)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let x_strided = xt.t().unwrap();
-    assert!(!x_strided.is_contiguous());
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, c, c as u64 + 2);
     let x_contig = x_strided.contiguous().unwrap();
-    // Labels taken as a strided column of a [N, 2] tensor.
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(c as u64 + 2) as i64 - 1)
-        .collect();
-    let lab_strided = Tensor::from_vec(lab2, (n, 2), &dev)
-        .unwrap()
-        .i((.., 1))
-        .unwrap();
-    assert!(!lab_strided.is_contiguous());
     let lab_contig = lab_strided.contiguous().unwrap();
     // Dense targets from a narrow of a wider buffer, and from a broadcast row.
     let wide = Tensor::from_vec(
@@ -604,38 +478,25 @@ fn strided_inputs_equal_their_contiguous_copies() {
     .to_dtype(DType::F32)
     .unwrap();
     let t_bcast = row.broadcast_as((n, c)).unwrap();
+    assert!(!t_narrow.is_contiguous() && !t_bcast.is_contiguous());
     for red in REDUCTIONS {
         let f = SigmoidFocalLoss {
             reduction: red,
             ..Default::default()
         };
-        let up = up_tensor(&upstream(&mut rng, red, n, c), red, n, c, &dev)
+        let up = up_nc(&upstream(&mut rng, red, n * c), red, n, c, &dev)
             .to_dtype(DType::F32)
             .unwrap();
-        assert_eq!(
-            run_ours(&x_strided, &lab_strided, &up, &f),
-            run_ours(&x_contig, &lab_contig, &up, &f)
-        );
-        for t in [&t_narrow, &t_bcast] {
-            assert!(!t.is_contiguous());
-            assert_eq!(
-                run_ours(&x_strided, t, &up, &f),
-                run_ours(&x_contig, &t.contiguous().unwrap(), &up, &f),
-                "{red:?}"
-            );
-        }
-        // A row-narrowed (offset) logits view.
-        let xn = x_contig.narrow(0, 5, 20).unwrap();
-        let ln = lab_contig.narrow(0, 5, 20).unwrap();
-        let upn = if red == Reduction::None {
-            up.narrow(0, 5, 20).unwrap()
-        } else {
-            up.clone()
-        };
-        assert_eq!(
-            run_ours(&xn, &ln, &upn, &f),
-            run_ours(&xn.copy().unwrap(), &ln.copy().unwrap(), &upn, &f)
-        );
+        // The strided logits with each target form, and a row-narrowed (offset) logits view.
+        let cases = [
+            Views::contiguous(&[&x_strided, &lab_strided]).and(&up),
+            Views::contiguous(&[&x_strided, &t_narrow]).and(&up),
+            Views::contiguous(&[&x_strided, &t_bcast]).and(&up),
+            Views::offset_rows(&[&x_contig, &lab_contig], 5, 20).and(&up_rows(&up, red, 5, 20)),
+        ];
+        check_views_equal_copies(&format!("{red:?}"), &cases, |v| {
+            run_ours(&v[0], &v[1], &v[2], &f)
+        });
     }
 }
 
@@ -645,36 +506,27 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     let x = Tensor::zeros((4, 80), DType::F32, &dev).unwrap();
     let ok_labels = Tensor::new(&[0i64, 80, -1, 3], &dev).unwrap();
     let f = SigmoidFocalLoss::default();
-    let check = |r: candle_core::Result<Tensor>, needles: &[&str]| {
-        let e = err_of(r);
-        assert!(e.contains("SigmoidFocalLoss"), "{e}");
-        for nd in needles {
-            assert!(e.contains(nd), "`{e}` lacks `{nd}`");
-        }
-    };
+    let named = Named::Anywhere("SigmoidFocalLoss");
+    let check = |r: candle_core::Result<Tensor>, needles: &[&str]| check_error(named, r, needles);
     assert!(f.forward(&x, &ok_labels).is_ok());
     // Label out of range, in both integer types; -2 is not the ignore value.
-    check(
-        f.forward(&x, &Tensor::new(&[0i64, 83, 1, 2], &dev).unwrap()),
-        &["label 83 out of range 0..=80"],
-    );
-    check(
-        f.forward(&x, &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap()),
-        &["label -2"],
-    );
-    check(
-        f.forward(&x, &Tensor::new(&[0u32, 81, 1, 2], &dev).unwrap()),
-        &["label 81"],
+    check_label_errors(
+        named,
+        &[
+            BadLabels::I64(&[0, 83, 1, 2], "label 83 out of range 0..=80"),
+            BadLabels::I64(&[0, -2, 1, 2], "label -2"),
+            BadLabels::U32(&[0, 81, 1, 2], "label 81"),
+        ],
+        |t| f.forward(&x, t),
     );
     // Out-of-range labels are also caught in the None reduction.
     let fnone = SigmoidFocalLoss {
         reduction: Reduction::None,
         ..Default::default()
     };
-    check(
-        fnone.forward(&x, &Tensor::new(&[0i64, 1, 2, 99], &dev).unwrap()),
-        &["label 99"],
-    );
+    check_label_errors(named, &[BadLabels::I64(&[0, 1, 2, 99], "label 99")], |t| {
+        fnone.forward(&x, t)
+    });
     // Shapes.
     check(
         f.forward(&x, &Tensor::new(&[0i64, 1, 2], &dev).unwrap()),
@@ -754,25 +606,18 @@ fn empty_and_all_ignored_batches() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((0, 5), DType::F32, &dev).unwrap();
     let labels = Tensor::zeros(0, DType::I64, &dev).unwrap();
-    for red in REDUCTIONS {
-        let l = SigmoidFocalLoss {
+    check_empty_batch(&[0, 5], |red| {
+        SigmoidFocalLoss {
             reduction: red,
             ..Default::default()
         }
         .forward(&x, &labels)
-        .unwrap();
-        if red == Reduction::None {
-            assert_eq!(l.dims(), &[0, 5]);
-        } else {
-            assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
-        }
-    }
+        .unwrap()
+    });
     let x = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
     let ignored = Tensor::new(&[-1i64, -1, -1], &dev).unwrap();
     let up = Tensor::new(1f32, &dev).unwrap();
-    let (l, g) = run_ours(&x, &ignored, &up, &SigmoidFocalLoss::default());
-    assert_eq!(l, vec![0.0]);
-    assert!(g.iter().all(|v| *v == 0.0));
+    check_all_ignored(&run_ours(&x, &ignored, &up, &SigmoidFocalLoss::default()));
 }
 
 #[test]
@@ -800,36 +645,21 @@ fn bitwise_deterministic_for_any_thread_count() {
     .unwrap()
     .to_dtype(DType::F32)
     .unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut bits = Vec::new();
-            for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
-                let f = SigmoidFocalLoss {
-                    reduction: red,
-                    ..Default::default()
-                };
-                let up = if red == Reduction::None {
-                    Tensor::ones((n, c), DType::F32, &dev).unwrap()
-                } else {
-                    Tensor::new(1f32, &dev).unwrap()
-                };
-                for t in [&labels, &dense] {
-                    let (l, g) = loss_and_grad(&x, &up, |x| f.forward(x, t)).unwrap();
-                    for v in to_f64_vec(&l).into_iter().chain(to_f64_vec(&g)) {
-                        bits.push(v.to_bits());
-                    }
-                }
+    check_thread_count_determinism(|| {
+        let mut bits = Vec::new();
+        for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
+            let f = SigmoidFocalLoss {
+                reduction: red,
+                ..Default::default()
+            };
+            let up = unit_upstream(red, &[n, c], DType::F32, &dev);
+            for t in [&labels, &dense] {
+                let (l, g) = loss_and_grad(&x, &up, |x| f.forward(x, t)).unwrap();
+                push_bits(&mut bits, &l, &g);
             }
-            bits
-        })
-    };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+        }
+        bits
+    });
 }
 
 #[test]

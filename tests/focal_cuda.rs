@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_detloss::{Reduction, SigmoidFocalLoss};
 use common::*;
 
-fn run(x: &Tensor, t: &Tensor, up: &Tensor, f: &SigmoidFocalLoss) -> (Vec<f64>, Vec<f64>) {
-    let (l, g) = loss_and_grad(x, up, |x| f.forward(x, t)).expect("forward/backward");
-    (to_f64_vec(&l), to_f64_vec(&g))
+fn run(x: &Tensor, t: &Tensor, up: &Tensor, f: &SigmoidFocalLoss) -> LossGrad {
+    run_loss(x, up, |x| f.forward(x, t))
 }
 
 #[test]
@@ -18,7 +17,6 @@ fn cuda_matches_cpu() {
     let Some(gpu) = cuda_device("focal cuda_matches_cpu") else {
         return;
     };
-    let cpu = Device::Cpu;
     let mut rng = Rng::new(11);
     for &(n, c) in &[(1usize, 1usize), (3, 423), (1000, 80), (20000, 81)] {
         let x64 = rng.vec_normal(n * c, 3.0);
@@ -42,7 +40,13 @@ fn cuda_matches_cpu() {
                     ("u32", None, false),
                     ("dense", Some(0.25), false),
                 ] {
-                    let mk = |dev: &Device| {
+                    let soft_on = |dev: &Device| {
+                        Tensor::from_vec(soft.clone(), (n, c), dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    };
+                    let inputs = |dev: &Device| {
                         let x = Tensor::from_vec(x64.clone(), (n, c), dev)
                             .unwrap()
                             .to_dtype(dtype)
@@ -58,48 +62,35 @@ fn cuda_matches_cpu() {
                                 dev,
                             )
                             .unwrap(),
-                            _ => Tensor::from_vec(soft.clone(), (n, c), dev)
-                                .unwrap()
-                                .to_dtype(dtype)
-                                .unwrap(),
+                            _ => soft_on(dev),
                         };
                         let up = if red == Reduction::None {
-                            Tensor::from_vec(soft.clone(), (n, c), dev)
-                                .unwrap()
-                                .to_dtype(dtype)
-                                .unwrap()
+                            soft_on(dev)
                         } else {
                             Tensor::new(0.7f64, dev).unwrap().to_dtype(dtype).unwrap()
                         };
-                        let f = SigmoidFocalLoss {
+                        [x, t, up]
+                    };
+                    let forward = |side: Side, x: &Tensor, t: &Tensor| {
+                        SigmoidFocalLoss {
                             alpha,
                             gamma: 2.0,
                             reduction: red,
                             class_weights: weighted.then(|| {
-                                Tensor::from_vec(cw.clone(), c + 1, dev)
+                                Tensor::from_vec(cw.clone(), c + 1, side.dev)
                                     .unwrap()
                                     .to_dtype(dtype)
                                     .unwrap()
                             }),
-                        };
-                        (x, t, up, f)
+                        }
+                        .forward(x, t)
                     };
-                    let (xc, tc, uc, fc) = mk(&cpu);
-                    let (xg, tg, ug, fg) = mk(&gpu);
-                    let (lc, gc) = on_cpu_kernels(|| run(&xc, &tc, &uc, &fc));
-                    let (lg, gg) = run(&xg, &tg, &ug, &fg);
                     let what = format!("{n}x{c} {dtype:?} {red:?} {kind}");
-                    let ls = lc.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
-                    let gs = gc.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-                    // No result is nearer than one step of its dtype's grid: f16 gradients of a
-                    // Mean over 1.6M elements are subnormal, where a step is 2^-24.
-                    let step = if dtype == DType::F16 {
-                        2f64.powi(-24)
-                    } else {
-                        0.0
-                    };
-                    assert_close(&format!("{what} loss"), &lg, &lc, tol * ls, tol);
-                    assert_close(&format!("{what} grad"), &gg, &gc, (tol * gs).max(step), tol);
+                    cuda_and_cpu(&gpu, inputs, forward).assert_close(
+                        &what,
+                        Tol::scaled(tol, 1e-3, tol),
+                        Tol::scaled(tol, 1e-6, tol).at_least(grid_step(dtype)),
+                    );
                 }
             }
         }

@@ -4,9 +4,10 @@
 
 mod common;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_detloss::{GhmcLoss, Reduction};
 use common::*;
+use std::cell::RefCell;
 
 // ---------------------------------------------------------------------------------------------
 // Independent reference: mmdet's GHMC written bin by bin in plain f64.
@@ -16,14 +17,6 @@ struct RefGhmc {
     bins: usize,
     momentum: f64,
     acc_sum: Vec<f64>,
-}
-
-fn softplus(z: f64) -> f64 {
-    if z > 0.0 {
-        z + (-z).exp().ln_1p()
-    } else {
-        z.exp().ln_1p()
-    }
 }
 
 impl RefGhmc {
@@ -43,7 +36,7 @@ impl RefGhmc {
         valid: &[bool],
         red: Reduction,
         up: &[f64],
-    ) -> (Vec<f64>, Vec<f64>) {
+    ) -> LossGrad {
         let bins = self.bins;
         let mut edges: Vec<f64> = (0..=bins)
             .map(|i| (i as f32 / bins as f32) as f64)
@@ -85,18 +78,7 @@ impl RefGhmc {
         let dper: Vec<f64> = (0..x.len())
             .map(|e| w[e] * (sig(x[e]) * (1.0 - t[e]) - sig(-x[e]) * t[e]))
             .collect();
-        let scale = match red {
-            Reduction::None | Reduction::Sum => 1.0,
-            Reduction::Mean => 1.0 / tot,
-            Reduction::AvgFactor(f) => 1.0 / f,
-        };
-        match red {
-            Reduction::None => (per, dper.iter().zip(up).map(|(d, u)| d * u).collect()),
-            _ => (
-                vec![per.iter().sum::<f64>() * scale],
-                dper.iter().map(|d| d * scale * up[0]).collect(),
-            ),
-        }
+        reduce_reference(per, dper, red, tot, up, 1)
     }
 }
 
@@ -136,34 +118,15 @@ fn ghmc(bins: usize, momentum: f64, reduction: Reduction) -> GhmcLoss {
     f
 }
 
-fn run_ours(x: &Tensor, t: &Tensor, up: &Tensor, f: &mut GhmcLoss) -> (Vec<f64>, Vec<f64>) {
-    // loss_and_grad takes an Fn; forward needs &mut for the running histogram.
-    let f = std::cell::RefCell::new(f);
-    let (l, g) = loss_and_grad(x, up, |x| f.borrow_mut().forward(x, t)).expect("forward/backward");
-    (to_f64_vec(&l), to_f64_vec(&g))
+fn run_ours(x: &Tensor, t: &Tensor, up: &Tensor, f: &mut GhmcLoss) -> LossGrad {
+    // run_loss takes an Fn; forward needs &mut for the running histogram.
+    let f = RefCell::new(f);
+    run_loss(x, up, |x| f.borrow_mut().forward(x, t))
 }
 
-const REDUCTIONS: [Reduction; 4] = [
-    Reduction::None,
-    Reduction::Sum,
-    Reduction::Mean,
-    Reduction::AvgFactor(7.5),
-];
-
-fn upstream(rng: &mut Rng, red: Reduction, len: usize) -> Vec<f64> {
-    if red == Reduction::None {
-        rng.vec_normal(len, 1.0)
-    } else {
-        vec![0.7]
-    }
-}
-
-fn up_tensor(up: &[f64], red: Reduction, n: usize, c: usize, dev: &Device) -> Tensor {
-    if red == Reduction::None {
-        Tensor::from_vec(up.to_vec(), (n, c), dev).unwrap()
-    } else {
-        Tensor::new(up[0], dev).unwrap()
-    }
+/// The upstream gradient of a loss of `[n, c]` (per element) or a scalar.
+fn up_nc(up: &[f64], red: Reduction, n: usize, c: usize, dev: &Device) -> Tensor {
+    up_tensor(up, red, &[n, c], dev)
 }
 
 #[test]
@@ -193,33 +156,37 @@ fn matches_f64_reference_over_shapes_reductions_bins_targets_and_momentum() {
                             (t, v, Tensor::from_vec(l, n, &dev).unwrap())
                         };
                         let up = upstream(&mut rng, red, n * c);
-                        let upt = up_tensor(&up, red, n, c, &dev);
+                        let upt = up_nc(&up, red, n, c, &dev);
                         let what = format!(
                             "{n}x{c} dense={dense} bins={bins} m={mom} {red:?} step {step}"
                         );
-                        let (rl, rg) = r64.call(&x, &t, &valid, red, &up);
                         let xt = Tensor::from_vec(x.clone(), (n, c), &dev).unwrap();
-                        let (l, g) = run_ours(&xt, &tt, &upt, &mut f64l);
-                        assert_close(&format!("loss f64 {what}"), &l, &rl, 1e-12, 1e-10);
-                        assert_close(&format!("grad f64 {what}"), &g, &rg, 1e-13, 1e-10);
-                        // f32.
-                        let xr: Vec<f64> = x.iter().map(|v| *v as f32 as f64).collect();
-                        let (rl, rg) = r32.call(&xr, &t, &valid, red, &up);
-                        let tt32 = if dense {
-                            tt.to_dtype(DType::F32).unwrap()
-                        } else {
-                            tt.clone()
+                        // Each dtype with its own running state, loss and reference alike.
+                        let ours = |dtype: DType| {
+                            if dtype == DType::F64 {
+                                return run_ours(&xt, &tt, &upt, &mut f64l);
+                            }
+                            let tt32 = if dense {
+                                tt.to_dtype(DType::F32).unwrap()
+                            } else {
+                                tt.clone()
+                            };
+                            run_ours(
+                                &xt.to_dtype(DType::F32).unwrap(),
+                                &tt32,
+                                &upt.to_dtype(DType::F32).unwrap(),
+                                &mut f32l,
+                            )
                         };
-                        let (l, g) = run_ours(
-                            &xt.to_dtype(DType::F32).unwrap(),
-                            &tt32,
-                            &upt.to_dtype(DType::F32).unwrap(),
-                            &mut f32l,
-                        );
-                        let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
-                        assert_close(&format!("loss f32 {what}"), &l, &rl, 2e-6 * lscale, 1e-5);
-                        let gscale = rg.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
-                        assert_close(&format!("grad f32 {what}"), &g, &rg, 2e-6 * gscale, 1e-5);
+                        let reference_at = |dtype: DType| {
+                            let r = if dtype == DType::F64 {
+                                &mut r64
+                            } else {
+                                &mut r32
+                            };
+                            r.call(&round_to_dtype(&x, dtype), &t, &valid, red, &up)
+                        };
+                        check_against_reference(&what, &CLASSIFICATION_TOLS, ours, reference_at);
                     }
                 }
             }
@@ -243,13 +210,7 @@ fn matches_mmdet_port_fixtures_including_momentum_over_two_calls() {
         let steps = case["steps"].as_array().unwrap();
         two_call_cases += (steps.len() == 2) as usize;
         for (si, step) in steps.iter().enumerate() {
-            f.reduction = match case["reduction"].as_str().unwrap() {
-                "none" => Reduction::None,
-                "sum" => Reduction::Sum,
-                "mean" => Reduction::Mean,
-                "avg_factor" => Reduction::AvgFactor(step["avg_factor"].as_f64().unwrap()),
-                r => panic!("unknown reduction {r}"),
-            };
+            f.reduction = fx_reduction(&case["reduction"], &step["avg_factor"]);
             let x = fx_to_tensor(&step["logits"], DType::F64, &dev);
             let (n, c) = x.dims2().unwrap();
             let t = if case["target_kind"] == "dense" {
@@ -258,23 +219,10 @@ fn matches_mmdet_port_fixtures_including_momentum_over_two_calls() {
                 Tensor::from_vec(fx_ints(&step["targets"]), n, &dev).unwrap()
             };
             let up = fx_to_tensor(&step["upstream"], DType::F64, &dev);
-            let (l, g) = run_ours(&x, &t, &up, &mut f);
-            let what = format!("{name} step {si}");
-            assert_close(
-                &format!("{what} loss"),
-                &l,
-                &fx_tensor(&step["loss"]).1,
-                1e-12,
-                1e-9,
-            );
-            assert_close(
-                &format!("{what} grad"),
-                &g,
-                &fx_tensor(&step["grad"]).1,
-                1e-12,
-                1e-9,
-            );
-            assert_eq!(g.len(), n * c);
+            let got = run_ours(&x, &t, &up, &mut f);
+            let tol = Tol::abs(1e-12, 1e-9);
+            check_fixture(&format!("{name} step {si}"), &got, step, tol, tol);
+            assert_eq!(got.1.len(), n * c);
         }
     }
     assert!(two_call_cases >= 6);
@@ -304,32 +252,21 @@ fn gradient_matches_finite_differences_f64() {
         } else {
             Tensor::from_vec(make_labels(&mut rng, n, c), n, &dev).unwrap()
         };
-        let upt = up_tensor(&upstream(&mut rng, red, n * c), red, n, c, &dev);
+        let upt = up_nc(&upstream(&mut rng, red, n * c), red, n, c, &dev);
         let f = ghmc(bins, mom, red);
-        let (_, g) = run_ours(
-            &Tensor::from_vec(x.clone(), (n, c), &dev).unwrap(),
-            &tt,
-            &upt,
-            &mut f.clone(),
-        );
+        let logits = |xs: &[f64]| Tensor::from_vec(xs.to_vec(), (n, c), &dev).unwrap();
+        let (_, g) = run_ours(&logits(&x), &tt, &upt, &mut f.clone());
         // Each evaluation from the same (fresh) state; the bin weights are constants.
-        let fd = finite_diff(&x, 1e-6, |xs| {
-            let xt = Tensor::from_vec(xs.to_vec(), (n, c), &dev).unwrap();
-            let l = f.clone().forward(&xt, &tt).unwrap();
-            (l * &upt)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        });
-        assert!(g.iter().any(|v| *v != 0.0));
-        assert_close(
+        let fd = FdCheck {
+            nonzero: true,
+            ..FD
+        };
+        check_finite_differences(
             &format!("fd dense={dense} bins={bins} {red:?}"),
             &g,
-            &fd,
-            1e-7,
-            1e-6,
+            &x,
+            fd,
+            |xs| weighted_sum(f.clone().forward(&logits(xs), &tt).unwrap(), &upt),
         );
     }
 }
@@ -410,30 +347,20 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
         for red in [Reduction::None, Reduction::Sum, Reduction::Mean] {
             let mut f = ghmc(10, 0.0, red);
             let up = upstream(&mut Rng::new(4), red, 6);
-            let upt = up_tensor(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap();
-            let upr = to_f64_vec(&upt);
-            let (l, g) = run_ours(
+            let upt = up_nc(&up, red, 3, 2, &dev).to_dtype(dtype).unwrap();
+            let got = run_ours(
                 &x,
                 &Tensor::new(labels.as_slice(), &dev).unwrap(),
                 &upt,
                 &mut f,
             );
-            let (rl, rg) = RefGhmc::new(10, 0.0).call(&xr, &t, &v, red, &upr);
-            let what = format!("{dtype:?} {red:?}");
-            assert!(
-                l.iter().chain(&g).all(|v| v.is_finite()),
-                "{what}: {l:?} {g:?}"
-            );
-            let (tol, sub) = match dtype {
-                DType::F64 => (1e-12, 5e-324),
-                DType::F32 => (1e-6, 1.5e-45),
-                DType::F16 => (2e-3, 6e-8),
-                _ => (1.6e-2, 1e-40),
+            let want = RefGhmc::new(10, 0.0).call(&xr, &t, &v, red, &to_f64_vec(&upt));
+            let extreme = Extreme {
+                dtype,
+                f32_rtol: 1e-6,
+                loss_relative: false,
             };
-            let round =
-                |v: &[f64]| to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap());
-            assert_close(&format!("{what} loss"), &l, &round(&rl), 4.0 * sub, tol);
-            assert_close(&format!("{what} grad"), &g, &round(&rg), 4.0 * sub, tol);
+            check_extreme(&format!("{dtype:?} {red:?}"), extreme, &got, &want);
         }
         // NaN in -> NaN out.
         let x = Tensor::new(&[f64::NAN, 1.0], &dev)
@@ -457,24 +384,13 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
     }
 }
 
-fn rh(v: f64, dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::from_f64(v).to_f64(),
-        _ => half::bf16::from_f64(v).to_f64(),
-    }
-}
-
 #[test]
 fn half_precision_error_within_twice_the_naive_half_error() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(35);
     let (n, c) = (64, 20);
     for dtype in [DType::F16, DType::BF16] {
-        let x: Vec<f64> = rng
-            .vec_normal(n * c, 2.5)
-            .iter()
-            .map(|v| rh(v.clamp(-8.0, 8.0), dtype))
-            .collect();
+        let x = half_logits(&mut rng, n * c, dtype);
         let labels = make_labels(&mut rng, n, c);
         let (t, valid) = expand(&labels, c);
         let up = vec![1.0; n * c];
@@ -491,13 +407,14 @@ fn half_precision_error_within_twice_the_naive_half_error() {
             &Tensor::ones((n, c), dtype, &dev).unwrap(),
             &mut f,
         );
-        let (mut eol, mut enl, mut eog, mut eng) = (0f64, 0f64, 0f64, 0f64);
+        let mut errors = HalfErrors::default();
         for e in 0..n * c {
             if !valid[e] {
                 continue;
             }
             // Naive half BCE and gradient with the reference's bin weight (β = loss / bce).
             let d = dtype;
+            let rh = round_half;
             let p = rh(1.0 / rh(1.0 + rh((-x[e]).exp(), d), d), d);
             let ce = rh(
                 -(rh(t[e] * rh(p.ln(), d), d) + rh((1.0 - t[e]) * rh(rh(1.0 - p, d).ln(), d), d)),
@@ -505,23 +422,13 @@ fn half_precision_error_within_twice_the_naive_half_error() {
             );
             let bce = t[e] * softplus(-x[e]) + (1.0 - t[e]) * softplus(x[e]);
             let beta = rh(rl[e] / bce, d);
-            let nl = rh(beta * ce, d);
-            let ng = rh(beta * rh(p - t[e], d), d);
-            eol = eol.max((l[e] - rl[e]).abs());
-            enl = enl.max((nl - rl[e]).abs());
-            eog = eog.max((g[e] - rg[e]).abs());
-            eng = eng.max((ng - rg[e]).abs());
+            errors.loss(l[e], rh(beta * ce, d), rl[e]);
+            errors.grad(g[e], rh(beta * rh(p - t[e], d), d), rg[e]);
         }
-        assert!(enl > 0.0 && eng > 0.0);
-        assert!(eol <= 2.0 * enl, "{dtype:?} loss: ours {eol} naive {enl}");
-        assert!(eog <= 2.0 * eng, "{dtype:?} grad: ours {eog} naive {eng}");
+        errors.check(&format!("{dtype:?}"));
         let mut fs = ghmc(10, 0.0, Reduction::Sum);
         let s = to_f64_vec(&fs.forward(&xt, &lt).unwrap())[0];
-        let rs: f64 = rl.iter().sum();
-        assert!(
-            (s - rs).abs() <= 4e-3 * rs.abs(),
-            "{dtype:?} sum {s} vs {rs}"
-        );
+        check_accumulated(&format!("{dtype:?}"), "sum", s, rl.iter().sum());
     }
 }
 
@@ -530,22 +437,8 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(36);
     let (n, c) = (37, 11);
-    let x_strided = Tensor::from_vec(rng.vec_normal(n * c, 2.0), (c, n), &dev)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .t()
-        .unwrap();
-    assert!(!x_strided.is_contiguous());
-    let x_contig = x_strided.contiguous().unwrap();
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(c as u64 + 2) as i64 - 1)
-        .collect();
-    let lab_strided = Tensor::from_vec(lab2, (n, 2), &dev)
-        .unwrap()
-        .i((.., 1))
-        .unwrap();
-    let lab_contig = lab_strided.contiguous().unwrap();
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, c, c as u64 + 2);
     let wide = Tensor::from_vec(
         (0..n * (c + 5))
             .map(|_| (rng.below(3) == 0) as u8 as f32)
@@ -558,23 +451,27 @@ fn strided_inputs_equal_their_contiguous_copies() {
     assert!(!t_narrow.is_contiguous());
     for red in REDUCTIONS {
         let f = ghmc(10, 0.5, red);
-        let up = up_tensor(&upstream(&mut rng, red, n * c), red, n, c, &dev)
+        let up = up_nc(&upstream(&mut rng, red, n * c), red, n, c, &dev)
             .to_dtype(DType::F32)
             .unwrap();
-        assert_eq!(
-            run_ours(&x_strided, &lab_strided, &up, &mut f.clone()),
-            run_ours(&x_contig, &lab_contig, &up, &mut f.clone())
-        );
-        assert_eq!(
-            run_ours(&x_strided, &t_narrow, &up, &mut f.clone()),
-            run_ours(
-                &x_contig,
-                &t_narrow.contiguous().unwrap(),
-                &up,
-                &mut f.clone()
-            )
-        );
+        let cases = [
+            Views::contiguous(&[&x_strided, &lab_strided]).and(&up),
+            Views::contiguous(&[&x_strided, &t_narrow]).and(&up),
+        ];
+        check_views_equal_copies(&format!("{red:?}"), &cases, |v| {
+            run_ours(&v[0], &v[1], &v[2], &mut f.clone())
+        });
     }
+}
+
+/// `f`'s forward, asserting that a failed call leaves the running state untouched.
+fn guarded(f: &RefCell<GhmcLoss>, x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+    let acc_before = format!("{:?}", f.borrow());
+    let r = f.borrow_mut().forward(x, t);
+    if r.is_err() {
+        assert_eq!(acc_before, format!("{:?}", f.borrow()));
+    }
+    r
 }
 
 #[test]
@@ -582,62 +479,42 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     let dev = Device::Cpu;
     let x = Tensor::zeros((4, 80), DType::F32, &dev).unwrap();
     let ok = Tensor::new(&[0i64, 80, -1, 3], &dev).unwrap();
-    let check = |f: &mut GhmcLoss, x: &Tensor, t: &Tensor, needles: &[&str]| {
-        let acc_before = format!("{f:?}");
-        match f.forward(x, t) {
-            Ok(_) => panic!("expected an error with {needles:?}"),
-            Err(e) => {
-                let e = e.to_string();
-                assert!(e.starts_with("GhmcLoss:"), "{e}");
-                for nd in needles {
-                    assert!(e.contains(nd), "`{e}` lacks `{nd}`");
-                }
-            }
-        }
-        // A failed call leaves the running state untouched.
-        assert_eq!(acc_before, format!("{f:?}"));
+    let named = Named::First("GhmcLoss:");
+    let check = |f: &RefCell<GhmcLoss>, x: &Tensor, t: &Tensor, needles: &[&str]| {
+        check_error(named, guarded(f, x, t), needles)
     };
-    let mut f = ghmc(10, 0.75, Reduction::Mean);
-    assert!(f.forward(&x, &ok).is_ok());
-    check(
-        &mut f,
-        &x,
-        &Tensor::new(&[0i64, 81, 1, 2], &dev).unwrap(),
-        &["label 81 out of range 0..=80"],
+    let f = RefCell::new(ghmc(10, 0.75, Reduction::Mean));
+    assert!(f.borrow_mut().forward(&x, &ok).is_ok());
+    check_label_errors(
+        named,
+        &[
+            BadLabels::I64(&[0, 81, 1, 2], "label 81 out of range 0..=80"),
+            BadLabels::I64(&[0, -2, 1, 2], "label -2"),
+            BadLabels::U32(&[0, 1, 2, 99], "label 99"),
+        ],
+        |t| guarded(&f, &x, t),
     );
     check(
-        &mut f,
-        &x,
-        &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap(),
-        &["label -2"],
-    );
-    check(
-        &mut f,
-        &x,
-        &Tensor::new(&[0u32, 1, 2, 99], &dev).unwrap(),
-        &["label 99"],
-    );
-    check(
-        &mut f,
+        &f,
         &x,
         &Tensor::new(&[0i64, 1, 2], &dev).unwrap(),
         &["[4]", "[3]"],
     );
     check(
-        &mut f,
+        &f,
         &x,
         &Tensor::zeros((4, 79), DType::F32, &dev).unwrap(),
         &["[4, 80]", "[4, 79]"],
     );
     check(
-        &mut f,
+        &f,
         &x,
         &Tensor::zeros((4, 80), DType::F64, &dev).unwrap(),
         &["F64"],
     );
-    check(&mut f, &x.to_dtype(DType::I64).unwrap(), &ok, &["I64"]);
+    check(&f, &x.to_dtype(DType::I64).unwrap(), &ok, &["I64"]);
     check(
-        &mut f,
+        &f,
         &Tensor::zeros(80, DType::F32, &dev).unwrap(),
         &ok,
         &["[N, C]"],
@@ -645,48 +522,48 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
     let mut bad_t = vec![0f32; 4 * 80];
     bad_t[7] = 1.5;
     check(
-        &mut f,
+        &f,
         &x,
         &Tensor::from_vec(bad_t, (4, 80), &dev).unwrap(),
         &["dense targets", "[0, 1]", "1.5"],
     );
-    let mut f0 = ghmc(0, 0.0, Reduction::Mean);
-    check(&mut f0, &x, &ok, &["bins"]);
+    check(
+        &RefCell::new(ghmc(0, 0.0, Reduction::Mean)),
+        &x,
+        &ok,
+        &["bins"],
+    );
     for m in [-0.1, 1.0, f64::NAN] {
-        let mut fm = ghmc(10, m, Reduction::Mean);
-        check(&mut fm, &x, &ok, &["momentum"]);
+        check(
+            &RefCell::new(ghmc(10, m, Reduction::Mean)),
+            &x,
+            &ok,
+            &["momentum"],
+        );
     }
-    let mut fa = ghmc(10, 0.0, Reduction::AvgFactor(0.0));
-    check(&mut fa, &x, &ok, &["AvgFactor"]);
+    let fa = RefCell::new(ghmc(10, 0.0, Reduction::AvgFactor(0.0)));
+    check(&fa, &x, &ok, &["AvgFactor"]);
 }
 
 #[test]
 fn empty_and_all_ignored_batches() {
     let dev = Device::Cpu;
-    for red in REDUCTIONS {
-        let mut f = ghmc(10, 0.5, red);
-        let l = f
+    check_empty_batch(&[0, 5], |red| {
+        ghmc(10, 0.5, red)
             .forward(
                 &Tensor::zeros((0, 5), DType::F32, &dev).unwrap(),
                 &Tensor::zeros(0, DType::I64, &dev).unwrap(),
             )
-            .unwrap();
-        if red == Reduction::None {
-            assert_eq!(l.dims(), &[0, 5]);
-        } else {
-            assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
-        }
-    }
+            .unwrap()
+    });
     let x = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
     let ignored = Tensor::new(&[-1i64, -1, -1], &dev).unwrap();
-    let (l, g) = run_ours(
+    check_all_ignored(&run_ours(
         &x,
         &ignored,
         &Tensor::new(1f32, &dev).unwrap(),
         &mut GhmcLoss::default(),
-    );
-    assert_eq!(l, vec![0.0]);
-    assert!(g.iter().all(|v| *v == 0.0));
+    ));
 }
 
 #[test]
@@ -707,31 +584,16 @@ fn bitwise_deterministic_for_any_thread_count() {
         &dev,
     )
     .unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut bits = Vec::new();
-            for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
-                let f = std::cell::RefCell::new(ghmc(30, 0.75, red));
-                let up = if red == Reduction::None {
-                    Tensor::ones((n, c), DType::F32, &dev).unwrap()
-                } else {
-                    Tensor::new(1f32, &dev).unwrap()
-                };
-                for t in [&labels, &dense, &labels] {
-                    let (l, g) = loss_and_grad(&x, &up, |x| f.borrow_mut().forward(x, t)).unwrap();
-                    for v in to_f64_vec(&l).into_iter().chain(to_f64_vec(&g)) {
-                        bits.push(v.to_bits());
-                    }
-                }
+    check_thread_count_determinism(|| {
+        let mut bits = Vec::new();
+        for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
+            let f = RefCell::new(ghmc(30, 0.75, red));
+            let up = unit_upstream(red, &[n, c], DType::F32, &dev);
+            for t in [&labels, &dense, &labels] {
+                let (l, g) = loss_and_grad(&x, &up, |x| f.borrow_mut().forward(x, t)).unwrap();
+                push_bits(&mut bits, &l, &g);
             }
-            bits
-        })
-    };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+        }
+        bits
+    });
 }

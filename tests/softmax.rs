@@ -78,18 +78,26 @@ fn ref_row(x: &[f64], t: usize, w: &[f64], loss: Loss) -> (f64, Vec<f64>) {
     }
 }
 
-/// Reference loss (reduced as `red`) and the gradient of `sum(loss · up)`.
-#[allow(clippy::too_many_arguments)]
-fn reference(
-    x: &[f64],
-    labels: &[i64],
+/// The case of a reference evaluation: `n` rows of `k` classes, the loss, its reduction and
+/// class weights.
+#[derive(Clone, Copy)]
+struct RefCase<'a> {
     n: usize,
     k: usize,
     loss: Loss,
     red: Reduction,
-    cw: Option<&[f64]>,
-    up: &[f64],
-) -> (Vec<f64>, Vec<f64>) {
+    cw: Option<&'a [f64]>,
+}
+
+/// Reference loss (reduced as `red`) and the gradient of `sum(loss · up)`.
+fn reference(x: &[f64], labels: &[i64], case: RefCase, up: &[f64]) -> LossGrad {
+    let RefCase {
+        n,
+        k,
+        loss,
+        red,
+        cw,
+    } = case;
     let ones = vec![1.0; k];
     let w = cw.unwrap_or(&ones);
     let mut per = vec![0.0; n];
@@ -105,27 +113,7 @@ fn reference(
         dper[i * k..(i + 1) * k].copy_from_slice(&g);
         wden += w[t];
     }
-    let scale = match red {
-        Reduction::None | Reduction::Sum => 1.0,
-        Reduction::Mean => {
-            if wden > 0.0 {
-                1.0 / wden
-            } else {
-                0.0
-            }
-        }
-        Reduction::AvgFactor(f) => 1.0 / f,
-    };
-    match red {
-        Reduction::None => {
-            let g = (0..n * k).map(|e| dper[e] * up[e / k]).collect();
-            (per, g)
-        }
-        _ => (
-            vec![per.iter().sum::<f64>() * scale],
-            dper.iter().map(|d| d * scale * up[0]).collect(),
-        ),
-    }
+    reduce_reference(per, dper, red, wden, up, k)
 }
 
 /// Either loss behind one `forward`.
@@ -159,17 +147,9 @@ impl Ours {
     }
 }
 
-fn run_ours(x: &Tensor, labels: &Tensor, up: &Tensor, f: &Ours) -> (Vec<f64>, Vec<f64>) {
-    let (l, g) = loss_and_grad(x, up, |x| f.forward(x, labels)).expect("forward/backward");
-    (to_f64_vec(&l), to_f64_vec(&g))
+fn run_ours(x: &Tensor, labels: &Tensor, up: &Tensor, f: &Ours) -> LossGrad {
+    run_loss(x, up, |x| f.forward(x, labels))
 }
-
-const REDUCTIONS: [Reduction; 4] = [
-    Reduction::None,
-    Reduction::Sum,
-    Reduction::Mean,
-    Reduction::AvgFactor(7.5),
-];
 
 const LOSSES: [Loss; 6] = [
     Loss::Ce(0.0),
@@ -179,22 +159,6 @@ const LOSSES: [Loss; 6] = [
     Loss::Focal(None, 0.5),
     Loss::Focal(Some(0.5), 0.0),
 ];
-
-fn upstream(rng: &mut Rng, red: Reduction, n: usize) -> Vec<f64> {
-    if red == Reduction::None {
-        rng.vec_normal(n, 1.0)
-    } else {
-        vec![0.7]
-    }
-}
-
-fn up_tensor(up: &[f64], red: Reduction, dev: &Device) -> Tensor {
-    if red == Reduction::None {
-        Tensor::from_vec(up.to_vec(), up.len(), dev).unwrap()
-    } else {
-        Tensor::new(up[0], dev).unwrap()
-    }
-}
 
 /// Labels in 0..k with about 10% ignored rows.
 fn make_labels(rng: &mut Rng, n: usize, k: usize) -> Vec<i64> {
@@ -209,8 +173,9 @@ fn make_labels(rng: &mut Rng, n: usize, k: usize) -> Vec<i64> {
         .collect()
 }
 
-fn f32_round(v: &[f64]) -> Vec<f64> {
-    v.iter().map(|x| *x as f32 as f64).collect()
+/// The upstream gradient of a loss of `[n]` (per row) or a scalar.
+fn up_rows_of(up: &[f64], red: Reduction, dev: &Device) -> Tensor {
+    up_tensor(up, red, &[up.len()], dev)
 }
 
 #[test]
@@ -228,37 +193,34 @@ fn matches_f64_reference_over_shapes_reductions_losses_and_weights() {
                     let up = upstream(&mut rng, red, n);
                     let what = format!("{n}x{k} {loss:?} w={weighted} {red:?}");
                     let lt = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
-                    // f64: the kernel's own rounding only.
-                    let (rl, rg) = reference(&x, &labels, n, k, loss, red, cw.as_deref(), &up);
-                    let cwt = cw
-                        .as_ref()
-                        .map(|w| Tensor::from_vec(w.clone(), k, &dev).unwrap());
-                    let f = Ours::new(loss, red, cwt.clone());
-                    let xt = Tensor::from_vec(x.clone(), (n, k), &dev).unwrap();
-                    let (l, g) = run_ours(&xt, &lt, &up_tensor(&up, red, &dev), &f);
-                    assert_close(&format!("loss f64 {what}"), &l, &rl, 1e-12, 1e-10);
-                    assert_close(&format!("grad f64 {what}"), &g, &rg, 1e-13, 1e-10);
-                    // f32 with the crate's fast exp/log, against the reference at the
-                    // f32-rounded inputs.
-                    let f32w = cwt.map(|w| w.to_dtype(DType::F32).unwrap());
-                    let f = Ours::new(loss, red, f32w);
-                    let xt = xt.to_dtype(DType::F32).unwrap();
-                    let (l, g) = run_ours(&xt, &lt, &up_tensor(&up, red, &dev), &f);
-                    let cwr = cw.as_deref().map(f32_round);
-                    let (rl, rg) = reference(
-                        &f32_round(&x),
-                        &labels,
-                        n,
-                        k,
-                        loss,
-                        red,
-                        cwr.as_deref(),
-                        &up,
-                    );
-                    let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
-                    assert_close(&format!("loss f32 {what}"), &l, &rl, 2e-6 * lscale, 1e-5);
-                    let gscale = rg.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
-                    assert_close(&format!("grad f32 {what}"), &g, &rg, 2e-6 * gscale, 1e-5);
+                    // f64: the kernel's own rounding only; f32 with the crate's fast exp/log,
+                    // against the reference at the f32-rounded inputs.
+                    let ours = |dtype: DType| {
+                        let cwt = cw.as_ref().map(|w| {
+                            Tensor::from_vec(w.clone(), k, &dev)
+                                .unwrap()
+                                .to_dtype(dtype)
+                                .unwrap()
+                        });
+                        let f = Ours::new(loss, red, cwt);
+                        let xt = Tensor::from_vec(x.clone(), (n, k), &dev)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap();
+                        run_ours(&xt, &lt, &up_rows_of(&up, red, &dev), &f)
+                    };
+                    let reference_at = |dtype: DType| {
+                        let cwr = cw.as_deref().map(|w| round_to_dtype(w, dtype));
+                        let case = RefCase {
+                            n,
+                            k,
+                            loss,
+                            red,
+                            cw: cwr.as_deref(),
+                        };
+                        reference(&round_to_dtype(&x, dtype), &labels, case, &up)
+                    };
+                    check_against_reference(&what, &CLASSIFICATION_TOLS, ours, reference_at);
                 }
             }
         }
@@ -282,7 +244,7 @@ fn focal_with_gamma_zero_and_no_alpha_equals_cross_entropy() {
         for red in REDUCTIONS {
             for cw in [None, Some(w.to_dtype(dtype).unwrap())] {
                 let xd = x.to_dtype(dtype).unwrap();
-                let up = up_tensor(&upstream(&mut rng, red, n), red, &dev)
+                let up = up_rows_of(&upstream(&mut rng, red, n), red, &dev)
                     .to_dtype(dtype)
                     .unwrap();
                 let ce = Ours::new(Loss::Ce(0.0), red, cw.clone());
@@ -304,37 +266,18 @@ fn u32_labels_equal_i64_labels() {
     let (n, k) = (50, 9);
     let x = Tensor::from_vec(rng.vec_normal(n * k, 2.0), (n, k), &dev).unwrap();
     let labels: Vec<u32> = (0..n).map(|_| rng.below(k as u64) as u32).collect();
-    let l32 = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
-    let l64 = Tensor::from_vec(
-        labels.iter().map(|v| *v as i64).collect::<Vec<_>>(),
-        n,
-        &dev,
-    )
-    .unwrap();
     for loss in LOSSES {
         for red in REDUCTIONS {
             let f = Ours::new(loss, red, None);
-            let up = up_tensor(&upstream(&mut rng, red, n), red, &dev);
-            assert_eq!(
-                run_ours(&x, &l32, &up, &f),
-                run_ours(&x, &l64, &up, &f),
-                "{loss:?} {red:?}"
-            );
+            let up = up_rows_of(&upstream(&mut rng, red, n), red, &dev);
+            check_label_types_agree(&format!("{loss:?} {red:?}"), &labels, |l| {
+                run_ours(&x, l, &up, &f)
+            });
         }
     }
 }
 
-fn fx_reduction(case: &serde_json::Value) -> Reduction {
-    match case["reduction"].as_str().unwrap() {
-        "none" => Reduction::None,
-        "sum" => Reduction::Sum,
-        "mean" => Reduction::Mean,
-        "avg_factor" => Reduction::AvgFactor(case["avg_factor"].as_f64().unwrap()),
-        r => panic!("unknown reduction {r}"),
-    }
-}
-
-fn check_fixture(file: &str, min_cases: usize, make: impl Fn(&serde_json::Value) -> Ours) {
+fn check_fixture_file(file: &str, min_cases: usize, make: impl Fn(&serde_json::Value) -> Ours) {
     let dev = Device::Cpu;
     let cases = fixture_cases(file);
     assert!(cases.len() >= min_cases, "{file}: {} cases", cases.len());
@@ -346,15 +289,17 @@ fn check_fixture(file: &str, min_cases: usize, make: impl Fn(&serde_json::Value)
         let labels = Tensor::from_vec(fx_ints(&case["labels"]), n, &dev).unwrap();
         let f = make(case);
         let up = fx_to_tensor(&case["upstream"], DType::F64, &dev);
-        let (l, g) = run_ours(&x, &labels, &up, &f);
-        let (lshape, lexp) = fx_tensor(&case["loss"]);
-        let none = fx_reduction(case) == Reduction::None;
+        let got = run_ours(&x, &labels, &up, &f);
+        let tol = Tol::abs(1e-12, 1e-9);
+        let (lshape, gshape) = check_fixture(name, &got, case, tol, tol);
+        let none = fx_red(case) == Reduction::None;
         assert_eq!(lshape, if none { vec![n] } else { vec![] }, "{name}");
-        assert_close(&format!("{name} loss"), &l, &lexp, 1e-12, 1e-9);
-        let (gshape, gexp) = fx_tensor(&case["grad"]);
         assert_eq!(gshape, vec![n, k], "{name}");
-        assert_close(&format!("{name} grad"), &g, &gexp, 1e-12, 1e-9);
     }
+}
+
+fn fx_red(case: &serde_json::Value) -> Reduction {
+    fx_reduction(&case["reduction"], &case["avg_factor"])
 }
 
 fn fx_weights(case: &serde_json::Value) -> Option<Tensor> {
@@ -364,9 +309,9 @@ fn fx_weights(case: &serde_json::Value) -> Option<Tensor> {
 
 #[test]
 fn cross_entropy_matches_torch_fixtures() {
-    check_fixture("cross_entropy.json", 55, |case| {
+    check_fixture_file("cross_entropy.json", 55, |case| {
         Ours::Ce(CrossEntropyLoss {
-            reduction: fx_reduction(case),
+            reduction: fx_red(case),
             class_weights: fx_weights(case),
             label_smoothing: case["label_smoothing"].as_f64().unwrap(),
         })
@@ -375,11 +320,11 @@ fn cross_entropy_matches_torch_fixtures() {
 
 #[test]
 fn softmax_focal_matches_torch_fixtures() {
-    check_fixture("softmax_focal.json", 40, |case| {
+    check_fixture_file("softmax_focal.json", 40, |case| {
         Ours::Focal(SoftmaxFocalLoss {
             alpha: case["alpha"].as_f64(),
             gamma: case["gamma"].as_f64().unwrap(),
-            reduction: fx_reduction(case),
+            reduction: fx_red(case),
             class_weights: fx_weights(case),
         })
     });
@@ -409,25 +354,16 @@ fn gradient_matches_finite_differences_f64() {
             .unwrap()
         });
         let f = Ours::new(loss, red, cw);
-        let up = up_tensor(&upstream(&mut rng, red, n), red, &dev);
-        let (_, g) = run_ours(
-            &Tensor::from_vec(x.clone(), (n, k), &dev).unwrap(),
-            &labels,
-            &up,
-            &f,
-        );
-        let fd = finite_diff(&x, 1e-6, |xs| {
-            let xt = Tensor::from_vec(xs.to_vec(), (n, k), &dev).unwrap();
-            let l = f.forward(&xt, &labels).unwrap();
-            (l * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+        let up = up_rows_of(&upstream(&mut rng, red, n), red, &dev);
+        let logits = |xs: &[f64]| Tensor::from_vec(xs.to_vec(), (n, k), &dev).unwrap();
+        let (_, g) = run_ours(&logits(&x), &labels, &up, &f);
+        let fd = FdCheck {
+            nonzero: true,
+            ..FD
+        };
+        check_finite_differences(&format!("fd {loss:?} {red:?}"), &g, &x, fd, |xs| {
+            weighted_sum(f.forward(&logits(xs), &labels).unwrap(), &up)
         });
-        assert!(g.iter().any(|v| *v != 0.0));
-        assert_close(&format!("fd {loss:?} {red:?}"), &g, &fd, 1e-7, 1e-6);
     }
 }
 
@@ -469,37 +405,26 @@ fn extreme_logits_give_finite_correct_values_and_nan_propagates() {
         ] {
             for red in [Reduction::None, Reduction::Sum] {
                 let f = Ours::new(loss, red, None);
-                let up = up_tensor(&upstream(&mut Rng::new(4), red, n), red, &dev)
+                let up = up_rows_of(&upstream(&mut Rng::new(4), red, n), red, &dev)
                     .to_dtype(dtype)
                     .unwrap();
-                let upr = to_f64_vec(&up);
-                let (l, g) = run_ours(&x, &lt, &up, &f);
-                let (rl, rg) = reference(&xr, &labels, n, k, loss, red, None, &upr);
-                let what = format!("{dtype:?} {loss:?} {red:?}");
-                assert!(
-                    l.iter().chain(&g).all(|v| v.is_finite()),
-                    "{what}: {l:?} {g:?}"
-                );
-                // Against the reference rounded to the output dtype, to a few ulp of that
-                // dtype (relative) or the scale of its subnormals.
-                let (tol, sub) = match dtype {
-                    DType::F64 => (1e-12, 5e-324),
-                    DType::F32 => (2e-6, 1.5e-45),
-                    DType::F16 => (2e-3, 6e-8),
-                    _ => (1.6e-2, 1e-40),
+                let got = run_ours(&x, &lt, &up, &f);
+                let case = RefCase {
+                    n,
+                    k,
+                    loss,
+                    red,
+                    cw: None,
                 };
-                let round =
-                    |v: &[f64]| to_f64_vec(&Tensor::new(v, &dev).unwrap().to_dtype(dtype).unwrap());
+                let want = reference(&xr, &labels, case, &to_f64_vec(&up));
                 // With label smoothing the (±1e4-sized) smoothing term dominates the sum: the
                 // tolerance is relative to the largest row loss.
-                let lscale = rl.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let latol = if matches!(loss, Loss::Ce(e) if e > 0.0) {
-                    tol * lscale
-                } else {
-                    4.0 * sub
+                let extreme = Extreme {
+                    dtype,
+                    f32_rtol: 2e-6,
+                    loss_relative: matches!(loss, Loss::Ce(e) if e > 0.0),
                 };
-                assert_close(&format!("{what} loss"), &l, &round(&rl), latol, tol);
-                assert_close(&format!("{what} grad"), &g, &round(&rg), 4.0 * sub, tol);
+                check_extreme(&format!("{dtype:?} {loss:?} {red:?}"), extreme, &got, &want);
             }
         }
         // NaN in -> NaN out (row loss, sum and the row's gradient); other rows unaffected.
@@ -540,16 +465,14 @@ fn masked_minus_infinity_logits_behave_as_torch() {
         &up,
         &Ours::new(Loss::Ce(0.0), Reduction::Sum, None),
     );
-    let (rl, rg) = reference(
-        &[1.0, f64::NEG_INFINITY, 0.5],
-        &[0],
-        1,
-        3,
-        Loss::Ce(0.0),
-        Reduction::Sum,
-        None,
-        &[1.0],
-    );
+    let case = RefCase {
+        n: 1,
+        k: 3,
+        loss: Loss::Ce(0.0),
+        red: Reduction::Sum,
+        cw: None,
+    };
+    let (rl, rg) = reference(&[1.0, f64::NEG_INFINITY, 0.5], &[0], case, &[1.0]);
     assert_close("masked loss", &l, &rl, 1e-7, 1e-6);
     assert_close("masked grad", &g, &rg, 1e-7, 1e-6);
     let (l, _) = run_ours(
@@ -561,17 +484,10 @@ fn masked_minus_infinity_logits_behave_as_torch() {
     assert_eq!(l, vec![f64::INFINITY]);
 }
 
-/// Rounds to the half type of `dtype`.
-fn rh(v: f64, dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => half::f16::from_f64(v).to_f64(),
-        _ => half::bf16::from_f64(v).to_f64(),
-    }
-}
-
 /// The loss and gradient of one row evaluated naively in the half type (every intermediate
 /// rounded), as a user composing half-precision tensor ops would get them.
 fn naive_half_row(x: &[f64], t: usize, loss: Loss, d: DType) -> (f64, Vec<f64>) {
+    let rh = round_half;
     let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z: Vec<f64> = x.iter().map(|v| rh(rh(v - m, d).exp(), d)).collect();
     let s = z.iter().fold(0.0, |a, v| rh(a + v, d));
@@ -610,14 +526,17 @@ fn half_precision_error_within_twice_the_naive_half_error() {
     let (n, k) = (64, 40);
     for dtype in [DType::F16, DType::BF16] {
         for loss in [Loss::Ce(0.0), Loss::Focal(Some(0.25), 2.0)] {
-            let x: Vec<f64> = rng
-                .vec_normal(n * k, 2.5)
-                .iter()
-                .map(|v| rh(v.clamp(-8.0, 8.0), dtype))
-                .collect();
+            let x = half_logits(&mut rng, n * k, dtype);
             let labels: Vec<i64> = (0..n).map(|_| rng.below(k as u64) as i64).collect();
             let up = vec![1.0; n];
-            let (rl, rg) = reference(&x, &labels, n, k, loss, Reduction::None, None, &up);
+            let case = RefCase {
+                n,
+                k,
+                loss,
+                red: Reduction::None,
+                cw: None,
+            };
+            let (rl, rg) = reference(&x, &labels, case, &up);
             let f = Ours::new(loss, Reduction::None, None);
             let xt = Tensor::from_vec(x.clone(), (n, k), &dev)
                 .unwrap()
@@ -626,34 +545,21 @@ fn half_precision_error_within_twice_the_naive_half_error() {
             let lt = Tensor::from_vec(labels.clone(), n, &dev).unwrap();
             let upt = Tensor::ones(n, dtype, &dev).unwrap();
             let (l, g) = run_ours(&xt, &lt, &upt, &f);
-            let (mut e_ours_l, mut e_naive_l, mut e_ours_g, mut e_naive_g) =
-                (0f64, 0f64, 0f64, 0f64);
+            let mut errors = HalfErrors::default();
             for i in 0..n {
                 let t = labels[i] as usize;
                 let (nl, ng) = naive_half_row(&x[i * k..(i + 1) * k], t, loss, dtype);
-                e_ours_l = e_ours_l.max((l[i] - rl[i]).abs());
-                e_naive_l = e_naive_l.max((nl - rl[i]).abs());
+                errors.loss(l[i], nl, rl[i]);
                 for (j, ngj) in ng.iter().enumerate() {
                     let e = i * k + j;
-                    e_ours_g = e_ours_g.max((g[e] - rg[e]).abs());
-                    e_naive_g = e_naive_g.max((ngj - rg[e]).abs());
+                    errors.grad(g[e], *ngj, rg[e]);
                 }
             }
             let what = format!("{dtype:?} {loss:?}");
-            assert!(e_naive_l > 0.0 && e_naive_g > 0.0, "{what}");
-            assert!(
-                e_ours_l <= 2.0 * e_naive_l,
-                "{what} loss: ours {e_ours_l} naive {e_naive_l}"
-            );
-            assert!(
-                e_ours_g <= 2.0 * e_naive_g,
-                "{what} grad: ours {e_ours_g} naive {e_naive_g}"
-            );
-            // The scalar sum accumulates in f32: far better than half would allow.
+            errors.check(&what);
             let fs = Ours::new(loss, Reduction::Sum, None);
             let s = to_f64_vec(&fs.forward(&xt, &lt).unwrap())[0];
-            let rs: f64 = rl.iter().sum();
-            assert!((s - rs).abs() <= 4e-3 * rs.abs(), "{what} sum {s} vs {rs}");
+            check_accumulated(&what, "sum", s, rl.iter().sum());
         }
     }
 }
@@ -663,21 +569,9 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let dev = Device::Cpu;
     let mut rng = Rng::new(16);
     let (n, k) = (37, 11);
-    let xt = Tensor::from_vec(rng.vec_normal(n * k, 2.0), (k, n), &dev)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let x_strided = xt.t().unwrap();
-    assert!(!x_strided.is_contiguous());
+    // Logits as the t() of a transposed buffer, labels as a strided column of [N, 2].
+    let (x_strided, lab_strided) = strided_logits_and_labels(&mut rng, n, k, k as u64 + 1);
     let x_contig = x_strided.contiguous().unwrap();
-    let lab2: Vec<i64> = (0..2 * n)
-        .map(|_| rng.below(k as u64 + 1) as i64 - 1)
-        .collect();
-    let lab_strided = Tensor::from_vec(lab2, (n, 2), &dev)
-        .unwrap()
-        .i((.., 1))
-        .unwrap();
-    assert!(!lab_strided.is_contiguous());
     let lab_contig = lab_strided.contiguous().unwrap();
     // Class weights from a strided view too.
     let w2 = Tensor::from_vec(
@@ -699,32 +593,26 @@ fn strided_inputs_equal_their_contiguous_copies() {
     let x_bcast = row.broadcast_as((n, k)).unwrap();
     for loss in LOSSES {
         for red in REDUCTIONS {
-            let up = up_tensor(&upstream(&mut rng, red, n), red, &dev)
+            let up = up_rows_of(&upstream(&mut rng, red, n), red, &dev)
                 .to_dtype(DType::F32)
                 .unwrap();
-            let fs = Ours::new(loss, red, Some(w_strided.clone()));
-            let fc = Ours::new(loss, red, Some(w_contig.clone()));
-            assert_eq!(
-                run_ours(&x_strided, &lab_strided, &up, &fs),
-                run_ours(&x_contig, &lab_contig, &up, &fc),
-                "{loss:?} {red:?}"
-            );
-            assert_eq!(
-                run_ours(&x_bcast, &lab_contig, &up, &fs),
-                run_ours(&x_bcast.contiguous().unwrap(), &lab_contig, &up, &fc),
-                "{loss:?} {red:?}"
-            );
-            let xn = x_contig.narrow(0, 5, 20).unwrap();
-            let ln = lab_contig.narrow(0, 5, 20).unwrap();
-            let upn = if red == Reduction::None {
-                up.narrow(0, 5, 20).unwrap()
-            } else {
-                up.clone()
-            };
-            assert_eq!(
-                run_ours(&xn, &ln, &upn, &fc),
-                run_ours(&xn.copy().unwrap(), &ln.copy().unwrap(), &upn, &fc)
-            );
+            // [logits, labels, class weights, upstream]: strided logits, labels and weights; a
+            // broadcast row of logits; a row-narrowed (offset) view.
+            let cases = [
+                Views::contiguous(&[&x_strided, &lab_strided, &w_strided]).and(&up),
+                Views::contiguous(&[&x_bcast, &lab_contig, &w_strided]).and(&up),
+                Views::offset_rows(&[&x_contig, &lab_contig], 5, 20)
+                    .and(&w_contig)
+                    .and(&up_rows(&up, red, 5, 20)),
+            ];
+            check_views_equal_copies(&format!("{loss:?} {red:?}"), &cases, |v| {
+                run_ours(
+                    &v[0],
+                    &v[1],
+                    &v[3],
+                    &Ours::new(loss, red, Some(v[2].clone())),
+                )
+            });
         }
     }
 }
@@ -738,26 +626,19 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
         ("CrossEntropyLoss", Ours::Ce(CrossEntropyLoss::default())),
         ("SoftmaxFocalLoss", Ours::Focal(SoftmaxFocalLoss::default())),
     ] {
-        let check = |r: candle_core::Result<Tensor>, needles: &[&str]| {
-            let e = err_of(r);
-            assert!(e.starts_with(name), "{e}");
-            for nd in needles {
-                assert!(e.contains(nd), "`{e}` lacks `{nd}`");
-            }
-        };
+        let named = Named::First(name);
+        let check =
+            |r: candle_core::Result<Tensor>, needles: &[&str]| check_error(named, r, needles);
         assert!(f.forward(&x, &ok).is_ok());
         // Labels: K is not background for softmax losses; -2 is not the ignore value.
-        check(
-            f.forward(&x, &Tensor::new(&[0i64, 80, 1, 2], &dev).unwrap()),
-            &["label 80 out of range 0..=79"],
-        );
-        check(
-            f.forward(&x, &Tensor::new(&[0i64, -2, 1, 2], &dev).unwrap()),
-            &["label -2"],
-        );
-        check(
-            f.forward(&x, &Tensor::new(&[0u32, 1, 2, 99], &dev).unwrap()),
-            &["label 99"],
+        check_label_errors(
+            named,
+            &[
+                BadLabels::I64(&[0, 80, 1, 2], "label 80 out of range 0..=79"),
+                BadLabels::I64(&[0, -2, 1, 2], "label -2"),
+                BadLabels::U32(&[0, 1, 2, 99], "label 99"),
+            ],
+            |t| f.forward(&x, t),
         );
         let with_red = |red| match &f {
             Ours::Ce(c) => Ours::Ce(CrossEntropyLoss {
@@ -769,10 +650,9 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
                 ..c.clone()
             }),
         };
-        check(
-            with_red(Reduction::None).forward(&x, &Tensor::new(&[0i64, 1, 2, 80], &dev).unwrap()),
-            &["label 80"],
-        );
+        check_label_errors(named, &[BadLabels::I64(&[0, 1, 2, 80], "label 80")], |t| {
+            with_red(Reduction::None).forward(&x, t)
+        });
         check(
             with_red(Reduction::AvgFactor(-1.0)).forward(&x, &ok),
             &["AvgFactor"],
@@ -823,32 +703,27 @@ fn bad_input_returns_errors_that_name_the_loss_and_the_problem() {
             &["class_weights", "[80, 1]"],
         );
     }
-    let check = |r: candle_core::Result<Tensor>, name: &str, needles: &[&str]| {
-        let e = err_of(r);
-        assert!(e.starts_with(name), "{e}");
-        for nd in needles {
-            assert!(e.contains(nd), "`{e}` lacks `{nd}`");
-        }
-    };
+    let ce = Named::First("CrossEntropyLoss");
+    let sf = Named::First("SoftmaxFocalLoss");
     for ls in [-0.1, 1.5, f64::NAN] {
         let f = CrossEntropyLoss {
             label_smoothing: ls,
             ..Default::default()
         };
-        check(f.forward(&x, &ok), "CrossEntropyLoss", &["label_smoothing"]);
+        check_error(ce, f.forward(&x, &ok), &["label_smoothing"]);
     }
     for g in [-1.0, f64::NAN] {
         let f = SoftmaxFocalLoss {
             gamma: g,
             ..Default::default()
         };
-        check(f.forward(&x, &ok), "SoftmaxFocalLoss", &["gamma"]);
+        check_error(sf, f.forward(&x, &ok), &["gamma"]);
     }
     let f = SoftmaxFocalLoss {
         alpha: Some(-0.5),
         ..Default::default()
     };
-    check(f.forward(&x, &ok), "SoftmaxFocalLoss", &["alpha", "-0.5"]);
+    check_error(sf, f.forward(&x, &ok), &["alpha", "-0.5"]);
 }
 
 #[test]
@@ -857,21 +732,19 @@ fn empty_and_all_ignored_batches() {
     for loss in LOSSES {
         let x = Tensor::zeros((0, 5), DType::F32, &dev).unwrap();
         let labels = Tensor::zeros(0, DType::I64, &dev).unwrap();
-        for red in REDUCTIONS {
-            let l = Ours::new(loss, red, None).forward(&x, &labels).unwrap();
-            if red == Reduction::None {
-                assert_eq!(l.dims(), &[0]);
-            } else {
-                assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
-            }
-        }
+        check_empty_batch(&[0], |red| {
+            Ours::new(loss, red, None).forward(&x, &labels).unwrap()
+        });
         // Every row ignored: Mean is 0 (torch: NaN), and the gradient is 0.
         let x = Tensor::ones((3, 5), DType::F32, &dev).unwrap();
         let ignored = Tensor::new(&[-1i64, -1, -1], &dev).unwrap();
         let up = Tensor::new(1f32, &dev).unwrap();
-        let (l, g) = run_ours(&x, &ignored, &up, &Ours::new(loss, Reduction::Mean, None));
-        assert_eq!(l, vec![0.0]);
-        assert!(g.iter().all(|v| *v == 0.0));
+        check_all_ignored(&run_ours(
+            &x,
+            &ignored,
+            &up,
+            &Ours::new(loss, Reduction::Mean, None),
+        ));
     }
 }
 
@@ -893,33 +766,18 @@ fn bitwise_deterministic_for_any_thread_count() {
         &dev,
     )
     .unwrap();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut bits = Vec::new();
-            for loss in [Loss::Ce(0.1), Loss::Focal(Some(0.25), 2.0)] {
-                for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
-                    let f = Ours::new(loss, red, Some(w.clone()));
-                    let up = if red == Reduction::None {
-                        Tensor::ones(n, DType::F32, &dev).unwrap()
-                    } else {
-                        Tensor::new(1f32, &dev).unwrap()
-                    };
-                    let (l, g) = loss_and_grad(&x, &up, |x| f.forward(x, &labels)).unwrap();
-                    for v in to_f64_vec(&l).into_iter().chain(to_f64_vec(&g)) {
-                        bits.push(v.to_bits());
-                    }
-                }
+    check_thread_count_determinism(|| {
+        let mut bits = Vec::new();
+        for loss in [Loss::Ce(0.1), Loss::Focal(Some(0.25), 2.0)] {
+            for red in [Reduction::Sum, Reduction::Mean, Reduction::None] {
+                let f = Ours::new(loss, red, Some(w.clone()));
+                let up = unit_upstream(red, &[n], DType::F32, &dev);
+                let (l, g) = loss_and_grad(&x, &up, |x| f.forward(x, &labels)).unwrap();
+                push_bits(&mut bits, &l, &g);
             }
-            bits
-        })
-    };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+        }
+        bits
+    });
 }
 
 #[test]

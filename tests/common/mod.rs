@@ -2,6 +2,11 @@
 //! loss through candle's autograd, and a tiny deterministic RNG.
 #![allow(dead_code)]
 
+mod battery;
+// Not every test binary runs the battery (anchors, metrics): the re-export may go unused.
+#[allow(unused_imports)]
+pub use battery::*;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde_json::Value;
 
@@ -183,35 +188,38 @@ pub fn bits_of(t: &Tensor) -> Vec<u64> {
     to_f64_vec(t).iter().map(|v| v.to_bits()).collect()
 }
 
-/// The fused training path against the plain one, for a loss with a scalar reduction:
-/// - the loss of `x` (which tracks gradients, so the forward also computes the gradient) equals
-///   the loss of `x` detached (loss only) bit for bit;
-/// - for upstream gradients 1 and 3, the gradient the forward saved (first `backward`) equals
-///   the one the backward op recomputes (a second `backward` through the same graph finds the
-///   saved gradient taken) bit for bit, and is not all zero.
-pub fn check_fused_equals_recomputed(what: &str, x: &Var, f: impl Fn(&Tensor) -> Result<Tensor>) {
-    let tracked = f(x.as_tensor()).expect("loss");
-    let detached = f(&x.as_tensor().detach()).expect("detached loss");
-    assert_eq!(bits_of(&tracked), bits_of(&detached), "{what}: loss bits");
-    for up in [1.0, 3.0] {
-        let loss = f(x.as_tensor()).expect("loss");
-        let obj = if up == 1.0 {
-            loss
-        } else {
-            loss.affine(up, 0.0).expect("affine")
-        };
-        let g_saved = obj.backward().expect("backward");
-        let g_saved = g_saved.get(x).expect("grad");
-        let g_again = obj.backward().expect("second backward");
-        let g_again = g_again.get(x).expect("grad");
-        assert_eq!(
-            bits_of(g_saved),
-            bits_of(g_again),
-            "{what}: upstream {up}: grad bits"
-        );
-        assert!(
-            to_f64_vec(g_saved).iter().any(|v| *v != 0.0),
-            "{what}: upstream {up}: zero gradient"
-        );
+/// The losses that take `class_weights`, by name.
+pub const CLASS_WEIGHTED: [&str; 3] = ["SigmoidFocalLoss", "CrossEntropyLoss", "SoftmaxFocalLoss"];
+
+/// The loss `name` (one of [`CLASS_WEIGHTED`], with its defaults; label smoothing 0.1 for
+/// cross-entropy) with `reduction` and `class_weights`, on logits `x` and labels `l`.
+pub fn class_weighted_forward(
+    name: &str,
+    reduction: candle_detloss::Reduction,
+    class_weights: Option<Tensor>,
+    x: &Tensor,
+    l: &Tensor,
+) -> Result<Tensor> {
+    use candle_detloss::{CrossEntropyLoss, SigmoidFocalLoss, SoftmaxFocalLoss};
+    match name {
+        "SigmoidFocalLoss" => SigmoidFocalLoss {
+            reduction,
+            class_weights,
+            ..Default::default()
+        }
+        .forward(x, l),
+        "CrossEntropyLoss" => CrossEntropyLoss {
+            reduction,
+            class_weights,
+            label_smoothing: 0.1,
+        }
+        .forward(x, l),
+        "SoftmaxFocalLoss" => SoftmaxFocalLoss {
+            reduction,
+            class_weights,
+            ..Default::default()
+        }
+        .forward(x, l),
+        _ => panic!("no class-weighted loss {name}"),
     }
 }
