@@ -86,125 +86,78 @@ fn host_vec_of<A: WithDType>(loss: &str, what: &str, t: &Tensor) -> Result<Vec<A
     }
 }
 
-impl Acc for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        fastmath::exp_f32(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        fastmath::ln_f32(self)
-    }
-    #[inline(always)]
-    fn log1p(self) -> Self {
-        fastmath::log1p_f32(self)
-    }
-    #[inline(always)]
-    fn exp_neg_abs(self) -> Self {
-        fastmath::exp_neg_abs(self)
-    }
-    #[inline(always)]
-    fn log1p_unit(self) -> Self {
-        fastmath::log1p_unit(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    #[inline(always)]
-    fn relu(self) -> Self {
-        if self > 0.0 {
-            self
-        } else {
-            0.0
+/// `impl Acc` for `$t` with the given transcendental functions (the crate's vectorisable f32
+/// versions, or std's f64 ones); the rest is the same for both.
+macro_rules! impl_acc {
+    ($t:ty, exp: $exp:expr, ln: $ln:expr, log1p: $log1p:expr, exp_neg_abs: $ena:expr,
+     log1p_unit: $lpu:expr, atan: $atan:expr) => {
+        impl Acc for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                $ln(self)
+            }
+            #[inline(always)]
+            fn log1p(self) -> Self {
+                $log1p(self)
+            }
+            #[inline(always)]
+            fn exp_neg_abs(self) -> Self {
+                $ena(self)
+            }
+            #[inline(always)]
+            fn log1p_unit(self) -> Self {
+                $lpu(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn relu(self) -> Self {
+                if self > 0.0 {
+                    self
+                } else {
+                    0.0
+                }
+            }
+            #[inline(always)]
+            fn atan(self) -> Self {
+                $atan(self)
+            }
+            #[inline(always)]
+            fn trunc_i32(self) -> i32 {
+                self as i32
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                v as $t
+            }
+            fn host_vec(loss: &str, what: &str, t: &Tensor) -> Result<Vec<Self>> {
+                host_vec_of(loss, what, t)
+            }
         }
-    }
-    #[inline(always)]
-    fn atan(self) -> Self {
-        fastmath::atan_f32(self)
-    }
-    #[inline(always)]
-    fn trunc_i32(self) -> i32 {
-        self as i32
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn host_vec(loss: &str, what: &str, t: &Tensor) -> Result<Vec<Self>> {
-        host_vec_of(loss, what, t)
-    }
+    };
 }
 
-impl Acc for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-    #[inline(always)]
-    fn to_f64(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn log1p(self) -> Self {
-        f64::ln_1p(self)
-    }
-    #[inline(always)]
-    fn exp_neg_abs(self) -> Self {
-        f64::exp(-f64::abs(self))
-    }
-    #[inline(always)]
-    fn log1p_unit(self) -> Self {
-        f64::ln_1p(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    #[inline(always)]
-    fn relu(self) -> Self {
-        if self > 0.0 {
-            self
-        } else {
-            0.0
-        }
-    }
-    #[inline(always)]
-    fn atan(self) -> Self {
-        f64::atan(self)
-    }
-    #[inline(always)]
-    fn trunc_i32(self) -> i32 {
-        self as i32
-    }
-    #[inline(always)]
-    fn from_f32(v: f32) -> Self {
-        v as f64
-    }
-    fn host_vec(loss: &str, what: &str, t: &Tensor) -> Result<Vec<Self>> {
-        host_vec_of(loss, what, t)
-    }
-}
+impl_acc!(f32, exp: fastmath::exp_f32, ln: fastmath::ln_f32, log1p: fastmath::log1p_f32,
+    exp_neg_abs: fastmath::exp_neg_abs, log1p_unit: fastmath::log1p_unit,
+    atan: fastmath::atan_f32);
+impl_acc!(f64, exp: f64::exp, ln: f64::ln, log1p: f64::ln_1p,
+    exp_neg_abs: |x: f64| f64::exp(-f64::abs(x)), log1p_unit: f64::ln_1p, atan: f64::atan);
 
 /// A floating-point element type of an input tensor, with the type it is computed in.
 pub(crate) trait Elem: WithDType + Copy + Send + Sync + ZeroIsValid {

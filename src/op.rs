@@ -9,7 +9,7 @@ use crate::targets::{CpuTargets, TargetKind};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-use crate::gpu::{arg, Arg, DevElem, Gpu};
+use crate::gpu::{arg, BwdIn, DevFloat, Gpu, In, Out};
 
 /// In a `cpu_fwd`: under the `cuda-emu` feature (while the emulation is active) returns the
 /// result of the op's CUDA launch plan `$plan` run on the emulated backend `$g`, in both thread
@@ -25,35 +25,26 @@ macro_rules! emulate {
 pub(crate) use emulate;
 
 /// The `gpu_forward` and `gpu_backward` methods of a [`LossKernel`] impl: the calling module's
-/// launch plans `gpu::forward::<G, T>(g, self, x, t)` and `gpu::backward::<G, T>(g, self, x, t,
-/// up)`.
+/// launch plans `gpu::forward::<G, T>(g, self, x, t)` and `gpu::backward::<G, T>(g, self, a)`.
 macro_rules! gpu_kernel_methods {
     () => {
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-        fn gpu_forward<G: $crate::gpu::Gpu, T: $crate::dtype::Elem + $crate::gpu::DevElem>(
+        fn gpu_forward<G: $crate::gpu::Gpu, T: $crate::gpu::DevFloat>(
             &self,
             g: &G,
-            x: $crate::gpu::Arg<'_, G::Storage>,
-            t: $crate::gpu::Arg<'_, G::Storage>,
-        ) -> candle_core::Result<(G::Storage, candle_core::Shape)>
-        where
-            T::A: $crate::gpu::DevElem,
-        {
+            x: $crate::gpu::In<'_, G>,
+            t: $crate::gpu::In<'_, G>,
+        ) -> $crate::gpu::Out<G> {
             gpu::forward::<G, T>(g, self, x, t)
         }
 
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-        fn gpu_backward<G: $crate::gpu::Gpu, T: $crate::dtype::Elem + $crate::gpu::DevElem>(
+        fn gpu_backward<G: $crate::gpu::Gpu, T: $crate::gpu::DevFloat>(
             &self,
             g: &G,
-            x: $crate::gpu::Arg<'_, G::Storage>,
-            t: $crate::gpu::Arg<'_, G::Storage>,
-            up: $crate::gpu::Arg<'_, G::Storage>,
-        ) -> candle_core::Result<(G::Storage, candle_core::Shape)>
-        where
-            T::A: $crate::gpu::DevElem,
-        {
-            gpu::backward::<G, T>(g, self, x, t, up)
+            a: $crate::gpu::BwdIn<'_, G>,
+        ) -> $crate::gpu::Out<G> {
+            gpu::backward::<G, T>(g, self, a)
         }
     };
 }
@@ -111,26 +102,11 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
 
     /// The loss on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_forward<G: Gpu, T: Elem + DevElem>(
-        &self,
-        g: &G,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem;
+    fn gpu_forward<G: Gpu, T: DevFloat>(&self, g: &G, x: In<'_, G>, t: In<'_, G>) -> Out<G>;
 
     /// The gradient on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_backward<G: Gpu, T: Elem + DevElem>(
-        &self,
-        g: &G,
-        x: Arg<'_, G::Storage>,
-        t: Arg<'_, G::Storage>,
-        up: Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: DevElem;
+    fn gpu_backward<G: Gpu, T: DevFloat>(&self, g: &G, a: BwdIn<'_, G>) -> Out<G>;
 }
 
 /// The forward op of loss `K`; with `saved`, the CPU pass also stores the gradient.
@@ -169,27 +145,16 @@ fn cpu_inputs<'a, T: Elem>(
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn gpu_forward<G: Gpu, K: LossKernel>(
-    g: &G,
-    k: &K,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+fn gpu_forward<G: Gpu, K: LossKernel>(g: &G, k: &K, x: In<'_, G>, t: In<'_, G>) -> Out<G> {
     with_float_type!(k.loss_name(), g.dtype(x.s), T, {
         k.gpu_forward::<G, T>(g, x, t)
     })
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn gpu_backward<G: Gpu, K: LossKernel>(
-    g: &G,
-    k: &K,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
-    with_float_type!(k.loss_name(), g.dtype(x.s), T, {
-        k.gpu_backward::<G, T>(g, x, t, up)
+fn gpu_backward<G: Gpu, K: LossKernel>(g: &G, k: &K, a: BwdIn<'_, G>) -> Out<G> {
+    with_float_type!(k.loss_name(), g.dtype(a.x.s), T, {
+        k.gpu_backward::<G, T>(g, a)
     })
 }
 
@@ -265,13 +230,10 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
     ) -> Result<(CpuStorage, Shape)> {
         let k = &self.0;
         k.check_layout(l1)?;
-        emulate!(self.name(), |g| gpu_backward(
-            g,
-            k,
-            arg(s1, l1),
-            arg(s2, l2),
-            arg(s3, l3)
-        ));
+        emulate!(self.name(), |g| {
+            let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
+            gpu_backward(g, k, BwdIn { x, t, up })
+        });
         use candle_core::backend::BackendStorage;
         with_float_type!(k.loss_name(), s1.dtype(), T, {
             let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
@@ -292,7 +254,8 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.0.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu_backward(&g, &self.0, arg(s1, l1), arg(s2, l2), arg(s3, l3))
+        let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
+        gpu_backward(&g, &self.0, BwdIn { x, t, up })
     }
 }
 

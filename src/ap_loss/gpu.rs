@@ -2,9 +2,9 @@
 
 use super::{BucketResult, Global, Kind, Plan, LO_BITS, NAME};
 use crate::check::layout_dims2;
-use crate::dtype::{with_float_type, Elem};
+use crate::dtype::with_float_type;
 use crate::gpu::params::{ApBucketParams, ApCompactParams, ApCountParams, ApUpdateParams};
-use crate::gpu::{self, Arg, DevElem, ErrorFlag, Gpu, KernelError, Launch, AP_LOSS};
+use crate::gpu::{self, DevFloat, ErrorFlag, Gpu, In, KernelError, Launch, Out, AP_LOSS};
 use candle_core::{Result, Shape};
 
 /// Dynamic shared memory a bucket block may use: the default 48 KiB per block without an
@@ -12,7 +12,7 @@ use candle_core::{Result, Shape};
 const SMEM_LIMIT: usize = 47 * 1024;
 
 /// The targets' address, of the type the kernel expects.
-fn targets<G: Gpu, T: DevElem>(g: &G, kind: Kind, tg: &Arg<'_, G::Storage>) -> Result<u64> {
+fn targets<G: Gpu, T: crate::gpu::DevElem>(g: &G, kind: Kind, tg: &In<'_, G>) -> Result<u64> {
     gpu::targets_addr::<G, T>(g, NAME, kind, tg.s, tg.l)
 }
 
@@ -36,10 +36,10 @@ fn sfx<T: candle_core::WithDType>(kind: Kind) -> Result<String> {
     ))
 }
 
-fn gather_t<G: Gpu, T: Elem + DevElem>(
+fn gather_t<G: Gpu, T: DevFloat>(
     g: &G,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
+    x: In<'_, G>,
+    tg: In<'_, G>,
     kind: Kind,
 ) -> Result<Vec<f64>> {
     let (n, c) = layout_dims2(NAME, x.l)?;
@@ -94,11 +94,11 @@ fn gather_t<G: Gpu, T: Elem + DevElem>(
     Ok(pos)
 }
 
-fn bucket_t<G: Gpu, T: Elem + DevElem>(
+fn bucket_t<G: Gpu, T: DevFloat>(
     g: &G,
     plan: &Plan,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
+    x: In<'_, G>,
+    tg: In<'_, G>,
     kind: Kind,
 ) -> Result<BucketResult> {
     let (n, c) = layout_dims2(NAME, x.l)?;
@@ -149,14 +149,14 @@ fn bucket_t<G: Gpu, T: Elem + DevElem>(
 }
 
 /// The update times the upstream gradient on backend `g`.
-pub(super) fn update<G: Gpu, T: Elem + DevElem>(
+pub(super) fn update<G: Gpu, T: DevFloat>(
     g: &G,
     gl: &Global,
     kind: Kind,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+    x: In<'_, G>,
+    tg: In<'_, G>,
+    up: In<'_, G>,
+) -> Out<G> {
     let (n, c) = layout_dims2(NAME, x.l)?;
     gpu::check_upstream(NAME, up.l, true, 1)?;
     let total = (n * c) as u64;
@@ -195,12 +195,7 @@ pub(super) fn update<G: Gpu, T: Elem + DevElem>(
 }
 
 /// Phase 1 on backend `g`: the positive scores, sorted ascending.
-pub(super) fn gather<G: Gpu>(
-    g: &G,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-    kind: Kind,
-) -> Result<Vec<f64>> {
+pub(super) fn gather<G: Gpu>(g: &G, x: In<'_, G>, tg: In<'_, G>, kind: Kind) -> Result<Vec<f64>> {
     with_float_type!(NAME, g.dtype(x.s), T, { gather_t::<G, T>(g, x, tg, kind) })
 }
 
@@ -208,8 +203,8 @@ pub(super) fn gather<G: Gpu>(
 pub(super) fn bucket<G: Gpu>(
     g: &G,
     plan: &Plan,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
+    x: In<'_, G>,
+    tg: In<'_, G>,
     kind: Kind,
 ) -> Result<BucketResult> {
     with_float_type!(NAME, g.dtype(x.s), T, {

@@ -520,31 +520,23 @@ impl LossKernel for ApOp {
     }
 
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_forward<G: crate::gpu::Gpu, T: Elem + crate::gpu::DevElem>(
+    fn gpu_forward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
         &self,
         g: &G,
-        _x: crate::gpu::Arg<'_, G::Storage>,
-        _t: crate::gpu::Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: crate::gpu::DevElem,
-    {
+        _x: crate::gpu::In<'_, G>,
+        _t: crate::gpu::In<'_, G>,
+    ) -> crate::gpu::Out<G> {
         let v = T::from_acc(<T::A as Acc>::from_f64(self.global.0.loss));
         Ok((g.storage_from(vec![v])?, Shape::from(())))
     }
 
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_backward<G: crate::gpu::Gpu, T: Elem + crate::gpu::DevElem>(
+    fn gpu_backward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
         &self,
         g: &G,
-        x: crate::gpu::Arg<'_, G::Storage>,
-        t: crate::gpu::Arg<'_, G::Storage>,
-        up: crate::gpu::Arg<'_, G::Storage>,
-    ) -> Result<(G::Storage, Shape)>
-    where
-        T::A: crate::gpu::DevElem,
-    {
-        gpu::update::<G, T>(g, &self.global.0, self.kind, x, t, up)
+        a: crate::gpu::BwdIn<'_, G>,
+    ) -> crate::gpu::Out<G> {
+        gpu::update::<G, T>(g, &self.global.0, self.kind, a.x, a.t, a.up)
     }
 }
 

@@ -2,23 +2,21 @@
 
 use super::{FocalOp, NAME};
 use crate::check::layout_dims2;
-use crate::dtype::Elem;
 use crate::gpu::params::{FocalBwdParams, FocalFwdParams, RowCountParams};
-use crate::gpu::{self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, Launch, Partials, Scale, FOCAL};
+use crate::gpu::{
+    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, Gpu, In, Launch, Out, Partials, Scale, FOCAL,
+};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
-use candle_core::{Result, Shape};
+use candle_core::Shape;
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+pub(super) fn forward<G: Gpu, T: DevFloat>(
     g: &G,
     op: &FocalOp,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+    x: In<'_, G>,
+    tg: In<'_, G>,
+) -> Out<G> {
     let (n, c) = layout_dims2(NAME, x.l)?;
     let sfx = format!(
         "{}_{}",
@@ -57,16 +55,8 @@ where
 }
 
 /// The gradient on backend `g`.
-pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
-    g: &G,
-    op: &FocalOp,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t: tg, up } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;

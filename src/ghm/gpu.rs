@@ -2,11 +2,12 @@
 
 use super::{GhmcOp, NAME};
 use crate::check::layout_dims2;
-use crate::dtype::{with_float_type, Elem};
+use crate::dtype::with_float_type;
 use crate::gpu::params::{GhmBwdParams, GhmFwdParams, GhmHistParams};
 use crate::gpu::{
-    self, Arg, DevElem, ErrorFlag, ForwardPlan, Gpu, KernelError, Launch, Scale, GHM,
+    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, Gpu, In, KernelError, Launch, Out,
 };
+use crate::gpu::{Scale, GHM};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use candle_core::{Result, Shape};
@@ -32,13 +33,13 @@ fn suffix<T: candle_core::WithDType>(kind: TargetKind) -> Result<String> {
     ))
 }
 
-fn hist_t<G: Gpu, T: Elem + DevElem>(
+fn hist_t<G: Gpu, T: DevFloat>(
     g: &G,
     bins: usize,
     kind: TargetKind,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+    x: In<'_, G>,
+    tg: In<'_, G>,
+) -> Out<G> {
     let (n, c) = layout_dims2(NAME, x.l)?;
     let total = (n * c) as u64;
     let err = ErrorFlag::new(g)?;
@@ -67,15 +68,12 @@ fn hist_t<G: Gpu, T: Elem + DevElem>(
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+pub(super) fn forward<G: Gpu, T: DevFloat>(
     g: &G,
     op: &GhmcOp,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+    x: In<'_, G>,
+    tg: In<'_, G>,
+) -> Out<G> {
     let (n, c) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let p = GhmFwdParams {
@@ -104,16 +102,8 @@ where
 }
 
 /// The gradient on backend `g`.
-pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
-    g: &G,
-    op: &GhmcOp,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t: tg, up } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
@@ -147,9 +137,9 @@ pub(super) fn hist<G: Gpu>(
     g: &G,
     bins: usize,
     kind: TargetKind,
-    x: Arg<'_, G::Storage>,
-    tg: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+    x: In<'_, G>,
+    tg: In<'_, G>,
+) -> Out<G> {
     with_float_type!(NAME, g.dtype(x.s), T, {
         hist_t::<G, T>(g, bins, kind, x, tg)
     })

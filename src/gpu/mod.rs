@@ -20,6 +20,7 @@ pub(crate) mod cuda;
 pub(crate) mod emu;
 pub(crate) mod params;
 
+use crate::dtype::Elem;
 use candle_core::{bail, DType, Layout, Result, Shape, Tensor};
 pub(crate) use params::KernelParams;
 
@@ -361,6 +362,24 @@ pub(crate) fn finalize<G: Gpu, T: DevElem>(
     let name = format!("finalize_{}", dtype_suffix(loss, T::DTYPE)?);
     g.launch(&COMMON, &name, Launch::single(), &p)?;
     Ok(out)
+}
+
+/// A float element type of the kernels whose accumulator type is also a device element type
+/// (f32, f64, f16, bf16).
+pub(crate) trait DevFloat: Elem<A: DevElem> + DevElem {}
+impl<T: Elem<A: DevElem> + DevElem> DevFloat for T {}
+
+/// A kernel input on backend `G`.
+pub(crate) type In<'a, G> = Arg<'a, <G as Gpu>::Storage>;
+/// What a launch plan returns: the output storage on backend `G` and its shape.
+pub(crate) type Out<G> = Result<(<G as Gpu>::Storage, Shape)>;
+
+/// The inputs of a backward launch plan: the float input `x`, the second input `t` (targets,
+/// labels, target boxes) and the upstream gradient `up`.
+pub(crate) struct BwdIn<'a, G: Gpu> {
+    pub x: In<'a, G>,
+    pub t: In<'a, G>,
+    pub up: In<'a, G>,
 }
 
 /// A kernel input: a storage of the backend and its layout.

@@ -1,11 +1,10 @@
 //! The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 
 use super::{IouKind, IouOp, NAME};
-use crate::dtype::Elem;
 use crate::gpu::params::{BoxBwdParams, BoxFwdParams};
-use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, IOU};
+use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, Gpu, In, Launch, Out, Scale, IOU};
 use crate::reduction::Reduction;
-use candle_core::{Result, Shape};
+use candle_core::Shape;
 
 fn prefix(k: IouKind) -> &'static str {
     match k {
@@ -17,12 +16,12 @@ fn prefix(k: IouKind) -> &'static str {
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+pub(super) fn forward<G: Gpu, T: DevFloat>(
     g: &G,
     op: &IouOp,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+    x: In<'_, G>,
+    t: In<'_, G>,
+) -> Out<G> {
     let n = x.l.shape().elem_count() / 4;
     let p = BoxFwdParams {
         p: g.input::<T>(NAME, x.s, x.l)?,
@@ -43,13 +42,8 @@ pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
 }
 
 /// The gradient on backend `g`.
-pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
-    g: &G,
-    op: &IouOp,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t, up } = a;
     let n = x.l.shape().elem_count() / 4;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n)?;

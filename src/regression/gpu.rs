@@ -1,11 +1,9 @@
 //! The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 
 use super::{consts, Kind, RegOp};
-use crate::dtype::Elem;
 use crate::gpu::params::{RegBwdParams, RegFwdParams};
-use crate::gpu::{self, Arg, DevElem, ForwardPlan, Gpu, Launch, Scale, REGRESSION};
+use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, Gpu, In, Launch, Out, Scale, REGRESSION};
 use crate::reduction::Reduction;
-use candle_core::{Result, Shape};
 
 fn prefix(op: &RegOp) -> &'static str {
     match op.kind {
@@ -15,12 +13,12 @@ fn prefix(op: &RegOp) -> &'static str {
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+pub(super) fn forward<G: Gpu, T: DevFloat>(
     g: &G,
     op: &RegOp,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+    x: In<'_, G>,
+    t: In<'_, G>,
+) -> Out<G> {
     let name = op.name();
     let n = x.l.shape().elem_count();
     let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
@@ -50,13 +48,8 @@ pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
 }
 
 /// The gradient on backend `g`.
-pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
-    g: &G,
-    op: &RegOp,
-    x: Arg<'_, G::Storage>,
-    t: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)> {
+pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t, up } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let scalar_up = op.reduction.is_scalar();

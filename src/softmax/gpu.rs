@@ -2,9 +2,10 @@
 
 use super::{Kind, SoftmaxOp};
 use crate::check::layout_dims2;
-use crate::dtype::Elem;
 use crate::gpu::params::{SoftmaxBwdParams, SoftmaxDenParams, SoftmaxFwdParams};
-use crate::gpu::{self, Arg, DevElem, ErrorFlag, Gpu, Launch, Partials, Scale, SOFTMAX};
+use crate::gpu::{
+    self, BwdIn, DevFloat, ErrorFlag, Gpu, In, Launch, Out, Partials, Scale, SOFTMAX,
+};
 use crate::reduction::Reduction;
 use candle_core::{Result, Shape};
 
@@ -38,7 +39,11 @@ struct Common {
     has_w: i32,
 }
 
-fn common<G: Gpu, A: DevElem>(g: &G, op: &SoftmaxOp, lab: &Arg<'_, G::Storage>) -> Result<Common> {
+fn common<G: Gpu, A: crate::gpu::DevElem>(
+    g: &G,
+    op: &SoftmaxOp,
+    lab: &In<'_, G>,
+) -> Result<Common> {
     let lab = gpu::targets_addr::<G, A>(g, op.name, op.labels, lab.s, lab.l)?;
     Ok(match &op.weights {
         None => Common {
@@ -67,15 +72,12 @@ fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<Strin
 }
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: Elem + DevElem>(
+pub(super) fn forward<G: Gpu, T: DevFloat>(
     g: &G,
     op: &SoftmaxOp,
-    x: Arg<'_, G::Storage>,
-    lab: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+    x: In<'_, G>,
+    lab: In<'_, G>,
+) -> Out<G> {
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let (cfg, warp) = row_grid(n, k);
@@ -126,16 +128,8 @@ where
 }
 
 /// The gradient on backend `g`.
-pub(super) fn backward<G: Gpu, T: Elem + DevElem>(
-    g: &G,
-    op: &SoftmaxOp,
-    x: Arg<'_, G::Storage>,
-    lab: Arg<'_, G::Storage>,
-    up: Arg<'_, G::Storage>,
-) -> Result<(G::Storage, Shape)>
-where
-    T::A: DevElem,
-{
+pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t: lab, up } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();
