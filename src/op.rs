@@ -9,7 +9,7 @@ use crate::targets::{CpuTargets, TargetKind};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-use crate::gpu::{arg, BwdIn, DevFloat, Gpu, In, Out};
+use crate::gpu::{arg, BwdIn, DevFloat, FwdIn, Gpu, Out};
 
 /// In a `cpu_fwd`: under the `cuda-emu` feature (while the emulation is active) returns the
 /// result of the op's CUDA launch plan `$plan` run on the emulated backend `$g`, in both thread
@@ -25,17 +25,16 @@ macro_rules! emulate {
 pub(crate) use emulate;
 
 /// The `gpu_forward` and `gpu_backward` methods of a [`LossKernel`] impl: the calling module's
-/// launch plans `gpu::forward::<G, T>(g, self, x, t)` and `gpu::backward::<G, T>(g, self, a)`.
+/// launch plans `gpu::forward::<G, T>(g, self, a)` and `gpu::backward::<G, T>(g, self, a)`.
 macro_rules! gpu_kernel_methods {
     () => {
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
         fn gpu_forward<G: $crate::gpu::Gpu, T: $crate::gpu::DevFloat>(
             &self,
             g: &G,
-            x: $crate::gpu::In<'_, G>,
-            t: $crate::gpu::In<'_, G>,
+            a: $crate::gpu::FwdIn<'_, G>,
         ) -> $crate::gpu::Out<G> {
-            gpu::forward::<G, T>(g, self, x, t)
+            gpu::forward::<G, T>(g, self, a)
         }
 
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -102,7 +101,7 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
 
     /// The loss on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_forward<G: Gpu, T: DevFloat>(&self, g: &G, x: In<'_, G>, t: In<'_, G>) -> Out<G>;
+    fn gpu_forward<G: Gpu, T: DevFloat>(&self, g: &G, a: FwdIn<'_, G>) -> Out<G>;
 
     /// The gradient on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -145,9 +144,9 @@ fn cpu_inputs<'a, T: Elem>(
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn gpu_forward<G: Gpu, K: LossKernel>(g: &G, k: &K, x: In<'_, G>, t: In<'_, G>) -> Out<G> {
-    with_float_type!(k.loss_name(), g.dtype(x.s), T, {
-        k.gpu_forward::<G, T>(g, x, t)
+fn gpu_forward<G: Gpu, K: LossKernel>(g: &G, k: &K, a: FwdIn<'_, G>) -> Out<G> {
+    with_float_type!(k.loss_name(), g.dtype(a.x.s), T, {
+        k.gpu_forward::<G, T>(g, a)
     })
 }
 
@@ -172,7 +171,10 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
     ) -> Result<(CpuStorage, Shape)> {
         let k = &self.k;
         k.check_layout(l1)?;
-        emulate!(self.name(), |g| gpu_forward(g, k, arg(s1, l1), arg(s2, l2)));
+        emulate!(self.name(), |g| {
+            let (x, t) = (arg(s1, l1), arg(s2, l2));
+            gpu_forward(g, k, FwdIn { x, t })
+        });
         use candle_core::backend::BackendStorage;
         with_float_type!(k.loss_name(), s1.dtype(), T, {
             let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
@@ -190,7 +192,8 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.k.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
-        gpu_forward(&g, &self.k, arg(s1, l1), arg(s2, l2))
+        let (x, t) = (arg(s1, l1), arg(s2, l2));
+        gpu_forward(&g, &self.k, FwdIn { x, t })
     }
 
     fn bwd(

@@ -523,8 +523,7 @@ impl LossKernel for ApOp {
     fn gpu_forward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
         &self,
         g: &G,
-        _x: crate::gpu::In<'_, G>,
-        _t: crate::gpu::In<'_, G>,
+        _a: crate::gpu::FwdIn<'_, G>,
     ) -> crate::gpu::Out<G> {
         let v = T::from_acc(<T::A as Acc>::from_f64(self.global.0.loss));
         Ok((g.storage_from(vec![v])?, Shape::from(())))

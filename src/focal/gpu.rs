@@ -4,19 +4,15 @@ use super::{FocalOp, NAME};
 use crate::check::layout_dims2;
 use crate::gpu::params::{FocalBwdParams, FocalFwdParams, RowCountParams};
 use crate::gpu::{
-    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, Gpu, In, Launch, Out, Partials, Scale, FOCAL,
+    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, FwdIn, Gpu, Launch, Out, Partials, Scale, FOCAL,
 };
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use candle_core::Shape;
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: DevFloat>(
-    g: &G,
-    op: &FocalOp,
-    x: In<'_, G>,
-    tg: In<'_, G>,
-) -> Out<G> {
+pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t: tg } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let sfx = format!(
         "{}_{}",

@@ -5,7 +5,7 @@ use crate::check::layout_dims2;
 use crate::dtype::with_float_type;
 use crate::gpu::params::{GhmBwdParams, GhmFwdParams, GhmHistParams};
 use crate::gpu::{
-    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, Gpu, In, KernelError, Launch, Out,
+    self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, FwdIn, Gpu, In, KernelError, Launch, Out,
 };
 use crate::gpu::{Scale, GHM};
 use crate::reduction::Reduction;
@@ -68,12 +68,8 @@ fn hist_t<G: Gpu, T: DevFloat>(
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: DevFloat>(
-    g: &G,
-    op: &GhmcOp,
-    x: In<'_, G>,
-    tg: In<'_, G>,
-) -> Out<G> {
+pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t: tg } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let p = GhmFwdParams {

@@ -374,6 +374,12 @@ pub(crate) type In<'a, G> = Arg<'a, <G as Gpu>::Storage>;
 /// What a launch plan returns: the output storage on backend `G` and its shape.
 pub(crate) type Out<G> = Result<(<G as Gpu>::Storage, Shape)>;
 
+/// The inputs of a forward launch plan: the float input `x` and the second input `t`.
+pub(crate) struct FwdIn<'a, G: Gpu> {
+    pub x: In<'a, G>,
+    pub t: In<'a, G>,
+}
+
 /// The inputs of a backward launch plan: the float input `x`, the second input `t` (targets,
 /// labels, target boxes) and the upstream gradient `up`.
 pub(crate) struct BwdIn<'a, G: Gpu> {

@@ -2,7 +2,7 @@
 
 use super::{IouKind, IouOp, NAME};
 use crate::gpu::params::{BoxBwdParams, BoxFwdParams};
-use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, Gpu, In, Launch, Out, Scale, IOU};
+use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, FwdIn, Gpu, Launch, Out, Scale, IOU};
 use crate::reduction::Reduction;
 use candle_core::Shape;
 
@@ -16,12 +16,8 @@ fn prefix(k: IouKind) -> &'static str {
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: DevFloat>(
-    g: &G,
-    op: &IouOp,
-    x: In<'_, G>,
-    t: In<'_, G>,
-) -> Out<G> {
+pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t } = a;
     let n = x.l.shape().elem_count() / 4;
     let p = BoxFwdParams {
         p: g.input::<T>(NAME, x.s, x.l)?,

@@ -2,7 +2,7 @@
 
 use super::{consts, Kind, RegOp};
 use crate::gpu::params::{RegBwdParams, RegFwdParams};
-use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, Gpu, In, Launch, Out, Scale, REGRESSION};
+use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, FwdIn, Gpu, Launch, Out, Scale, REGRESSION};
 use crate::reduction::Reduction;
 
 fn prefix(op: &RegOp) -> &'static str {
@@ -13,12 +13,8 @@ fn prefix(op: &RegOp) -> &'static str {
 }
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: DevFloat>(
-    g: &G,
-    op: &RegOp,
-    x: In<'_, G>,
-    t: In<'_, G>,
-) -> Out<G> {
+pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);

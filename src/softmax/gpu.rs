@@ -4,7 +4,7 @@ use super::{Kind, SoftmaxOp};
 use crate::check::layout_dims2;
 use crate::gpu::params::{SoftmaxBwdParams, SoftmaxDenParams, SoftmaxFwdParams};
 use crate::gpu::{
-    self, BwdIn, DevFloat, ErrorFlag, Gpu, In, Launch, Out, Partials, Scale, SOFTMAX,
+    self, BwdIn, DevFloat, ErrorFlag, FwdIn, Gpu, In, Launch, Out, Partials, Scale, SOFTMAX,
 };
 use crate::reduction::Reduction;
 use candle_core::{Result, Shape};
@@ -72,12 +72,8 @@ fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<Strin
 }
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
-pub(super) fn forward<G: Gpu, T: DevFloat>(
-    g: &G,
-    op: &SoftmaxOp,
-    x: In<'_, G>,
-    lab: In<'_, G>,
-) -> Out<G> {
+pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t: lab } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let (cfg, warp) = row_grid(n, k);
