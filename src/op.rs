@@ -67,6 +67,18 @@ impl<T> CpuInputs<'_, T> {
     }
 }
 
+/// What a CPU kernel returns: the output storage and its shape.
+pub(crate) type CpuOut = Result<(CpuStorage, Shape)>;
+
+/// A loss's name (which starts every error message) and candle's names of its forward and
+/// backward ops.
+#[derive(Clone, Copy)]
+pub(crate) struct Names {
+    pub(crate) loss: &'static str,
+    pub(crate) fwd: &'static str,
+    pub(crate) bwd: &'static str,
+}
+
 /// What a loss provides; [`Fwd`] and [`Bwd`] turn it into candle custom ops.
 ///
 /// The forward op is `(x, targets) -> loss`, the backward op
@@ -74,10 +86,12 @@ impl<T> CpuInputs<'_, T> {
 /// CPU kernels get contiguous slices in the input's dtype `T`; the CUDA launch plans run on any
 /// [`Gpu`] backend (a CUDA device, or the host emulation of `cuda-emu`).
 pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
+    /// The loss's name and its ops' names.
+    fn names(&self) -> Names;
     /// The loss's name, which starts every error message.
-    fn loss_name(&self) -> &'static str;
-    /// Candle's names of the forward and the backward op.
-    fn op_names(&self) -> (&'static str, &'static str);
+    fn loss_name(&self) -> &'static str {
+        self.names().loss
+    }
     /// How the CPU kernels read the second input.
     fn target_kind(&self) -> TargetKind;
     /// Checks of the first input's layout run before either backend (default: none).
@@ -86,18 +100,10 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
     }
 
     /// The loss on the CPU; with `saved`, a scalar loss also stores `∂loss/∂x` there.
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)>;
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut;
 
     /// The gradient on the CPU for the upstream gradient `up` (one value for a scalar loss).
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)>;
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut;
 
     /// The loss on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -159,16 +165,10 @@ fn gpu_backward<G: Gpu, K: LossKernel>(g: &G, k: &K, a: BwdIn<'_, G>) -> Out<G> 
 
 impl<K: LossKernel> CustomOp2 for Fwd<K> {
     fn name(&self) -> &'static str {
-        self.k.op_names().0
+        self.k.names().fwd
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CpuOut {
         let k = &self.k;
         k.check_layout(l1)?;
         emulate!(self.name(), |g| {
@@ -219,7 +219,7 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
 
 impl<K: LossKernel> CustomOp3 for Bwd<K> {
     fn name(&self) -> &'static str {
-        self.0.op_names().1
+        self.0.names().bwd
     }
 
     fn cpu_fwd(
@@ -230,7 +230,7 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         l2: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> CpuOut {
         let k = &self.0;
         k.check_layout(l1)?;
         emulate!(self.name(), |g| {

@@ -25,10 +25,10 @@
 use crate::check::{check_float_2d, check_same_device};
 use crate::cpu::{self, rows_per_chunk, zeroed_vec};
 use crate::dtype::{with_float_type, Acc, Elem};
-use crate::op::{cpu_slice, Bwd, CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{cpu_slice, Bwd, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::targets::{self, CpuTargets, Role, TargetKind as Kind};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, DType, Result, Shape};
+use candle_core::{bail, DType, Result, Shape};
 use candle_core::{Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -478,12 +478,12 @@ struct ApOp {
 }
 
 impl LossKernel for ApOp {
-    fn loss_name(&self) -> &'static str {
-        NAME
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        ("ap-loss-fwd", "ap-loss-update")
+    fn names(&self) -> Names {
+        Names {
+            loss: NAME,
+            fwd: "ap-loss-fwd",
+            bwd: "ap-loss-update",
+        }
     }
 
     fn target_kind(&self) -> Kind {
@@ -492,21 +492,13 @@ impl LossKernel for ApOp {
 
     /// The loss the phases computed, carried into the graph so that `backward()` reaches the
     /// update (with `saved`: the update the fused CPU step already computed).
-    fn cpu_forward<T: Elem>(
-        &self,
-        _inp: &CpuInputs<'_, T>,
-        _saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, _inp: &CpuInputs<'_, T>, _saved: Option<&SavedGrad>) -> CpuOut {
         let v = T::from_acc(T::A::from_f64(self.global.0.loss));
         Ok((T::to_cpu_storage_owned(vec![v]), Shape::from(())))
     }
 
     /// The update times the (scalar) upstream gradient.
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (n, c) = inp.dims2(NAME)?;
         let [g] = up else {
             bail!(

@@ -5,10 +5,10 @@ use crate::cpu::{
     self, lane_sum, map_chunks, map_indices, ordered_sum, rows_per_chunk, zeroed_vec,
 };
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, RowLabel, RowTarget, TargetKind};
-use candle_core::{bail, CpuStorage, Result, Shape, Tensor};
+use candle_core::{bail, Result, Shape, Tensor};
 
 const NAME: &str = "SigmoidFocalLoss";
 
@@ -369,11 +369,7 @@ impl FocalOp {
         }
     }
 
-    fn cpu_fwd_t<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let p = self.params::<T::A>();
         let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
@@ -437,7 +433,7 @@ impl FocalOp {
         p: &Params<T::A>,
         w: &[T::A],
         saved: &SavedGrad,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let rows = tg.valid_rows(NAME, n, c)?;
         let scale = self.reduction.scale((rows * c) as f64);
@@ -470,7 +466,7 @@ impl FocalOp {
         Ok((T::to_cpu_storage_owned(out), Shape::from(())))
     }
 
-    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> Result<(CpuStorage, Shape)> {
+    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let p = self.params::<T::A>();
         let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
@@ -509,31 +505,23 @@ impl FocalOp {
 }
 
 impl LossKernel for FocalOp {
-    fn loss_name(&self) -> &'static str {
-        NAME
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        ("sigmoid-focal-fwd", "sigmoid-focal-bwd")
+    fn names(&self) -> Names {
+        Names {
+            loss: NAME,
+            fwd: "sigmoid-focal-fwd",
+            bwd: "sigmoid-focal-bwd",
+        }
     }
 
     fn target_kind(&self) -> TargetKind {
         self.kind
     }
 
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         self.cpu_fwd_t(inp, saved)
     }
 
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         self.cpu_bwd_t(inp, up)
     }
 

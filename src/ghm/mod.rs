@@ -7,7 +7,7 @@
 use crate::check::{self, check_float_2d, layout_dims2};
 use crate::cpu::{map_chunks, map_indices, rows_per_chunk, zeroed_vec};
 use crate::dtype::{self, with_float_type, Acc, Elem};
-use crate::op::{cpu_slice, emulate, CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{cpu_slice, emulate, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, CpuTargets, RowLabel, RowTarget, TargetKind};
 use candle_core::backend::BackendStorage;
@@ -390,13 +390,7 @@ impl CustomOp2 for GhmcHist {
         "ghmc-hist"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CpuOut {
         emulate!("ghmc-hist", |g| gpu::hist(
             g,
             self.bins,
@@ -438,7 +432,7 @@ impl GhmcOp {
         Ok(w)
     }
 
-    fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         if self.reduction.is_scalar() {
             let Some(loss) = self.cpu_loss else {
@@ -473,7 +467,7 @@ impl GhmcOp {
         Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))))
     }
 
-    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> Result<(CpuStorage, Shape)> {
+    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let bins = self.bins;
         let w = self.cpu_weights_ext::<T::A>()?;
@@ -523,12 +517,12 @@ impl GhmcOp {
 }
 
 impl LossKernel for GhmcOp {
-    fn loss_name(&self) -> &'static str {
-        NAME
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        ("ghmc-fwd", "ghmc-bwd")
+    fn names(&self) -> Names {
+        Names {
+            loss: NAME,
+            fwd: "ghmc-fwd",
+            bwd: "ghmc-bwd",
+        }
     }
 
     fn target_kind(&self) -> TargetKind {
@@ -536,19 +530,11 @@ impl LossKernel for GhmcOp {
     }
 
     /// The loss (the weights are those of the histogram pass: no gradient is saved).
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        _saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, _saved: Option<&SavedGrad>) -> CpuOut {
         self.cpu_fwd_t(inp)
     }
 
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         self.cpu_bwd_t(inp, up)
     }
 

@@ -6,10 +6,10 @@ use crate::cpu::{
     apply_scalar_upstream, lane_sum, ordered_sum, rows_per_chunk, vectorized, zeroed_vec,
 };
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
-use candle_core::{bail, CpuStorage, Layout, Result, Shape, Tensor};
+use candle_core::{bail, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const NAME: &str = "BoxIouLoss";
@@ -438,7 +438,7 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
     x: &[T],
     t: &[T],
     saved: Option<&SavedGrad>,
-) -> Result<(CpuStorage, Shape)> {
+) -> CpuOut {
     let n = x.len() / 4;
     let eps = T::A::from_f64(op.eps);
     let vc = T::A::from_f64(V_COEF);
@@ -502,12 +502,7 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
     ))
 }
 
-fn cpu_bwd_t<T: Elem, const K: u8>(
-    op: &IouOp,
-    x: &[T],
-    t: &[T],
-    up: &[T],
-) -> Result<(CpuStorage, Shape)> {
+fn cpu_bwd_t<T: Elem, const K: u8>(op: &IouOp, x: &[T], t: &[T], up: &[T]) -> CpuOut {
     let n = x.len() / 4;
     let scalar_up = op.reduction.is_scalar();
     if (scalar_up && up.len() != 1) || (!scalar_up && up.len() != n) {
@@ -577,12 +572,12 @@ fn check_rows(l: &Layout) -> Result<()> {
 }
 
 impl LossKernel for IouOp {
-    fn loss_name(&self) -> &'static str {
-        NAME
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        ("box-iou-fwd", "box-iou-bwd")
+    fn names(&self) -> Names {
+        Names {
+            loss: NAME,
+            fwd: "box-iou-fwd",
+            bwd: "box-iou-bwd",
+        }
     }
 
     fn target_kind(&self) -> TargetKind {
@@ -593,20 +588,12 @@ impl LossKernel for IouOp {
         check_rows(x)
     }
 
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let (x, t) = paired(inp)?;
         by_kind!(self.kind, cpu_fwd_t, T, self, x, t, saved)
     }
 
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (x, t) = paired(inp)?;
         by_kind!(self.kind, cpu_bwd_t, T, self, x, t, up)
     }

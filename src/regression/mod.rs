@@ -4,10 +4,10 @@
 use crate::check::{check_float, check_same_device};
 use crate::cpu::{lane_sum, ordered_sum, scale_in_place, vectorized, zeroed_vec, CHUNK_ELEMS};
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
-use candle_core::{bail, CpuStorage, Result, Shape, Tensor};
+use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const SMOOTH: &str = "SmoothL1Loss";
@@ -455,7 +455,7 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
     t: &[T],
     shape: &Shape,
     saved: Option<&SavedGrad>,
-) -> Result<(CpuStorage, Shape)> {
+) -> CpuOut {
     let l = L::new(&consts(op.kind));
     let n = x.len();
     if n != t.len() {
@@ -522,7 +522,7 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
     t: &[T],
     up: &[T],
     shape: &Shape,
-) -> Result<(CpuStorage, Shape)> {
+) -> CpuOut {
     let l = L::new(&consts(op.kind));
     let n = x.len();
     let scalar_up = op.reduction.is_scalar();
@@ -588,14 +588,15 @@ macro_rules! by_kind {
 }
 
 impl LossKernel for RegOp {
-    fn loss_name(&self) -> &'static str {
-        self.name()
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        match self.kind {
+    fn names(&self) -> Names {
+        let (fwd, bwd) = match self.kind {
             Kind::Smooth { .. } => ("smooth-l1-fwd", "smooth-l1-bwd"),
             Kind::Balanced { .. } => ("balanced-l1-fwd", "balanced-l1-bwd"),
+        };
+        Names {
+            loss: self.name(),
+            fwd,
+            bwd,
         }
     }
 
@@ -603,20 +604,12 @@ impl LossKernel for RegOp {
         TargetKind::Dense
     }
 
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let t = inp.t.dense(self.name())?;
         by_kind!(self, cpu_fwd_t, T, inp.x, t, inp.shape, saved)
     }
 
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let t = inp.t.dense(self.name())?;
         by_kind!(self, cpu_bwd_t, T, inp.x, t, up, inp.shape)
     }

@@ -12,11 +12,11 @@ use crate::check::{check_float_2d, check_same_device};
 use crate::cpu::{self, lane_max, lane_sum, map_chunks, ordered_sum, rows_per_chunk, vectorized};
 use crate::cpu::{map_indices, zeroed_vec};
 use crate::dtype::{acc_dtype, Acc, Elem};
-use crate::op::{CpuInputs, Fwd, LossKernel, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, CpuTargets, TargetKind};
 use candle_core::Tensor;
-use candle_core::{bail, CpuStorage, Result, Shape};
+use candle_core::{bail, Result, Shape};
 
 const CE_NAME: &str = "CrossEntropyLoss";
 const SF_NAME: &str = "SoftmaxFocalLoss";
@@ -354,7 +354,7 @@ impl SoftmaxOp {
         n: usize,
         k: usize,
         saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> CpuOut {
         let (w, wsum) = self.cpu_weights::<T::A>(k)?;
         let p = self.params::<T::A>(k, wsum);
         let rpc = rows_per_chunk(k);
@@ -432,7 +432,7 @@ impl SoftmaxOp {
         up: &[T],
         n: usize,
         k: usize,
-    ) -> Result<(CpuStorage, Shape)> {
+    ) -> CpuOut {
         let (w, wsum) = self.cpu_weights::<T::A>(k)?;
         let p = self.params::<T::A>(k, wsum);
         let scalar_up = self.reduction.is_scalar();
@@ -474,14 +474,15 @@ impl SoftmaxOp {
 }
 
 impl LossKernel for SoftmaxOp {
-    fn loss_name(&self) -> &'static str {
-        self.name
-    }
-
-    fn op_names(&self) -> (&'static str, &'static str) {
-        match self.kind {
+    fn names(&self) -> Names {
+        let (fwd, bwd) = match self.kind {
             Kind::Ce { .. } => ("cross-entropy-fwd", "cross-entropy-bwd"),
             Kind::Focal { .. } => ("softmax-focal-fwd", "softmax-focal-bwd"),
+        };
+        Names {
+            loss: self.name,
+            fwd,
+            bwd,
         }
     }
 
@@ -489,11 +490,7 @@ impl LossKernel for SoftmaxOp {
         self.labels
     }
 
-    fn cpu_forward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        saved: Option<&SavedGrad>,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
         if self.smooth() {
             self.cpu_fwd_t::<T, true>(inp.x, &inp.t, n, k, saved)
@@ -502,11 +499,7 @@ impl LossKernel for SoftmaxOp {
         }
     }
 
-    fn cpu_backward<T: Elem>(
-        &self,
-        inp: &CpuInputs<'_, T>,
-        up: &[T],
-    ) -> Result<(CpuStorage, Shape)> {
+    fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
         if self.smooth() {
             self.cpu_bwd_t::<T, true>(inp.x, &inp.t, up, n, k)
