@@ -27,6 +27,34 @@ __device__ __forceinline__ void focal_elem(A x, A t, bool hard, A alpha, int has
     *grad = a_t * m * (p_minus_t + gamma * ce * r * (one - t - t));
 }
 
+// d(loss)/dt of one element with a soft target t (dense targets that track a gradient), as
+// focal_elem_dt in src/focal/mod.rs: (a_pos - a_neg) m ce + a_t (dm/dt ce - m x),
+// dm/dt = gamma (1-p_t)^(gamma-1) (1 - 2p), 0 for gamma = 0 (torch's pow backward).
+template <typename A>
+__device__ __forceinline__ A focal_elem_dt(A x, A t, A alpha, int has_alpha, A gamma) {
+    const A one = (A)1;
+    A e = dl_exp(-dl_abs(x));
+    A lp = dl_log1p(e);
+    A sp_pos = (x > (A)0 ? x : (A)0) + lp;      // softplus(x)
+    A sp_neg = (x < (A)0 ? -x : (A)0) + lp;     // softplus(-x)
+    A inv = one / (one + e);
+    bool pos = x >= (A)0;
+    A p = pos ? inv : e * inv;
+    A pm = pos ? e * inv : inv;
+    A u = one - t;
+    A ce = t * sp_neg + u * sp_pos;
+    A q = p * u + pm * t;                       // 1 - p_t
+    A ln_q = dl_log(q);
+    const A floor = (A)-1e30;                   // keeps 0 * log 0 at 0 (NaN stays NaN)
+    ln_q = ln_q < floor ? floor : ln_q;
+    A m = dl_exp(gamma * ln_q);
+    A dm = gamma > (A)0 ? gamma * dl_exp((gamma - one) * ln_q) * (pm - p) : (A)0;
+    A a_pos = has_alpha ? alpha : one;
+    A a_neg = has_alpha ? one - alpha : one;
+    A a_t = a_pos * t + a_neg * u;
+    return (a_pos - a_neg) * m * ce + a_t * (dm * ce - m * x);
+}
+
 // Target of element (row, col): dense value, or 0/1 from the row's label.
 // Returns false for an ignored row. `w` is the row weight by label (length C+1).
 template <typename T, typename A>
@@ -122,6 +150,21 @@ __device__ void bwd(const FocalBwdParams& p) {
     }
 }
 
+// Gradient w.r.t. dense targets: g = up * scale * dl/dt.
+template <typename T, typename A>
+__device__ void tbwd(const FocalBwdParams& p) {
+    const T* x = dev_ptr<const T>(p.x);
+    const T* tg = dev_ptr<const T>(p.tg);
+    const T* up = dev_ptr<const T>(p.up);
+    T* gout = dev_ptr<T>(p.g);
+    const A scale = (A)p.scale;
+    GRID_STRIDE(i, p.n * p.c) {
+        A d = focal_elem_dt<A>(to_acc(x[i]), to_acc(tg[i]), (A)p.alpha, p.has_alpha, (A)p.gamma);
+        A u = to_acc(up[p.up_scalar ? 0 : i]);
+        gout[i] = from_acc<T>(u * scale * d);
+    }
+}
+
 // Number of non-ignored rows (labels only) per block, into pden (finalized in a fixed order).
 template <typename TG>
 __device__ void count_rows(const RowCountParams& p) {
@@ -143,6 +186,7 @@ __device__ void count_rows(const RowCountParams& p) {
     DL_KERNEL(sigmoid_focal_bwd_##SFX, FocalBwdParams, p) { bwd<T, A, TG, HARD>(p); }
 
 #define FOCAL_DTYPE(DT, T, A)                                                                    \
+    DL_KERNEL(sigmoid_focal_tbwd_##DT, FocalBwdParams, p) { tbwd<T, A>(p); }                     \
     FOCAL_KERNELS(DT##_dense, T, A, T, false)                                                    \
     FOCAL_KERNELS(DT##_u32, T, A, uint32_t, true)                                                \
     FOCAL_KERNELS(DT##_i64, T, A, int64_t, true)

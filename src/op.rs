@@ -79,6 +79,23 @@ pub(crate) struct Names {
     pub(crate) bwd: &'static str,
 }
 
+/// How a loss differentiates its second input (targets, target boxes) when that input tracks a
+/// gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TargetGrad {
+    /// `∂loss/∂t = −∂loss/∂x`: the loss is a function of `x − t` (smooth L1, balanced L1).
+    NegatedInput,
+    /// The loss is symmetric in `x` and `t`: `∂loss/∂t` is the backward op applied to `(t, x)`
+    /// (the IoU family).
+    Swapped,
+    /// The targets only select roles (AP-Loss's `{-1, 0, 1}`): a zero gradient.
+    Zero,
+    /// The loss's own target kernels: `cpu_target_backward` / `gpu_target_backward`.
+    Kernel,
+    /// Not implemented yet: a tracked target is an error naming the loss, not a panic.
+    Unsupported,
+}
+
 /// What a loss provides; [`Fwd`] and [`Bwd`] turn it into candle custom ops.
 ///
 /// The forward op is `(x, targets) -> loss`, the backward op
@@ -94,6 +111,8 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
     }
     /// How the CPU kernels read the second input.
     fn target_kind(&self) -> TargetKind;
+    /// How the loss differentiates its second input when that input tracks a gradient.
+    fn target_grad(&self) -> TargetGrad;
     /// Checks of the first input's layout run before either backend (default: none).
     fn check_layout(&self, _x: &Layout) -> Result<()> {
         Ok(())
@@ -104,6 +123,23 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
 
     /// The gradient on the CPU for the upstream gradient `up` (one value for a scalar loss).
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut;
+
+    /// `∂loss/∂targets` on the CPU, for [`TargetGrad::Kernel`] (in the targets' shape).
+    fn cpu_target_backward<T: Elem>(&self, _inp: &CpuInputs<'_, T>, _up: &[T]) -> CpuOut {
+        bail!(
+            "{}: internal error, no target gradient kernel",
+            self.loss_name()
+        )
+    }
+
+    /// `∂loss/∂targets` on a CUDA backend, for [`TargetGrad::Kernel`].
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn gpu_target_backward<G: Gpu, T: DevFloat>(&self, _g: &G, _a: BwdIn<'_, G>) -> Out<G> {
+        bail!(
+            "{}: internal error, no target gradient kernel",
+            self.loss_name()
+        )
+    }
 
     /// The loss on a CUDA backend.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -132,8 +168,18 @@ impl<K: LossKernel> Fwd<K> {
     }
 }
 
-/// The backward op of loss `K`.
-pub(crate) struct Bwd<K>(pub(crate) K);
+/// Which input a backward op differentiates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wrt {
+    /// The first input (logits, predicted boxes): the loss's backward kernels.
+    Input,
+    /// The second input (float targets), with the loss's target kernels ([`TargetGrad::Kernel`]).
+    Targets,
+}
+
+/// The backward op of loss `K` with respect to one of its inputs: `(x, targets, upstream)` →
+/// the gradient, in that input's shape.
+pub(crate) struct Bwd<K>(pub(crate) K, pub(crate) Wrt);
 
 /// The CPU inputs of an op, in dtype `T`.
 fn cpu_inputs<'a, T: Elem>(
@@ -157,9 +203,12 @@ fn gpu_forward<G: Gpu, K: LossKernel>(g: &G, k: &K, a: FwdIn<'_, G>) -> Out<G> {
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-fn gpu_backward<G: Gpu, K: LossKernel>(g: &G, k: &K, a: BwdIn<'_, G>) -> Out<G> {
+fn gpu_backward<G: Gpu, K: LossKernel>(g: &G, k: &K, wrt: Wrt, a: BwdIn<'_, G>) -> Out<G> {
     with_float_type!(k.loss_name(), g.dtype(a.x.s), T, {
-        k.gpu_backward::<G, T>(g, a)
+        match wrt {
+            Wrt::Input => k.gpu_backward::<G, T>(g, a),
+            Wrt::Targets => k.gpu_target_backward::<G, T>(g, a),
+        }
     })
 }
 
@@ -204,22 +253,41 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = self.k.loss_name();
-        if let Some(g) = match &self.saved {
+        let up = grad_res.contiguous()?;
+        let gx = match &self.saved {
             Some(saved) => saved.take(name, grad_res)?,
             None => None,
-        } {
-            return Ok((Some(g), None));
-        }
-        let up = grad_res.contiguous()?;
-        // The targets are constants of the loss: they get no gradient.
-        let g = x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone()))?;
-        Ok((Some(g), None))
+        };
+        let gx = match gx {
+            Some(g) => g,
+            None => x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone(), Wrt::Input))?,
+        };
+        // Integer labels never track a gradient; float targets that do (a teacher's soft
+        // labels, a second prediction) get theirs, as torch's autograd gives it.
+        let gt = match (targets.track_op(), self.k.target_grad()) {
+            (false, _) => None,
+            (true, TargetGrad::NegatedInput) => Some(gx.neg()?),
+            (true, TargetGrad::Swapped) => {
+                Some(targets.apply_op3_no_bwd(x, &up, &Bwd(self.k.clone(), Wrt::Input))?)
+            }
+            (true, TargetGrad::Kernel) => {
+                Some(x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone(), Wrt::Targets))?)
+            }
+            (true, TargetGrad::Zero) => Some(targets.zeros_like()?),
+            (true, TargetGrad::Unsupported) => bail!(
+                "{name}: targets that track a gradient are not supported by this loss yet; pass targets.detach()"
+            ),
+        };
+        Ok((Some(gx), gt))
     }
 }
 
 impl<K: LossKernel> CustomOp3 for Bwd<K> {
     fn name(&self) -> &'static str {
-        self.0.names().bwd
+        match self.1 {
+            Wrt::Input => self.0.names().bwd,
+            Wrt::Targets => "target-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -235,13 +303,16 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         k.check_layout(l1)?;
         emulate!(self.name(), |g| {
             let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
-            gpu_backward(g, k, BwdIn { x, t, up })
+            gpu_backward(g, k, self.1, BwdIn { x, t, up })
         });
         use candle_core::backend::BackendStorage;
         with_float_type!(k.loss_name(), s1.dtype(), T, {
             let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
             let up = cpu_slice::<T>(k.loss_name(), s3, l3)?;
-            k.cpu_backward(&inp, up)
+            match self.1 {
+                Wrt::Input => k.cpu_backward(&inp, up),
+                Wrt::Targets => k.cpu_target_backward(&inp, up),
+            }
         })
     }
 
@@ -258,7 +329,7 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         self.0.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
         let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
-        gpu_backward(&g, &self.0, BwdIn { x, t, up })
+        gpu_backward(&g, &self.0, self.1, BwdIn { x, t, up })
     }
 }
 

@@ -25,7 +25,9 @@
 use crate::check::{check_float_2d, check_same_device};
 use crate::cpu::{self, rows_per_chunk, zeroed_vec};
 use crate::dtype::{with_float_type, Acc, Elem};
-use crate::op::{cpu_slice, Bwd, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{
+    cpu_slice, Bwd, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad, Wrt,
+};
 use crate::targets::{self, CpuTargets, Role, TargetKind as Kind};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, DType, Result, Shape};
@@ -438,10 +440,13 @@ impl ApLoss {
         let inp = self.prepare(logits, targets)?;
         self.check_global(global)?;
         let one = Tensor::ones((), inp.logits.dtype(), inp.logits.device())?;
-        let op = Bwd(ApOp {
-            global: global.clone(),
-            kind: inp.kind,
-        });
+        let op = Bwd(
+            ApOp {
+                global: global.clone(),
+                kind: inp.kind,
+            },
+            Wrt::Input,
+        );
         inp.logits.apply_op3_no_bwd(&inp.targets, &one, &op)
     }
 
@@ -488,6 +493,11 @@ impl LossKernel for ApOp {
 
     fn target_kind(&self) -> Kind {
         self.kind
+    }
+
+    /// The targets select roles; their gradient is zero.
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::Zero
     }
 
     /// The loss the phases computed, carried into the graph so that `backward()` reaches the

@@ -116,3 +116,33 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>
     err.check_labels(g, NAME, c)?;
     Ok((g.storage(out), Shape::from((n, c))))
 }
+
+/// `∂loss/∂targets` of dense targets on backend `g` (`sigmoid_focal_tbwd_<dtype>`).
+pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
+    let BwdIn { x, t, up } = a;
+    let (n, c) = layout_dims2(NAME, x.l)?;
+    let scalar_up = op.reduction.is_scalar();
+    gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
+    let total = (n * c) as u64;
+    let out = g.output::<T>(n * c)?;
+    if total > 0 {
+        let p = FocalBwdParams {
+            x: g.input::<T>(NAME, x.s, x.l)?,
+            tg: g.input::<T>(NAME, t.s, t.l)?,
+            up: g.input::<T>(NAME, up.s, up.l)?,
+            g: g.out_addr(&out),
+            n: n as u64,
+            c: c as u64,
+            alpha: op.alpha.unwrap_or(1.0),
+            gamma: op.gamma,
+            // Dense targets: Mean divides by N·C.
+            scale: op.reduction.scale(total as f64),
+            has_alpha: op.alpha.is_some() as i32,
+            up_scalar: scalar_up as i32,
+            ..Default::default()
+        };
+        let kernel = format!("sigmoid_focal_tbwd_{}", gpu::dtype_suffix(NAME, T::DTYPE)?);
+        g.launch(&FOCAL, &kernel, Launch::elems(total), &p)?;
+    }
+    Ok((g.storage(out), Shape::from((n, c))))
+}

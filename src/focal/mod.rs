@@ -2,10 +2,10 @@
 
 use crate::check::{self, check_float_2d, check_non_negative};
 use crate::cpu::{
-    self, lane_sum, map_chunks, map_indices, ordered_sum, rows_per_chunk, zeroed_vec,
+    self, lane_sum, map_chunks, map_indices, ordered_sum, rows_per_chunk, zeroed_vec, CHUNK_ELEMS,
 };
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, RowLabel, RowTarget, TargetKind};
 use candle_core::{bail, Result, Shape, Tensor};
@@ -188,6 +188,38 @@ fn focal_elem<A: Acc, const HARD: bool>(p: &Params<A>, x: A, t: A) -> (A, A) {
                                      // d/dx [(1-pₜ)^γ·ce] = (1-pₜ)^γ·(p - t) + ce·γ(1-pₜ)^{γ-1}·p(1-p)(1-2t)
     let grad = a_t * m * (p_minus_t + p.gamma * ce * r * (u - t));
     (loss, grad)
+}
+
+/// `∂l/∂t` of one element with a soft target `t` (dense targets that track a gradient), the
+/// derivative torch's autograd takes of torchvision's formula:
+///
+/// ```text
+/// ∂l/∂t = (α_pos − α_neg)·m·ce + αₜ·(∂m/∂t·ce − m·x),   m = (1-pₜ)^γ,
+/// ∂m/∂t = γ·(1-pₜ)^{γ-1}·(1 − 2p)   (0 for γ = 0, as torch's pow backward),
+/// ∂ce/∂t = softplus(-x) − softplus(x) = −x.
+/// ```
+#[inline(always)]
+fn focal_elem_dt<A: Acc>(p: &Params<A>, x: A, t: A) -> A {
+    let one = A::ONE;
+    let e = x.exp_neg_abs(); // e^{-|x|} ∈ (0, 1]
+    let lp = e.log1p_unit(); // log(1 + e^{-|x|})
+    let sp_pos = x.relu() + lp; // softplus(x)
+    let sp_neg = (-x).relu() + lp; // softplus(-x)
+    let inv = one / (one + e);
+    let pos = x >= A::ZERO;
+    let p_ = if pos { inv } else { e * inv }; // p = σ(x)
+    let pm = if pos { e * inv } else { inv }; // 1-p, no cancellation
+    let u = one - t;
+    let ce = t * sp_neg + u * sp_pos;
+    let q = p_ * u + pm * t; // 1 - pₜ
+    let floor = A::from_f64(LN_Q_FLOOR);
+    let ln_q = q.ln();
+    let ln_q = if ln_q < floor { floor } else { ln_q }; // NaN stays NaN
+    let m = (p.gamma * ln_q).exp(); // (1-pₜ)^γ
+    let dm = p.gamma * ((p.gamma - one) * ln_q).exp() * (pm - p_); // ∂m/∂t
+    let dm = if p.gamma > A::ZERO { dm } else { A::ZERO };
+    let a_t = p.a_pos * t + p.a_neg * u;
+    (p.a_pos - p.a_neg) * m * ce + a_t * (dm * ce - m * x)
 }
 
 /// The weight of a row: 1 for dense targets, 0 for an ignored row, `w[label]` otherwise.
@@ -502,6 +534,37 @@ impl FocalOp {
         cpu::apply_scalar_upstream(&mut g, scalar_up, up);
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
+
+    /// `∂loss/∂targets` of dense targets that track a gradient, for an upstream gradient of 1
+    /// then scaled by a scalar upstream (as the logits' gradient).
+    fn cpu_tbwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        let ((n, c), x, t) = (inp.dims2(NAME)?, inp.x, inp.t.dense(NAME)?);
+        let p = self.params::<T::A>();
+        let scalar_up = self.reduction.is_scalar();
+        if scalar_up && up.len() != 1 || !scalar_up && up.len() != n * c {
+            bail!("{NAME}: upstream gradient has {} elements", up.len())
+        }
+        // Dense targets: Mean divides by N·C.
+        let coef = T::A::from_f64(self.reduction.scale((n * c) as f64));
+        let mut g = zeroed_vec::<T>(n * c)?;
+        map_chunks(
+            &mut g,
+            CHUNK_ELEMS,
+            #[inline(always)]
+            |ci, gc| {
+                let o = ci * CHUNK_ELEMS;
+                for (j, gj) in gc.iter_mut().enumerate() {
+                    let i = o + j;
+                    let d = focal_elem_dt(&p, x[i].to_acc(), t[i].to_acc());
+                    let u = if scalar_up { T::A::ONE } else { up[i].to_acc() };
+                    *gj = T::from_acc(coef * u * d);
+                }
+                Ok(())
+            },
+        )?;
+        cpu::apply_scalar_upstream(&mut g, scalar_up, up);
+        Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
+    }
 }
 
 impl LossKernel for FocalOp {
@@ -517,12 +580,30 @@ impl LossKernel for FocalOp {
         self.kind
     }
 
+    /// Dense targets: the focal kernels' own `∂l/∂t` (labels never track a gradient).
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::Kernel
+    }
+
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         self.cpu_fwd_t(inp, saved)
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         self.cpu_bwd_t(inp, up)
+    }
+
+    fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        self.cpu_tbwd_t(inp, up)
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn gpu_target_backward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
+        &self,
+        g: &G,
+        a: crate::gpu::BwdIn<'_, G>,
+    ) -> crate::gpu::Out<G> {
+        gpu::target_backward::<G, T>(g, self, a)
     }
 
     crate::op::gpu_kernel_methods!();

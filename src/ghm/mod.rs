@@ -7,7 +7,9 @@
 use crate::check::{self, check_float_2d, layout_dims2};
 use crate::cpu::{map_chunks, map_indices, rows_per_chunk, zeroed_vec};
 use crate::dtype::{self, with_float_type, Acc, Elem};
-use crate::op::{cpu_slice, emulate, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{
+    cpu_slice, emulate, CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad,
+};
 use crate::reduction::Reduction;
 use crate::targets::{self, CpuTargets, RowLabel, RowTarget, TargetKind};
 use candle_core::backend::BackendStorage;
@@ -527,6 +529,10 @@ impl LossKernel for GhmcOp {
 
     fn target_kind(&self) -> TargetKind {
         self.kind
+    }
+
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::Unsupported
     }
 
     /// The loss (the weights are those of the histogram pass: no gradient is saved).

@@ -6,7 +6,7 @@ use crate::cpu::{
     apply_scalar_upstream, lane_sum, ordered_sum, rows_per_chunk, vectorized, zeroed_vec,
 };
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use candle_core::{bail, Layout, Result, Shape, Tensor};
@@ -582,6 +582,11 @@ impl LossKernel for IouOp {
 
     fn target_kind(&self) -> TargetKind {
         TargetKind::Dense
+    }
+
+    /// IoU, GIoU, DIoU and CIoU are symmetric in the two boxes (CIoU's α is held constant).
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::Swapped
     }
 
     fn check_layout(&self, x: &Layout) -> Result<()> {

@@ -4,7 +4,7 @@
 use crate::check::{check_float, check_same_device};
 use crate::cpu::{lane_sum, ordered_sum, scale_in_place, vectorized, zeroed_vec, CHUNK_ELEMS};
 use crate::dtype::{Acc, Elem};
-use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use candle_core::{bail, Result, Shape, Tensor};
@@ -602,6 +602,11 @@ impl LossKernel for RegOp {
 
     fn target_kind(&self) -> TargetKind {
         TargetKind::Dense
+    }
+
+    /// A function of `pred − target`.
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::NegatedInput
     }
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {

@@ -12,7 +12,7 @@ use crate::check::{check_float_2d, check_same_device};
 use crate::cpu::{self, lane_max, lane_sum, map_chunks, ordered_sum, rows_per_chunk, vectorized};
 use crate::cpu::{map_indices, zeroed_vec};
 use crate::dtype::{acc_dtype, Acc, Elem};
-use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad};
+use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, CpuTargets, TargetKind};
 use candle_core::Tensor;
@@ -488,6 +488,11 @@ impl LossKernel for SoftmaxOp {
 
     fn target_kind(&self) -> TargetKind {
         self.labels
+    }
+
+    /// Integer labels only: they never track a gradient.
+    fn target_grad(&self) -> TargetGrad {
+        TargetGrad::Unsupported
     }
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {

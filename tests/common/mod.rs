@@ -95,6 +95,27 @@ pub fn loss_and_grad(
     Ok((loss, g))
 }
 
+/// Gradients of `sum(loss · upstream)` w.r.t. both inputs of `f(x, t)`, both tracking a
+/// gradient (`x` first), through candle's autograd.
+pub fn grads_of_both(
+    x: &Tensor,
+    t: &Tensor,
+    upstream: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (xv, tv) = (Var::from_tensor(x)?, Var::from_tensor(t)?);
+    let loss = f(xv.as_tensor(), tv.as_tensor())?;
+    let obj = (&loss * upstream.to_dtype(loss.dtype())?)?.sum_all()?;
+    let grads = obj.backward()?;
+    let get = |v: &Var| {
+        grads
+            .get(v)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no grad".into()))
+    };
+    Ok((get(&xv)?, get(&tv)?))
+}
+
 /// The message of an expected error (panics, failing the test, if `r` is `Ok`).
 pub fn err_of<T>(r: Result<T>) -> String {
     match r {
