@@ -145,7 +145,8 @@ __device__ void fwd_partial(const GhmFwdParams& p) {
     write_partials(p.psum, 0, s, 0);
 }
 
-// g = up * scale * w[bin] * (sigma(x) - t), the weights constant.
+// g = up * scale * w[bin] * (sigma(x) - t), the weights constant; with wrt_t the gradient
+// w.r.t. dense targets, BCE's d/dt = -x in place of sigma(x) - t.
 template <typename T, typename A, typename TG>
 __device__ void bwd(const GhmBwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -159,6 +160,7 @@ __device__ void bwd(const GhmBwdParams& p) {
         A t, gr = 0, g, ce, d;
         if (elem_target<T, A>(tg, row, col, p.c, err, &t)) {
             elem<A>(to_acc(x[i]), t, &g, &ce, &d);
+            if (p.wrt_t) d = -to_acc(x[i]);
             gr = (A)((double)to_acc(up[p.up_scalar ? 0 : i]) * p.scale) * w[bin_of<A>(g, p.bins)] * d;
         }
         gout[i] = from_acc<T>(gr);

@@ -51,7 +51,7 @@ DL_PARAMS(GhmHistParams, GHM_HIST_FIELDS)
 DL_PARAMS(GhmFwdParams, GHM_FWD_FIELDS)
 #define GHM_BWD_FIELDS(X) \
     X(u64, x) X(u64, tg) X(u64, w) X(u64, up) X(u64, g) X(u64, err) X(u64, n) X(u64, c) \
-    X(double, scale) X(int, bins) X(int, up_scalar)
+    X(double, scale) X(int, bins) X(int, up_scalar) X(int, wrt_t)
 DL_PARAMS(GhmBwdParams, GHM_BWD_FIELDS)
 
 // ---- regression.cu: p0..p7 are the loss's constants (`consts` in src/regression.rs) ----

@@ -1,5 +1,5 @@
 //! Gradients to tracked float targets on CUDA (or the emulated CUDA kernels) against the CPU
-//! kernels, for every dtype and reduction: sigmoid focal's own target kernels, smooth L1's
+//! kernels, for every dtype and reduction: sigmoid focal's and GHM-C's target kernels, smooth L1's
 //! negated gradient and the IoU family's swapped backward. Skipped (with a printed notice)
 //! where there is no CUDA device.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_detloss::{BoxIouLoss, IouKind, Reduction, SigmoidFocalLoss, SmoothL1Loss};
+use candle_detloss::{BoxIouLoss, GhmcLoss, IouKind, Reduction, SigmoidFocalLoss, SmoothL1Loss};
 use common::*;
 
 /// A loss of `(x, t)`.
@@ -91,7 +91,13 @@ fn target_gradients_match_cpu() {
                 reduction: red,
                 ..Default::default()
             };
-            let cases: [(&str, Inputs<'_>, LossFn<'_>); 3] = [
+            let mut ghm = GhmcLoss::new(10, 0.0);
+            ghm.reduction = red;
+            let ghm = std::cell::RefCell::new(ghm);
+            let cases: [(&str, Inputs<'_>, LossFn<'_>); 4] = [
+                ("GHM-C", (&x, &soft, &[n, c]), &|x, t| {
+                    ghm.borrow_mut().forward(x, t)
+                }),
                 ("focal", (&x, &soft, &[n, c]), &|x, t| focal.forward(x, t)),
                 ("smooth L1", (&x, &soft, &[n * c / 7, 7]), &|x, t| {
                     smooth.forward(x, t)

@@ -99,6 +99,16 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: FwdIn<'_, G>) 
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: BwdIn<'_, G>) -> Out<G> {
+    grad::<G, T>(g, op, a, false)
+}
+
+/// The gradient w.r.t. the logits, or (`wrt_t`) w.r.t. dense targets, on backend `g`.
+pub(super) fn grad<G: Gpu, T: DevFloat>(
+    g: &G,
+    op: &GhmcOp,
+    a: BwdIn<'_, G>,
+    wrt_t: bool,
+) -> Out<G> {
     let BwdIn { x, t: tg, up } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
@@ -119,6 +129,7 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: BwdIn<'_, G>)
             scale: op.reduction.scale(op.mean_denom),
             bins: op.bins as i32,
             up_scalar: scalar_up as i32,
+            wrt_t: wrt_t as i32,
         };
         let kernel = format!("ghmc_bwd_{}", suffix::<T>(op.kind)?);
         g.launch(&GHM, &kernel, Launch::elems(total), &p)?;

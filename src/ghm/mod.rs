@@ -102,6 +102,24 @@ impl Default for GhmcLoss {
 }
 
 impl GhmcLoss {
+    /// A GHM-C loss with `bins` bins and running-histogram `momentum` (mmdet's `GHMC(bins,
+    /// momentum)`), `Reduction::Mean`; set `reduction` afterwards for another. The values are
+    /// checked by the first `forward` (bins ≥ 1, momentum in `[0, 1)`).
+    ///
+    /// ```
+    /// use candle_detloss::{GhmcLoss, Reduction};
+    /// let mut ghm = GhmcLoss::new(30, 0.75);
+    /// ghm.reduction = Reduction::Sum;
+    /// assert_eq!((ghm.bins, ghm.momentum), (30, 0.75));
+    /// ```
+    pub fn new(bins: usize, momentum: f64) -> Self {
+        Self {
+            bins,
+            momentum,
+            ..Self::default()
+        }
+    }
+
     /// Computes the loss of `logits` `[N, C]` against `targets` (labels `[N]` or dense
     /// `[N, C]`), updating the running histogram when `momentum > 0`.
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -469,7 +487,9 @@ impl GhmcOp {
         Ok((T::to_cpu_storage_owned(out), Shape::from((n, c))))
     }
 
-    fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+    /// `∂loss/∂logits` (`WRT_T` false: `β·(σ(x) − t)`) or `∂loss/∂targets` of dense targets
+    /// (`WRT_T`: `−β·x`, BCE's derivative in `t`), the weights `β` held constant (mmdet).
+    fn cpu_bwd_t<T: Elem, const WRT_T: bool>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let bins = self.bins;
         let w = self.cpu_weights_ext::<T::A>()?;
@@ -496,8 +516,15 @@ impl GhmcOp {
                     if !sc.load(tg, i, c)? {
                         continue;
                     }
-                    sc.eval::<T, false>(&x[i * c..(i + 1) * c], bins);
-                    // β·(σ(x) - t), the weights held constant.
+                    let xr = &x[i * c..(i + 1) * c];
+                    sc.eval::<T, false>(xr, bins);
+                    if WRT_T {
+                        // ∂BCE/∂t = −x.
+                        for (d, xv) in sc.d.iter_mut().zip(xr) {
+                            *d = -xv.to_acc();
+                        }
+                    }
+                    // β·(σ(x) - t) (or β·(−x)), the weights held constant.
                     let it = grow.iter_mut().zip(&sc.bin).zip(&sc.d);
                     if scalar_up {
                         for ((gj, &b), &d) in it {
@@ -531,8 +558,9 @@ impl LossKernel for GhmcOp {
         self.kind
     }
 
+    /// Dense float targets: BCE's `−x` times the bin weights (held constant, as mmdet).
     fn target_grad(&self) -> TargetGrad {
-        TargetGrad::Unsupported
+        TargetGrad::Kernel
     }
 
     /// The loss (the weights are those of the histogram pass: no gradient is saved).
@@ -541,7 +569,20 @@ impl LossKernel for GhmcOp {
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
-        self.cpu_bwd_t(inp, up)
+        self.cpu_bwd_t::<T, false>(inp, up)
+    }
+
+    fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        self.cpu_bwd_t::<T, true>(inp, up)
+    }
+
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn gpu_target_backward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
+        &self,
+        g: &G,
+        a: crate::gpu::BwdIn<'_, G>,
+    ) -> crate::gpu::Out<G> {
+        gpu::grad::<G, T>(g, self, a, true)
     }
 
     crate::op::gpu_kernel_methods!();

@@ -109,7 +109,7 @@ kernel_params! {
     /// `ghmc_bwd_*`.
     struct GhmBwdParams {
         x: u64, tg: u64, w: u64, up: u64, g: u64, err: u64, n: u64, c: u64,
-        scale: f64, bins: i32, up_scalar: i32,
+        scale: f64, bins: i32, up_scalar: i32, wrt_t: i32,
     }
     /// `{smooth,balanced}_l1_fwd_{none,partial}_*`.
     struct RegFwdParams {
