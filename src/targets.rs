@@ -289,3 +289,50 @@ pub(crate) fn label_kind(
     }
     Ok(kind)
 }
+
+/// Leading dimensions: `x` `[..., C]` (logits, or boxes with C = 4; rank > 2) and `t` of the
+/// matching leading shape `[...]` (labels) or of `x`'s shape (dense targets, target boxes) as
+/// the one `[N, C]` problem, both reshaped (a view when contiguous); rank ≤ 2 as they are.
+pub(crate) fn flatten_leading(loss: &str, x: &Tensor, t: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dims = x.dims();
+    if dims.len() <= 2 {
+        return Ok((x.clone(), t.clone()));
+    }
+    let (lead, c) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
+    let n: usize = lead.iter().product();
+    let t2 = if t.dims() == lead {
+        t.reshape(n)?
+    } else if t.dims() == dims {
+        t.reshape((n, c))?
+    } else {
+        bail!(
+            "{loss}: targets must have the leading shape {lead:?} (labels) or the shape {dims:?} (dense) next to {dims:?}, got {:?}",
+            t.dims()
+        )
+    };
+    Ok((x.reshape((n, c))?, t2))
+}
+
+/// Runs `f` on [`flatten_leading`]'s `[N, C]` problem; a `Reduction::None` result `[N]` or
+/// `[N, C]` gets `x`'s leading shape back (scalars stay).
+pub(crate) fn with_leading_dims(
+    loss: &str,
+    x: &Tensor,
+    t: &Tensor,
+    f: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    crate::check::check_supported_device(loss, x)?;
+    let dims = x.dims();
+    if dims.len() <= 2 {
+        return f(x, t);
+    }
+    let (x2, t2) = flatten_leading(loss, x, t)?;
+    let out = f(&x2, &t2)?;
+    let (lead, n, c) = (&dims[..dims.len() - 1], x2.dims()[0], x2.dims()[1]);
+    match out.dims() {
+        [] => Ok(out),
+        [m] if *m == n => out.reshape(lead),
+        [m, k] if *m == n && *k == c => out.reshape(dims),
+        d => bail!("{loss}: internal error, result of shape {d:?} for {n} rows"),
+    }
+}

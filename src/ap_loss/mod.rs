@@ -82,8 +82,8 @@ thread_local! {
 ///
 /// # Shapes
 ///
-/// - `logits`: `[N, C]`, f32 / f64 / f16 / bf16 (reshape `[B, A, C]` to `[B·A, C]`: all
-///   scores are ranked jointly).
+/// - `logits`: `[N, C]` or `[..., C]` (targets of the matching leading shape), f32 / f64 /
+///   f16 / bf16; `[B, A, C]` is `[B·A, C]`: all scores are ranked jointly.
 /// - `targets`: integer labels `[N]` (`u32` or `i64`): `0..C` makes that column positive and the
 ///   others negative, `C` is background (all negative), `-1` (i64) ignores the row; or dense
 ///   `[N, C]` in `i64` or in the logits' dtype with values in `{-1, 0, 1}` (`-1` ignores the
@@ -218,6 +218,10 @@ impl ApLoss {
     fn prepare(&self, logits: &Tensor, targets: &Tensor) -> Result<Inputs> {
         crate::check::check_supported_device(NAME, logits)?;
         self.check_delta()?;
+        crate::check::check_float(NAME, "logits", logits)?;
+        check_same_device(NAME, "targets", logits, targets)?;
+        // `[..., C]` logits: all scores ranked jointly, as one `[N, C]` problem.
+        let (logits, targets) = &targets::flatten_leading(NAME, logits, targets)?;
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
         check_same_device(NAME, "targets", logits, targets)?;
         let kind = if targets.dtype() == DType::I64 && targets.rank() == 2 {
@@ -447,7 +451,9 @@ impl ApLoss {
             },
             Wrt::Input,
         );
-        inp.logits.apply_op3_no_bwd(&inp.targets, &one, &op)
+        inp.logits
+            .apply_op3_no_bwd(&inp.targets, &one, &op)?
+            .reshape(logits.dims())
     }
 
     fn check_global(&self, global: &ApGlobal) -> Result<()> {

@@ -1,6 +1,6 @@
 //! Sigmoid focal loss (Lin et al. 2017, RetinaNet) as a fused Candle custom op.
 
-use crate::check::{self, check_float_2d, check_non_negative};
+use crate::check::{check_float_2d, check_non_negative};
 use crate::cpu::{
     self, lane_sum, map_chunks, map_indices, ordered_sum, rows_per_chunk, zeroed_vec, CHUNK_ELEMS,
 };
@@ -49,6 +49,9 @@ const NAME: &str = "SigmoidFocalLoss";
 ///   [`crate::class_balanced_weights`] returns them; used at f32 precision with f16/bf16 logits,
 ///   converted exactly to f64 with f64 logits).
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+/// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
+///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
+///   returns the leading shape plus `C`.
 ///
 /// # Errors
 ///
@@ -101,7 +104,10 @@ impl Default for SigmoidFocalLoss {
 impl SigmoidFocalLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        check::check_supported_device(NAME, logits)?;
+        targets::with_leading_dims(NAME, logits, targets, |x, t| self.forward_2d(x, t))
+    }
+
+    fn forward_2d(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         check_non_negative(NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {

@@ -4,7 +4,7 @@
 //! any scalar loss without a second pass; the backward is one pass that recomputes `σ(x) - t`
 //! and its bin. On CUDA the histogram and the weighted BCE are two kernels.
 
-use crate::check::{self, check_float_2d, layout_dims2};
+use crate::check::{check_float_2d, layout_dims2};
 use crate::cpu::{map_chunks, map_indices, rows_per_chunk, zeroed_vec};
 use crate::dtype::{self, with_float_type, Acc, Elem};
 use crate::op::{
@@ -50,6 +50,9 @@ const MAX_BINS: usize = 1 << 20;
 /// - `targets`: integer labels `[N]` (`u32` / `i64`: `0..C` the class, `C` background, `-1`
 ///   ignored row) or dense targets `[N, C]` in the logits' dtype, in `[0, 1]` (binary in mmdet).
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+/// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
+///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
+///   returns the leading shape plus `C`.
 ///
 /// # Errors
 ///
@@ -123,7 +126,10 @@ impl GhmcLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (labels `[N]` or dense
     /// `[N, C]`), updating the running histogram when `momentum > 0`.
     pub fn forward(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        check::check_supported_device(NAME, logits)?;
+        targets::with_leading_dims(NAME, logits, targets, |x, t| self.forward_2d(x, t))
+    }
+
+    fn forward_2d(&mut self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         let bins = self.bins;
         if bins == 0 || bins > MAX_BINS {

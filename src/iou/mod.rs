@@ -83,6 +83,9 @@ pub enum IouKind {
 ///   types are computed in f32).
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the input dtype. The gradient of
 ///   `pred` is `[N, 4]`.
+/// - Leading dimensions: boxes `[..., 4]` (both of the same shape) are one `[N, 4]` problem;
+///   `Reduction::None` returns the leading shape. Both boxes get a gradient when they track
+///   one (the loss is symmetric in them; CIoU's α held constant, as torchvision).
 ///
 /// # Errors
 ///
@@ -131,7 +134,10 @@ impl Default for BoxIouLoss {
 impl BoxIouLoss {
     /// Computes the loss of the predicted boxes `pred` `[N, 4]` against `target` `[N, 4]`.
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        crate::check::check_supported_device(NAME, pred)?;
+        crate::targets::with_leading_dims(NAME, pred, target, |x, t| self.forward_2d(x, t))
+    }
+
+    fn forward_2d(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             bail!("{NAME}: eps must be finite and >= 0, got {}", self.eps)

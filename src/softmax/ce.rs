@@ -36,6 +36,9 @@ use candle_core::{bail, Result, Tensor};
 ///   returns them; used at f32 precision with f16/bf16 logits, converted exactly to f64 with f64
 ///   logits); expected ≥ 0.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+/// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
+///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
+///   returns the leading shape.
 ///
 /// # Errors
 ///

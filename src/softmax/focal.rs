@@ -6,7 +6,7 @@ use crate::reduction::Reduction;
 use candle_core::{Result, Tensor};
 
 /// Softmax (multi-class) focal loss, mmcv's `softmax_focal_loss`: the focal modulation of
-/// [`CrossEntropyLoss`], fused into one custom op with a hand-written backward.
+/// [`CrossEntropyLoss`](crate::CrossEntropyLoss), fused into one custom op with a hand-written backward.
 ///
 /// # Formula
 ///
@@ -21,7 +21,7 @@ use candle_core::{Result, Tensor};
 /// finite and accurate for `p_t → 1` and `p_t → 0` in every dtype and for every `γ ≥ 0`. The
 /// gradient is the closed form `∂l/∂x_j = α·w_y·F·(p_j - δ_jy)` with
 /// `F = (1-p_t)^γ - γ·p_t·(1-p_t)^{γ-1}·log p_t ≥ 0`. With `γ = 0` and `alpha = None` this is
-/// exactly [`CrossEntropyLoss`] without label smoothing.
+/// exactly [`CrossEntropyLoss`](crate::CrossEntropyLoss) without label smoothing.
 ///
 /// Reductions: `None` gives `[N]`; `Sum`; `Mean` = `Σ_i l_i / Σ_i w_{y_i}` over the non-ignored
 /// rows, as cross-entropy (α is not in the denominator; 0 when every row is ignored);
@@ -31,12 +31,15 @@ use candle_core::{Result, Tensor};
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored).
-/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as for [`CrossEntropyLoss`]).
+/// - `class_weights`: `[K]`, in the logits' dtype or f32 (as for [`CrossEntropyLoss`](crate::CrossEntropyLoss)).
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
+/// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
+///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
+///   returns the leading shape.
 ///
 /// # Errors
 ///
-/// Every message starts with `SoftmaxFocalLoss:`. As [`CrossEntropyLoss`], plus `gamma` or
+/// Every message starts with `SoftmaxFocalLoss:`. As [`CrossEntropyLoss`](crate::CrossEntropyLoss), plus `gamma` or
 /// `alpha` negative or not finite.
 ///
 /// # Example

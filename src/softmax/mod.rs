@@ -45,6 +45,20 @@ fn apply(
     logits: &Tensor,
     labels: &Tensor,
 ) -> Result<Tensor> {
+    targets::with_leading_dims(name, logits, labels, |x, t| {
+        apply_2d(name, kind, reduction, class_weights, x, t)
+    })
+}
+
+/// [`apply`] on logits `[N, K]`.
+fn apply_2d(
+    name: &'static str,
+    kind: Kind,
+    reduction: Reduction,
+    class_weights: Option<&Tensor>,
+    logits: &Tensor,
+    labels: &Tensor,
+) -> Result<Tensor> {
     reduction.validate(name)?;
     let (n, k) = check_float_2d(name, "logits", logits)?;
     if k == 0 {
