@@ -2,7 +2,8 @@
 //! plans), and the generic custom ops [`Fwd`] and [`Bwd`] do everything else once for every
 //! loss: the dtype dispatch, contiguous CPU slices and the typed targets, the switch between
 //! the CPU kernels, the emulated CUDA kernels (`cuda-emu`) and a CUDA device, and the backward
-//! through a gradient saved by the forward ([`SavedGrad`]) or the loss's backward kernels.
+//! through a gradient saved by the forward ([`SavedGrad`]) or the loss's backward kernels; a
+//! loss differentiable in its float targets also gets [`BwdTargets`] for them.
 
 use crate::dtype::{with_float_type, Elem};
 use crate::targets::{CpuTargets, TargetKind};
@@ -26,7 +27,7 @@ pub(crate) use emulate;
 
 /// The `gpu_forward` and `gpu_backward` methods of a [`LossKernel`] impl: the calling module's
 /// launch plans `gpu::forward::<G, T>(g, self, x, t)` and `gpu::backward::<G, T>(g, self, x, t,
-/// up)`.
+/// up)`; `gpu_kernel_methods!(target_grad)` adds `gpu_target_backward` (`gpu::target_backward`).
 macro_rules! gpu_kernel_methods {
     () => {
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -54,6 +55,25 @@ macro_rules! gpu_kernel_methods {
             T::A: $crate::gpu::DevElem,
         {
             gpu::backward::<G, T>(g, self, x, t, up)
+        }
+    };
+    // Also `gpu_target_backward`: the launch plan `gpu::target_backward::<G, T>(g, self, x, t,
+    // up)`, for a loss with `has_target_grad`.
+    (target_grad) => {
+        $crate::op::gpu_kernel_methods!();
+
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        fn gpu_target_backward<G: $crate::gpu::Gpu, T: $crate::dtype::Elem + $crate::gpu::DevElem>(
+            &self,
+            g: &G,
+            x: $crate::gpu::Arg<'_, G::Storage>,
+            t: $crate::gpu::Arg<'_, G::Storage>,
+            up: $crate::gpu::Arg<'_, G::Storage>,
+        ) -> candle_core::Result<(G::Storage, candle_core::Shape)>
+        where
+            T::A: $crate::gpu::DevElem,
+        {
+            gpu::target_backward::<G, T>(g, self, x, t, up)
         }
     };
 }
@@ -131,6 +151,39 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
     ) -> Result<(G::Storage, Shape)>
     where
         T::A: DevElem;
+
+    /// Whether the loss is differentiable in its (float) second input. Default: no, the
+    /// targets are constants and get no gradient. With `true`, [`Fwd`]'s backward applies
+    /// [`BwdTargets`] (the two `*_target_backward` methods below) when the targets track
+    /// gradients.
+    fn has_target_grad(&self) -> bool {
+        false
+    }
+
+    /// `∂loss/∂targets` on the CPU for the upstream gradient `up` (called only when
+    /// [`Self::has_target_grad`]); the result has the targets' shape.
+    fn cpu_target_backward<T: Elem>(
+        &self,
+        _inp: &CpuInputs<'_, T>,
+        _up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: internal error, no target gradient", self.loss_name())
+    }
+
+    /// `∂loss/∂targets` on a CUDA backend (called only when [`Self::has_target_grad`]).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn gpu_target_backward<G: Gpu, T: Elem + DevElem>(
+        &self,
+        _g: &G,
+        _x: Arg<'_, G::Storage>,
+        _t: Arg<'_, G::Storage>,
+        _up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
+    where
+        T::A: DevElem,
+    {
+        bail!("{}: internal error, no target gradient", self.loss_name())
+    }
 }
 
 /// The forward op of loss `K`; with `saved`, the CPU pass also stores the gradient.
@@ -153,6 +206,10 @@ impl<K: LossKernel> Fwd<K> {
 
 /// The backward op of loss `K`.
 pub(crate) struct Bwd<K>(pub(crate) K);
+
+/// The backward op of loss `K` with respect to its targets, `(x, targets, upstream gradient)
+/// -> ∂loss/∂targets` (for losses with [`LossKernel::has_target_grad`]).
+pub(crate) struct BwdTargets<K>(pub(crate) K);
 
 /// The CPU inputs of an op, in dtype `T`.
 fn cpu_inputs<'a, T: Elem>(
@@ -190,6 +247,19 @@ fn gpu_backward<G: Gpu, K: LossKernel>(
 ) -> Result<(G::Storage, Shape)> {
     with_float_type!(k.loss_name(), g.dtype(x.s), T, {
         k.gpu_backward::<G, T>(g, x, t, up)
+    })
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn gpu_target_backward<G: Gpu, K: LossKernel>(
+    g: &G,
+    k: &K,
+    x: Arg<'_, G::Storage>,
+    t: Arg<'_, G::Storage>,
+    up: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)> {
+    with_float_type!(k.loss_name(), g.dtype(x.s), T, {
+        k.gpu_target_backward::<G, T>(g, x, t, up)
     })
 }
 
@@ -236,16 +306,25 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = self.k.loss_name();
+        let up = grad_res.contiguous()?;
+        // The targets get a gradient only from a loss differentiable in them, and only when
+        // they track one (a tracked input without one would make candle's backward panic).
+        let gt = if self.k.has_target_grad() && targets.track_op() {
+            Some(x.apply_op3_no_bwd(targets, &up, &BwdTargets(self.k.clone()))?)
+        } else {
+            None
+        };
+        if !x.track_op() {
+            return Ok((None, gt)); // only the targets track: no logit gradient to compute
+        }
         if let Some(g) = match &self.saved {
             Some(saved) => saved.take(name, grad_res)?,
             None => None,
         } {
-            return Ok((Some(g), None));
+            return Ok((Some(g), gt));
         }
-        let up = grad_res.contiguous()?;
-        // The targets are constants of the loss: they get no gradient.
         let g = x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone()))?;
-        Ok((Some(g), None))
+        Ok((Some(g), gt))
     }
 }
 
@@ -293,6 +372,53 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         self.0.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
         gpu_backward(&g, &self.0, arg(s1, l1), arg(s2, l2), arg(s3, l3))
+    }
+}
+
+impl<K: LossKernel> CustomOp3 for BwdTargets<K> {
+    fn name(&self) -> &'static str {
+        self.0.op_names().1
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let k = &self.0;
+        k.check_layout(l1)?;
+        emulate!(self.name(), |g| gpu_target_backward(
+            g,
+            k,
+            arg(s1, l1),
+            arg(s2, l2),
+            arg(s3, l3)
+        ));
+        use candle_core::backend::BackendStorage;
+        with_float_type!(k.loss_name(), s1.dtype(), T, {
+            let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
+            let up = cpu_slice::<T>(k.loss_name(), s3, l3)?;
+            k.cpu_target_backward(&inp, up)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.check_layout(l1)?;
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu_target_backward(&g, &self.0, arg(s1, l1), arg(s2, l2), arg(s3, l3))
     }
 }
 
