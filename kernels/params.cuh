@@ -73,6 +73,15 @@ DL_PARAMS(BoxFwdParams, BOX_FWD_FIELDS)
     X(int, up_scalar)
 DL_PARAMS(BoxBwdParams, BOX_BWD_FIELDS)
 
+// ---- dfl.cu ----
+#define DFL_FWD_FIELDS(X) \
+    X(u64, x) X(u64, t) X(u64, out) X(u64, psum) X(u64, err) X(u64, n) X(u64, k)
+DL_PARAMS(DflFwdParams, DFL_FWD_FIELDS)
+#define DFL_BWD_FIELDS(X) \
+    X(u64, x) X(u64, t) X(u64, up) X(u64, g) X(u64, err) X(u64, n) X(u64, k) X(double, scale) \
+    X(int, up_scalar)
+DL_PARAMS(DflBwdParams, DFL_BWD_FIELDS)
+
 // ---- ap_loss.cu ----
 #define AP_COUNT_FIELDS(X) X(u64, tg) X(u64, cnt) X(u64, err) X(u64, n) X(u64, c)
 DL_PARAMS(ApCountParams, AP_COUNT_FIELDS)

@@ -47,6 +47,7 @@ mod ap_loss;
 mod check;
 mod class_balanced;
 mod cpu;
+mod dfl;
 mod dtype;
 mod fastmath;
 mod focal;
@@ -81,6 +82,7 @@ pub mod cuda_emu {
 
 pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use class_balanced::class_balanced_weights;
+pub use dfl::DistributionFocalLoss;
 pub use focal::SigmoidFocalLoss;
 pub use ghm::GhmcLoss;
 pub use iou::{BoxIouLoss, IouKind};

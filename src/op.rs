@@ -25,7 +25,8 @@ macro_rules! emulate {
 pub(crate) use emulate;
 
 /// The `gpu_forward` and `gpu_backward` methods of a [`LossKernel`] impl: the calling module's
-/// launch plans `gpu::forward::<G, T>(g, self, a)` and `gpu::backward::<G, T>(g, self, a)`.
+/// launch plans `gpu::forward::<G, T>(g, self, a)` and `gpu::backward::<G, T>(g, self, a)`;
+/// `gpu_kernel_methods!(target_grad)` adds `gpu_target_backward` (`gpu::target_backward`).
 macro_rules! gpu_kernel_methods {
     () => {
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -44,6 +45,20 @@ macro_rules! gpu_kernel_methods {
             a: $crate::gpu::BwdIn<'_, G>,
         ) -> $crate::gpu::Out<G> {
             gpu::backward::<G, T>(g, self, a)
+        }
+    };
+    // Also `gpu_target_backward`: the launch plan `gpu::target_backward::<G, T>(g, self, a)`,
+    // for a loss whose `target_grad` is `TargetGrad::Kernel`.
+    (target_grad) => {
+        $crate::op::gpu_kernel_methods!();
+
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        fn gpu_target_backward<G: $crate::gpu::Gpu, T: $crate::gpu::DevFloat>(
+            &self,
+            g: &G,
+            a: $crate::gpu::BwdIn<'_, G>,
+        ) -> $crate::gpu::Out<G> {
+            gpu::target_backward::<G, T>(g, self, a)
         }
     };
 }
@@ -254,6 +269,17 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = self.k.loss_name();
         let up = grad_res.contiguous()?;
+        let tg = if targets.track_op() {
+            self.k.target_grad()
+        } else {
+            TargetGrad::Zero // unused: the targets get no gradient
+        };
+        // Only the targets track a gradient: the input's is computed only where the targets'
+        // follows from it.
+        if !x.track_op() && tg != TargetGrad::NegatedInput {
+            let gt = self.target_grad(x, targets, &up, tg, None)?;
+            return Ok((None, gt));
+        }
         let gx = match &self.saved {
             Some(saved) => saved.take(name, grad_res)?,
             None => None,
@@ -262,23 +288,44 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
             Some(g) => g,
             None => x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone(), Wrt::Input))?,
         };
+        let gt = self.target_grad(x, targets, &up, tg, Some(&gx))?;
+        Ok((Some(gx), gt))
+    }
+}
+
+impl<K: LossKernel> Fwd<K> {
+    /// The gradient of tracked targets (`None` when they do not track one); `gx` is the
+    /// input's gradient where it was computed.
+    fn target_grad(
+        &self,
+        x: &Tensor,
+        targets: &Tensor,
+        up: &Tensor,
+        tg: TargetGrad,
+        gx: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let name = self.k.loss_name();
         // Integer labels never track a gradient; float targets that do (a teacher's soft
         // labels, a second prediction) get theirs, as torch's autograd gives it.
-        let gt = match (targets.track_op(), self.k.target_grad()) {
-            (false, _) => None,
-            (true, TargetGrad::NegatedInput) => Some(gx.neg()?),
-            (true, TargetGrad::Swapped) => {
-                Some(targets.apply_op3_no_bwd(x, &up, &Bwd(self.k.clone(), Wrt::Input))?)
+        if !targets.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(match (tg, gx) {
+            (TargetGrad::NegatedInput, Some(gx)) => gx.neg()?,
+            (TargetGrad::NegatedInput, None) => {
+                bail!("{name}: internal error, no input gradient to negate")
             }
-            (true, TargetGrad::Kernel) => {
-                Some(x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone(), Wrt::Targets))?)
+            (TargetGrad::Swapped, _) => {
+                targets.apply_op3_no_bwd(x, up, &Bwd(self.k.clone(), Wrt::Input))?
             }
-            (true, TargetGrad::Zero) => Some(targets.zeros_like()?),
-            (true, TargetGrad::Unsupported) => bail!(
+            (TargetGrad::Kernel, _) => {
+                x.apply_op3_no_bwd(targets, up, &Bwd(self.k.clone(), Wrt::Targets))?
+            }
+            (TargetGrad::Zero, _) => targets.zeros_like()?,
+            (TargetGrad::Unsupported, _) => bail!(
                 "{name}: targets that track a gradient are not supported by this loss yet; pass targets.detach()"
             ),
-        };
-        Ok((Some(gx), gt))
+        }))
     }
 }
 

@@ -1,6 +1,6 @@
 //! The one reading of the second input of the classification losses: integer labels `[N]`
 //! (`u32`, or `i64` with `-1` = ignored; `0..C` a class, `C` background) or dense targets
-//! `[N, C]`, validated against the logits ([`target_kind`]) and decoded on the CPU
+//! `[N, C]` (or one float per row, read as dense: the DFL targets `[N]`), validated against the logits ([`target_kind`]) and decoded on the CPU
 //! ([`CpuTargets`]: per row for the sigmoid losses, as a class for the softmax losses, per
 //! element for AP-Loss); the per-label row weights ([`row_weights`]) go with them. The CUDA
 //! kernels decode the same convention in `kernels/common.cuh` (`decode_label`).
@@ -48,7 +48,7 @@ pub(crate) enum Role {
 
 /// Typed CPU view of the second input next to `[N, C]` logits (or predicted boxes).
 pub(crate) enum CpuTargets<'a, T> {
-    /// Dense targets (or target boxes) in the input's dtype.
+    /// Dense targets (or target boxes, or one float per row) in the input's dtype.
     Dense(&'a [T]),
     /// Dense `i64` targets in `{-1, 0, 1}` (AP-Loss).
     DenseI64(&'a [i64]),
@@ -217,7 +217,8 @@ pub(crate) fn row_weights(
 /// The kind of targets passed next to `[N, C]` logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum TargetKind {
-    /// Float targets with the logits' shape and dtype (or target boxes).
+    /// Float targets in the logits' dtype: of the logits' shape (dense targets, target boxes),
+    /// or one value per row (`DistributionFocalLoss`'s `[N]` targets, validated by the loss).
     Dense,
     /// `i64` targets with the logits' shape (AP-Loss: `{-1, 0, 1}`).
     DenseI64,

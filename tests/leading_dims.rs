@@ -7,8 +7,8 @@ mod common;
 
 use candle_core::{Device, Result, Tensor};
 use candle_detloss::{
-    ApLoss, BoxIouLoss, CrossEntropyLoss, GhmcLoss, IouKind, Reduction, SigmoidFocalLoss,
-    SmoothL1Loss, SoftmaxFocalLoss,
+    ApLoss, BoxIouLoss, CrossEntropyLoss, DistributionFocalLoss, GhmcLoss, IouKind, Reduction,
+    SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss,
 };
 use common::*;
 
@@ -125,6 +125,18 @@ fn every_loss_takes_leading_dims() {
             &[2, 3, c],
             &|x, t| ghm.borrow_mut().forward(x, t),
         );
+        let dist = Tensor::from_vec(
+            (0..N)
+                .map(|i| (i as f64 * 0.7) % (c - 1) as f64)
+                .collect::<Vec<f64>>(),
+            (2, 3),
+            &dev,
+        )
+        .unwrap();
+        let dfl = DistributionFocalLoss { reduction: red };
+        check("DFL", red, (&x, c), dist, &[2, 3], &|x, t| {
+            dfl.forward(x, t)
+        });
         let sl1 = SmoothL1Loss {
             beta: 0.5,
             reduction: red,

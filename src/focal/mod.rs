@@ -603,16 +603,7 @@ impl LossKernel for FocalOp {
         self.cpu_tbwd_t(inp, up)
     }
 
-    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-    fn gpu_target_backward<G: crate::gpu::Gpu, T: crate::gpu::DevFloat>(
-        &self,
-        g: &G,
-        a: crate::gpu::BwdIn<'_, G>,
-    ) -> crate::gpu::Out<G> {
-        gpu::target_backward::<G, T>(g, self, a)
-    }
-
-    crate::op::gpu_kernel_methods!();
+    crate::op::gpu_kernel_methods!(target_grad);
 }
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).

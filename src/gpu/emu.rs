@@ -48,6 +48,7 @@ pub(crate) mod ffi {
         pub(crate) fn dl_emu_find_regression(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_iou(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_ap_loss(name: *const c_char) -> *const c_void;
+        pub(crate) fn dl_emu_find_dfl(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_kernel_common(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_focal(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_softmax(i: usize) -> *const c_char;
@@ -55,6 +56,7 @@ pub(crate) mod ffi {
         pub(crate) fn dl_emu_kernel_regression(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_iou(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_ap_loss(i: usize) -> *const c_char;
+        pub(crate) fn dl_emu_kernel_dfl(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_layout(kernel: *const c_void) -> *const Layout;
         pub(crate) fn dl_emu_launch(
             kernel: *const c_void,

@@ -68,6 +68,7 @@ modules! {
     REGRESSION: "regression", REGRESSION, dl_emu_find_regression, dl_emu_kernel_regression;
     IOU: "iou", IOU, dl_emu_find_iou, dl_emu_kernel_iou;
     AP_LOSS: "ap_loss", AP_LOSS, dl_emu_find_ap_loss, dl_emu_kernel_ap_loss;
+    DFL: "dfl", DFL, dl_emu_find_dfl, dl_emu_kernel_dfl;
 }
 
 /// A one-dimensional launch: `grid` blocks of `block` threads, `shmem` bytes of dynamic shared

@@ -128,6 +128,12 @@ kernel_params! {
     struct BoxBwdParams {
         p: u64, t: u64, up: u64, g: u64, n: u64, eps: f64, scale: f64, up_scalar: i32,
     }
+    /// `dfl_fwd_{none,partial}_*`.
+    struct DflFwdParams { x: u64, t: u64, out: u64, psum: u64, err: u64, n: u64, k: u64 }
+    /// `dfl_bwd_*` (`g` = ∂loss/∂x) and `dfl_bwd_target_*` (`g` = ∂loss/∂y).
+    struct DflBwdParams {
+        x: u64, t: u64, up: u64, g: u64, err: u64, n: u64, k: u64, scale: f64, up_scalar: i32,
+    }
     /// `ap_count_*`.
     struct ApCountParams { tg: u64, cnt: u64, err: u64, n: u64, c: u64 }
     /// `ap_compact_*`.
@@ -171,4 +177,5 @@ forward_params! {
     GhmFwdParams;
     RegFwdParams;
     BoxFwdParams;
+    DflFwdParams;
 }
