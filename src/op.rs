@@ -131,6 +131,38 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
     ) -> Result<(G::Storage, Shape)>
     where
         T::A: DevElem;
+
+    /// Whether the loss has a gradient for its second input (float targets, scores): when
+    /// that input tracks one, [`Fwd`]'s backward computes it with [`TargetBwd`] (default:
+    /// none, the second input is a constant of the loss).
+    fn has_target_grad(&self) -> bool {
+        false
+    }
+
+    /// `∂loss/∂(second input)` on the CPU for the upstream gradient `up`, in the second
+    /// input's shape (called only when [`Self::has_target_grad`]).
+    fn cpu_target_backward<T: Elem>(
+        &self,
+        _inp: &CpuInputs<'_, T>,
+        _up: &[T],
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: internal error, no target gradient", self.loss_name())
+    }
+
+    /// `∂loss/∂(second input)` on a CUDA backend (called only when [`Self::has_target_grad`]).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn gpu_target_backward<G: Gpu, T: Elem + DevElem>(
+        &self,
+        _g: &G,
+        _x: Arg<'_, G::Storage>,
+        _t: Arg<'_, G::Storage>,
+        _up: Arg<'_, G::Storage>,
+    ) -> Result<(G::Storage, Shape)>
+    where
+        T::A: DevElem,
+    {
+        bail!("{}: internal error, no target gradient", self.loss_name())
+    }
 }
 
 /// The forward op of loss `K`; with `saved`, the CPU pass also stores the gradient.
@@ -236,16 +268,17 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let name = self.k.loss_name();
+        // Targets get a gradient only from losses that have one (see `target_grad`).
+        let gt = target_grad(&self.k, x, targets, grad_res)?;
         if let Some(g) = match &self.saved {
             Some(saved) => saved.take(name, grad_res)?,
             None => None,
         } {
-            return Ok((Some(g), None));
+            return Ok((Some(g), gt));
         }
         let up = grad_res.contiguous()?;
-        // The targets are constants of the loss: they get no gradient.
         let g = x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone()))?;
-        Ok((Some(g), None))
+        Ok((Some(g), gt))
     }
 }
 
@@ -293,6 +326,92 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         self.0.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
         gpu_backward(&g, &self.0, arg(s1, l1), arg(s2, l2), arg(s3, l3))
+    }
+}
+
+// ---- The gradient of the second input (targets, scores) of losses that have one ----
+
+/// `∂loss/∂targets` when `k` has a target gradient and `targets` tracks one; `None` otherwise
+/// (the targets are then constants of the loss, or nothing upstream needs their gradient).
+fn target_grad<K: LossKernel>(
+    k: &K,
+    x: &Tensor,
+    targets: &Tensor,
+    grad_res: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !(k.has_target_grad() && targets.track_op()) {
+        return Ok(None);
+    }
+    let up = grad_res.contiguous()?;
+    Ok(Some(x.apply_op3_no_bwd(
+        targets,
+        &up,
+        &TargetBwd(k.clone()),
+    )?))
+}
+
+/// The backward op of loss `K` for its second input: `(x, targets, upstream gradient) ->
+/// ∂loss/∂targets`, through [`LossKernel::cpu_target_backward`] /
+/// [`LossKernel::gpu_target_backward`].
+pub(crate) struct TargetBwd<K>(pub(crate) K);
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+fn gpu_target_backward<G: Gpu, K: LossKernel>(
+    g: &G,
+    k: &K,
+    x: Arg<'_, G::Storage>,
+    t: Arg<'_, G::Storage>,
+    up: Arg<'_, G::Storage>,
+) -> Result<(G::Storage, Shape)> {
+    with_float_type!(k.loss_name(), g.dtype(x.s), T, {
+        k.gpu_target_backward::<G, T>(g, x, t, up)
+    })
+}
+
+impl<K: LossKernel> CustomOp3 for TargetBwd<K> {
+    fn name(&self) -> &'static str {
+        self.0.op_names().1
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let k = &self.0;
+        k.check_layout(l1)?;
+        emulate!(self.name(), |g| gpu_target_backward(
+            g,
+            k,
+            arg(s1, l1),
+            arg(s2, l2),
+            arg(s3, l3)
+        ));
+        use candle_core::backend::BackendStorage;
+        with_float_type!(k.loss_name(), s1.dtype(), T, {
+            let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
+            let up = cpu_slice::<T>(k.loss_name(), s3, l3)?;
+            k.cpu_target_backward(&inp, up)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.check_layout(l1)?;
+        let g = crate::gpu::cuda::Cuda::of(s1);
+        gpu_target_backward(&g, &self.0, arg(s1, l1), arg(s2, l2), arg(s3, l3))
     }
 }
 
