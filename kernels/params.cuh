@@ -25,6 +25,17 @@ DL_PARAMS(FocalBwdParams, FOCAL_BWD_FIELDS)
 #define ROW_COUNT_FIELDS(X) X(u64, tg) X(u64, pden) X(u64, err) X(u64, n) X(u64, c)
 DL_PARAMS(RowCountParams, ROW_COUNT_FIELDS)
 
+// ---- quality.cu: tg = dense targets [N, C] or scores [N]; lab = labels [N] (0 for dense) ----
+#define QUALITY_FWD_FIELDS(X) \
+    X(u64, x) X(u64, tg) X(u64, lab) X(u64, out) X(u64, psum) X(u64, pden) X(u64, err) \
+    X(u64, n) X(u64, c) X(double, beta) X(double, k) X(int, vfl) X(int, iou)
+DL_PARAMS(QualityFwdParams, QUALITY_FWD_FIELDS)
+#define QUALITY_BWD_FIELDS(X) \
+    X(u64, x) X(u64, tg) X(u64, lab) X(u64, up) X(u64, g) X(u64, scale_p) X(u64, err) \
+    X(u64, n) X(u64, c) X(double, beta) X(double, k) X(double, scale) X(int, vfl) X(int, iou) \
+    X(int, up_scalar)
+DL_PARAMS(QualityBwdParams, QUALITY_BWD_FIELDS)
+
 // ---- softmax.cu ----
 #define SOFTMAX_FWD_FIELDS(X) \
     X(u64, x) X(u64, lab) X(u64, w) X(u64, wsum) X(u64, out) X(u64, psum) X(u64, pden) \

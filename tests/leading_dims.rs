@@ -7,8 +7,8 @@ mod common;
 
 use candle_core::{Device, Result, Tensor};
 use candle_detloss::{
-    ApLoss, BoxIouLoss, CrossEntropyLoss, DistributionFocalLoss, GhmcLoss, IouKind, Reduction,
-    SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss,
+    ApLoss, BoxIouLoss, CrossEntropyLoss, DistributionFocalLoss, GhmcLoss, IouKind,
+    QualityFocalLoss, Reduction, SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss, VarifocalLoss,
 };
 use common::*;
 
@@ -124,6 +124,30 @@ fn every_loss_takes_leading_dims() {
             labels3.clone(),
             &[2, 3, c],
             &|x, t| ghm.borrow_mut().forward(x, t),
+        );
+        let qfl = QualityFocalLoss {
+            reduction: red,
+            ..Default::default()
+        };
+        check(
+            "QFL dense",
+            red,
+            (&x, c),
+            soft.clone(),
+            &[2, 3, c],
+            &|x, t| qfl.forward(x, t),
+        );
+        let vfl = VarifocalLoss {
+            reduction: red,
+            ..Default::default()
+        };
+        check(
+            "VFL dense",
+            red,
+            (&x, c),
+            soft.clone(),
+            &[2, 3, c],
+            &|x, t| vfl.forward(x, t),
         );
         let dist = Tensor::from_vec(
             (0..N)

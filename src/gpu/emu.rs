@@ -43,6 +43,7 @@ pub(crate) mod ffi {
     extern "C" {
         pub(crate) fn dl_emu_find_common(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_focal(name: *const c_char) -> *const c_void;
+        pub(crate) fn dl_emu_find_quality(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_softmax(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_ghm(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_find_regression(name: *const c_char) -> *const c_void;
@@ -51,6 +52,7 @@ pub(crate) mod ffi {
         pub(crate) fn dl_emu_find_dfl(name: *const c_char) -> *const c_void;
         pub(crate) fn dl_emu_kernel_common(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_focal(i: usize) -> *const c_char;
+        pub(crate) fn dl_emu_kernel_quality(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_softmax(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_ghm(i: usize) -> *const c_char;
         pub(crate) fn dl_emu_kernel_regression(i: usize) -> *const c_char;

@@ -63,6 +63,7 @@ macro_rules! modules {
 modules! {
     COMMON: "common", COMMON, dl_emu_find_common, dl_emu_kernel_common;
     FOCAL: "focal", FOCAL, dl_emu_find_focal, dl_emu_kernel_focal;
+    QUALITY: "quality", QUALITY, dl_emu_find_quality, dl_emu_kernel_quality;
     SOFTMAX: "softmax", SOFTMAX, dl_emu_find_softmax, dl_emu_kernel_softmax;
     GHM: "ghm", GHM, dl_emu_find_ghm, dl_emu_kernel_ghm;
     REGRESSION: "regression", REGRESSION, dl_emu_find_regression, dl_emu_kernel_regression;

@@ -84,6 +84,17 @@ kernel_params! {
     }
     /// `sigmoid_focal_count_*`: non-ignored rows per block.
     struct RowCountParams { tg: u64, pden: u64, err: u64, n: u64, c: u64 }
+    /// `quality_fwd_{none,partial}_*` (tg: dense targets or scores; lab: labels or 0).
+    struct QualityFwdParams {
+        x: u64, tg: u64, lab: u64, out: u64, psum: u64, pden: u64, err: u64,
+        n: u64, c: u64, beta: f64, k: f64, vfl: i32, iou: i32,
+    }
+    /// `quality_bwd_*` (∂/∂logits) and `quality_tbwd_*` (∂/∂targets or scores).
+    struct QualityBwdParams {
+        x: u64, tg: u64, lab: u64, up: u64, g: u64, scale_p: u64, err: u64,
+        n: u64, c: u64, beta: f64, k: f64, scale: f64, vfl: i32, iou: i32,
+        up_scalar: i32,
+    }
     /// `softmax_fwd_*`.
     struct SoftmaxFwdParams {
         x: u64, lab: u64, w: u64, wsum: u64, out: u64, psum: u64, pden: u64,
@@ -174,6 +185,7 @@ macro_rules! forward_params {
 
 forward_params! {
     FocalFwdParams, pden;
+    QualityFwdParams, pden;
     GhmFwdParams;
     RegFwdParams;
     BoxFwdParams;
