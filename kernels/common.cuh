@@ -44,6 +44,14 @@ template <> __device__ __forceinline__ double from_acc<double>(double x) { retur
 template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
+// ---- the weight of a forward_weighted call (src/weight.rs), in the accumulator type A ----
+// mode 0: no weight (1); 1: one value per row (w[row]); 2: one per element (w[idx]).
+template <typename T, typename A>
+__device__ __forceinline__ A dl_weight(u64 w, int mode, u64 row, u64 idx) {
+    if (mode == 0) return (A)1;
+    return (A)to_acc(dev_ptr<const T>(w)[mode == 1 ? row : idx]);
+}
+
 // ---- accurate math, overloaded on the accumulator type (no fast-math intrinsics) ----
 __device__ __forceinline__ float dl_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dl_exp(double x) { return exp(x); }

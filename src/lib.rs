@@ -62,6 +62,7 @@ mod reduction;
 mod regression;
 mod softmax;
 mod targets;
+mod weight;
 
 /// Test support of the `cuda-emu` feature, under which CPU tensors run through the CUDA
 /// kernels (compiled for the host with an emulation of the CUDA execution model).

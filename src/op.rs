@@ -6,6 +6,7 @@
 
 use crate::dtype::{with_float_type, Elem};
 use crate::targets::{CpuTargets, TargetKind};
+use crate::weight::{CpuWeight, Weight};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -65,11 +66,14 @@ macro_rules! gpu_kernel_methods {
 pub(crate) use gpu_kernel_methods;
 
 /// The inputs of a CPU kernel: the contiguous float input `x` (logits, predicted boxes), its
-/// shape, and the second input as typed targets (labels, dense targets, target boxes).
+/// shape, the second input as typed targets (labels, dense targets, target boxes), and the
+/// weight of a `forward_weighted` call.
 pub(crate) struct CpuInputs<'a, T> {
     pub(crate) x: &'a [T],
     pub(crate) shape: &'a Shape,
     pub(crate) t: CpuTargets<'a, T>,
+    #[allow(dead_code)] // read by the forward_weighted forms
+    pub(crate) w: Option<CpuWeight<'a, T>>,
 }
 
 impl<T> CpuInputs<'_, T> {
@@ -165,10 +169,12 @@ pub(crate) trait LossKernel: Clone + Send + Sync + 'static {
     fn gpu_backward<G: Gpu, T: DevFloat>(&self, g: &G, a: BwdIn<'_, G>) -> Out<G>;
 }
 
-/// The forward op of loss `K`; with `saved`, the CPU pass also stores the gradient.
+/// The forward op of loss `K`; with `saved`, the CPU pass also stores the gradient; with `w`,
+/// every kernel (forward and backward) reads the weight.
 pub(crate) struct Fwd<K> {
     pub(crate) k: K,
     pub(crate) saved: Option<SavedGrad>,
+    pub(crate) w: Option<Weight>,
 }
 
 impl<K: LossKernel> Fwd<K> {
@@ -179,7 +185,14 @@ impl<K: LossKernel> Fwd<K> {
         Self {
             k,
             saved: fuse.then(SavedGrad::default),
+            w: None,
         }
+    }
+
+    /// The op with the weight `w` (of a `forward_weighted` call) read by its kernels.
+    #[allow(dead_code)] // used by the forward_weighted forms
+    pub(crate) fn weighted(self, w: Option<Weight>) -> Self {
+        Self { w, ..self }
     }
 }
 
@@ -193,21 +206,43 @@ pub(crate) enum Wrt {
 }
 
 /// The backward op of loss `K` with respect to one of its inputs: `(x, targets, upstream)` →
-/// the gradient, in that input's shape.
-pub(crate) struct Bwd<K>(pub(crate) K, pub(crate) Wrt);
+/// the gradient, in that input's shape; the weight of the forward, if any, is read inside.
+pub(crate) struct Bwd<K>(pub(crate) K, pub(crate) Wrt, pub(crate) Option<Weight>);
 
-/// The CPU inputs of an op, in dtype `T`.
+/// The CPU inputs of an op, in dtype `T`, with the weight's values `w`.
 fn cpu_inputs<'a, T: Elem>(
     k: &impl LossKernel,
     (s1, l1): (&'a CpuStorage, &'a Layout),
     (s2, l2): (&'a CpuStorage, &'a Layout),
+    w: Option<CpuWeight<'a, T>>,
 ) -> Result<CpuInputs<'a, T>> {
     let name = k.loss_name();
     Ok(CpuInputs {
         x: cpu_slice(name, s1, l1)?,
         shape: l1.shape(),
         t: CpuTargets::new(name, k.target_kind(), s2, l2)?,
+        w,
     })
+}
+
+/// Runs `f` with the CPU values of the weight `w` (the storage guard lives for the call).
+fn with_cpu_weight<T: Elem, R>(
+    loss: &str,
+    w: Option<&Weight>,
+    f: impl FnOnce(Option<CpuWeight<'_, T>>) -> Result<R>,
+) -> Result<R> {
+    let Some(w) = w else {
+        return f(None);
+    };
+    let (st, l) = w.t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*st else {
+        bail!("{loss}: weight is not on the CPU")
+    };
+    let v = cpu_slice::<T>(loss, s, l)?;
+    f(Some(CpuWeight {
+        v,
+        per_elem: w.per_elem,
+    }))
 }
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
@@ -236,13 +271,15 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
         let k = &self.k;
         k.check_layout(l1)?;
         emulate!(self.name(), |g| {
-            let (x, t) = (arg(s1, l1), arg(s2, l2));
-            gpu_forward(g, k, FwdIn { x, t })
+            let (x, t, w) = (arg(s1, l1), arg(s2, l2), self.w.as_ref());
+            gpu_forward(g, k, FwdIn { x, t, w })
         });
         use candle_core::backend::BackendStorage;
         with_float_type!(k.loss_name(), s1.dtype(), T, {
-            let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
-            k.cpu_forward(&inp, self.saved.as_ref())
+            with_cpu_weight::<T, _>(k.loss_name(), self.w.as_ref(), |w| {
+                let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2), w)?;
+                k.cpu_forward(&inp, self.saved.as_ref())
+            })
         })
     }
 
@@ -256,8 +293,8 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         self.k.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
-        let (x, t) = (arg(s1, l1), arg(s2, l2));
-        gpu_forward(&g, &self.k, FwdIn { x, t })
+        let (x, t, w) = (arg(s1, l1), arg(s2, l2), self.w.as_ref());
+        gpu_forward(&g, &self.k, FwdIn { x, t, w })
     }
 
     fn bwd(
@@ -286,7 +323,7 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
         };
         let gx = match gx {
             Some(g) => g,
-            None => x.apply_op3_no_bwd(targets, &up, &Bwd(self.k.clone(), Wrt::Input))?,
+            None => x.apply_op3_no_bwd(targets, &up, &self.bwd_op(Wrt::Input))?,
         };
         let gt = self.target_grad(x, targets, &up, tg, Some(&gx))?;
         Ok((Some(gx), gt))
@@ -294,6 +331,11 @@ impl<K: LossKernel> CustomOp2 for Fwd<K> {
 }
 
 impl<K: LossKernel> Fwd<K> {
+    /// The backward op with respect to `wrt`, reading this op's weight.
+    fn bwd_op(&self, wrt: Wrt) -> Bwd<K> {
+        Bwd(self.k.clone(), wrt, self.w.clone())
+    }
+
     /// The gradient of tracked targets (`None` when they do not track one); `gx` is the
     /// input's gradient where it was computed.
     fn target_grad(
@@ -316,10 +358,10 @@ impl<K: LossKernel> Fwd<K> {
                 bail!("{name}: internal error, no input gradient to negate")
             }
             (TargetGrad::Swapped, _) => {
-                targets.apply_op3_no_bwd(x, up, &Bwd(self.k.clone(), Wrt::Input))?
+                targets.apply_op3_no_bwd(x, up, &self.bwd_op(Wrt::Input))?
             }
             (TargetGrad::Kernel, _) => {
-                x.apply_op3_no_bwd(targets, up, &Bwd(self.k.clone(), Wrt::Targets))?
+                x.apply_op3_no_bwd(targets, up, &self.bwd_op(Wrt::Targets))?
             }
             (TargetGrad::Zero, _) => targets.zeros_like()?,
             (TargetGrad::Unsupported, _) => bail!(
@@ -350,16 +392,28 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         k.check_layout(l1)?;
         emulate!(self.name(), |g| {
             let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
-            gpu_backward(g, k, self.1, BwdIn { x, t, up })
+            gpu_backward(
+                g,
+                k,
+                self.1,
+                BwdIn {
+                    x,
+                    t,
+                    up,
+                    w: self.2.as_ref(),
+                },
+            )
         });
         use candle_core::backend::BackendStorage;
         with_float_type!(k.loss_name(), s1.dtype(), T, {
-            let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2))?;
-            let up = cpu_slice::<T>(k.loss_name(), s3, l3)?;
-            match self.1 {
-                Wrt::Input => k.cpu_backward(&inp, up),
-                Wrt::Targets => k.cpu_target_backward(&inp, up),
-            }
+            with_cpu_weight::<T, _>(k.loss_name(), self.2.as_ref(), |w| {
+                let inp = cpu_inputs::<T>(k, (s1, l1), (s2, l2), w)?;
+                let up = cpu_slice::<T>(k.loss_name(), s3, l3)?;
+                match self.1 {
+                    Wrt::Input => k.cpu_backward(&inp, up),
+                    Wrt::Targets => k.cpu_target_backward(&inp, up),
+                }
+            })
         })
     }
 
@@ -376,7 +430,8 @@ impl<K: LossKernel> CustomOp3 for Bwd<K> {
         self.0.check_layout(l1)?;
         let g = crate::gpu::cuda::Cuda::of(s1);
         let (x, t, up) = (arg(s1, l1), arg(s2, l2), arg(s3, l3));
-        gpu_backward(&g, &self.0, self.1, BwdIn { x, t, up })
+        let w = self.2.as_ref();
+        gpu_backward(&g, &self.0, self.1, BwdIn { x, t, up, w })
     }
 }
 

@@ -301,6 +301,7 @@ impl ApLoss {
                 kind: inp.kind,
             },
             saved: Some(saved),
+            w: None,
         };
         inp.logits.apply_op2(&inp.targets, op)
     }
@@ -450,6 +451,7 @@ impl ApLoss {
                 kind: inp.kind,
             },
             Wrt::Input,
+            None,
         );
         inp.logits
             .apply_op3_no_bwd(&inp.targets, &one, &op)?

@@ -24,7 +24,7 @@ fn message(e: KernelError, k: usize) -> String {
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t } = a;
+    let FwdIn { x, t, .. } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let p = DflFwdParams {
@@ -78,7 +78,7 @@ fn bwd_params<G: Gpu, T: DevFloat>(
 
 /// `∂loss/∂x` `[N, K]` on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up } = a;
+    let BwdIn { x, t, up, .. } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let out = g.output::<T>(n * k)?;
@@ -93,7 +93,7 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) 
 
 /// `∂loss/∂y` `[N]` on backend `g`.
 pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up } = a;
+    let BwdIn { x, t, up, .. } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let out = g.output::<T>(n)?;

@@ -12,7 +12,7 @@ use candle_core::Shape;
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: tg } = a;
+    let FwdIn { x, t: tg, .. } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let sfx = format!(
         "{}_{}",
@@ -52,7 +52,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>)
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t: tg, up } = a;
+    let BwdIn { x, t: tg, up, .. } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
@@ -119,7 +119,7 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>
 
 /// `∂loss/∂targets` of dense targets on backend `g` (`sigmoid_focal_tbwd_<dtype>`).
 pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up } = a;
+    let BwdIn { x, t, up, .. } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;

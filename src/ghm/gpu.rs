@@ -69,7 +69,7 @@ fn hist_t<G: Gpu, T: DevFloat>(
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &GhmcOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: tg } = a;
+    let FwdIn { x, t: tg, .. } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let p = GhmFwdParams {
@@ -109,7 +109,7 @@ pub(super) fn grad<G: Gpu, T: DevFloat>(
     a: BwdIn<'_, G>,
     wrt_t: bool,
 ) -> Out<G> {
-    let BwdIn { x, t: tg, up } = a;
+    let BwdIn { x, t: tg, up, .. } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;

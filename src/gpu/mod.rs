@@ -376,10 +376,12 @@ pub(crate) type In<'a, G> = Arg<'a, <G as Gpu>::Storage>;
 /// What a launch plan returns: the output storage on backend `G` and its shape.
 pub(crate) type Out<G> = Result<(<G as Gpu>::Storage, Shape)>;
 
-/// The inputs of a forward launch plan: the float input `x` and the second input `t`.
+/// The inputs of a forward launch plan: the float input `x`, the second input `t`, and the
+/// weight `w` of a `forward_weighted` call (its address: [`crate::weight::addr`]).
 pub(crate) struct FwdIn<'a, G: Gpu> {
     pub x: In<'a, G>,
     pub t: In<'a, G>,
+    pub w: Option<&'a crate::weight::Weight>,
 }
 
 /// The inputs of a backward launch plan: the float input `x`, the second input `t` (targets,
@@ -388,6 +390,7 @@ pub(crate) struct BwdIn<'a, G: Gpu> {
     pub x: In<'a, G>,
     pub t: In<'a, G>,
     pub up: In<'a, G>,
+    pub w: Option<&'a crate::weight::Weight>,
 }
 
 /// A kernel input: a storage of the backend and its layout.

@@ -17,7 +17,7 @@ fn prefix(k: IouKind) -> &'static str {
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t } = a;
+    let FwdIn { x, t, .. } = a;
     let n = x.l.shape().elem_count() / 4;
     let p = BoxFwdParams {
         p: g.input::<T>(NAME, x.s, x.l)?,
@@ -39,7 +39,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: FwdIn<'_, G>) -
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up } = a;
+    let BwdIn { x, t, up, .. } = a;
     let n = x.l.shape().elem_count() / 4;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n)?;

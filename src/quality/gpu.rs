@@ -71,7 +71,7 @@ fn message(op: &QualityOp, c: usize, e: KernelError) -> String {
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &QualityOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: tg } = a;
+    let FwdIn { x, t: tg, .. } = a;
     let name = op.name();
     let (n, c) = layout_dims2(name, x.l)?;
     let cm = common::<G, T>(g, op)?;
@@ -128,7 +128,7 @@ fn launch_backward<G: Gpu, T: DevFloat>(
     a: BwdIn<'_, G>,
     wrt_targets: bool,
 ) -> Out<G> {
-    let BwdIn { x, t: tg, up } = a;
+    let BwdIn { x, t: tg, up, .. } = a;
     let name = op.name();
     let (n, c) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();

@@ -14,7 +14,7 @@ fn prefix(op: &RegOp) -> &'static str {
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t } = a;
+    let FwdIn { x, t, .. } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
@@ -45,7 +45,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up } = a;
+    let BwdIn { x, t, up, .. } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let scalar_up = op.reduction.is_scalar();

@@ -73,7 +73,7 @@ fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<Strin
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: lab } = a;
+    let FwdIn { x, t: lab, .. } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let (cfg, warp) = row_grid(n, k);
@@ -125,7 +125,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t: lab, up } = a;
+    let BwdIn { x, t: lab, up, .. } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();
