@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod battery;
+pub mod weighted;
 // Not every test binary runs the battery (anchors, metrics): the re-export may go unused.
 #[allow(unused_imports)]
 pub use battery::*;
