@@ -11,8 +11,8 @@ pub mod composed;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_detloss::{
-    ApLoss, BalancedL1Loss, BoxIouLoss, CrossEntropyLoss, GhmcLoss, IouKind, Reduction,
-    SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss,
+    ApLoss, BalancedL1Loss, BoxIouLoss, CrossEntropyLoss, DistributionFocalLoss, GhmcLoss, IouKind,
+    QualityFocalLoss, Reduction, SigmoidFocalLoss, SmoothL1Loss, SoftmaxFocalLoss, VarifocalLoss,
 };
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -357,12 +357,98 @@ fn anchor_labels(n: usize, c: usize, bg: usize) -> (Vec<i64>, f64, f64) {
 }
 
 /// Every case at `n` anchors except AP-Loss (whose size is its own, [`ap`]), in the table's
-/// order: [`focal`], [`classification`], [`boxes`].
+/// order: [`focal`], [`classification`], [`boxes`], [`quality`].
 pub fn anchor_cases(n: usize, dev: &Device) -> Result<Vec<Case>> {
     let mut cases = focal(n, dev)?;
     cases.extend(classification(n, dev)?);
     cases.extend(boxes(n, dev)?);
+    cases.extend(quality(n, dev)?);
     Ok(cases)
+}
+
+/// DFL's bins per box side (YOLOv8 / GFL: `reg_max` 16, so 17 bins).
+pub const DFL_BINS: usize = 17;
+
+/// The heads of GFL / VFNet / YOLOv8 at `n` anchors: quality focal loss on `[n, CLASSES]`
+/// logits with u32 labels ([`anchor_labels`], ignored rows as background) and IoU scores,
+/// varifocal loss with the same IoU-aware targets as a dense `[n, CLASSES]` tensor (both
+/// averaged over the positives, as mmdet's heads), and the distribution focal loss on the
+/// `[4n, DFL_BINS]` side distributions with targets in `[0, DFL_BINS − 1]` (averaged).
+pub fn quality(n: usize, dev: &Device) -> Result<Vec<Case>> {
+    let c = CLASSES;
+    let (labels, _, num_pos) = anchor_labels(n, c, c);
+    let labels: Vec<u32> = labels
+        .iter()
+        .map(|&l| if l < 0 { c as u32 } else { l as u32 })
+        .collect();
+    let scores: Vec<f32> = rand_vec(n, 11, 0.5).iter().map(|v| v + 0.5).collect();
+    let dense: Vec<f32> = (0..n * c)
+        .map(|e| {
+            let (i, j) = (e / c, e % c);
+            if labels[i] as usize == j {
+                scores[i]
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let lt = Tensor::new(labels, dev)?;
+    let st = Tensor::new(scores, dev)?;
+    let qt = Tensor::from_vec(dense, (n, c), dev)?;
+    let qfl = QualityFocalLoss {
+        reduction: Reduction::AvgFactor(num_pos),
+        ..Default::default()
+    };
+    let vfl = VarifocalLoss {
+        reduction: Reduction::AvgFactor(num_pos),
+        ..Default::default()
+    };
+    let dfl = DistributionFocalLoss::default();
+    let rows = 4 * n;
+    let k = DFL_BINS;
+    let yt: Vec<f32> = rand_vec(rows, 13, 0.5)
+        .iter()
+        .map(|v| ((v + 0.5) * (k - 1) as f32).clamp(0.0, (k - 1) as f32))
+        .collect();
+    let (qt1, qt2) = (qt.clone(), qt.clone());
+    build(
+        dev,
+        vec![
+            Spec {
+                loss: "quality focal (labels + scores)",
+                id: format!("quality_focal_{n}x{c}_f32"),
+                shape: format!("{n}x{c}"),
+                x: rand_var(n, c, 10, 4.0, dev)?,
+                targets: st,
+                fused: loss(move |x, s| qfl.forward_scores(x, &lt, s)),
+                baseline: Baseline::composed(move |x, _| {
+                    composed::quality_focal(x, &qt1, 2.0, num_pos)
+                }),
+            },
+            Spec {
+                loss: "varifocal (dense)",
+                id: format!("varifocal_{n}x{c}_f32"),
+                shape: format!("{n}x{c}"),
+                x: rand_var(n, c, 12, 4.0, dev)?,
+                targets: qt2,
+                fused: loss(move |x, t| vfl.forward(x, t)),
+                baseline: Baseline::composed(move |x, t| {
+                    composed::varifocal(x, t, 0.75, 2.0, num_pos)
+                }),
+            },
+            Spec {
+                loss: "distribution focal",
+                id: format!("dfl_{rows}x{k}_f32"),
+                shape: format!("{rows}x{k}"),
+                x: rand_var(rows, k, 14, 4.0, dev)?,
+                targets: Tensor::from_vec(yt, rows, dev)?,
+                fused: loss(move |x, y| dfl.forward(x, y)),
+                baseline: Baseline::composed(move |x, y| {
+                    composed::distribution_focal(x, y, rows as f64)
+                }),
+            },
+        ],
+    )
 }
 
 /// Sigmoid focal loss on `[n, CLASSES]` logits (uniform in ±4), averaged over the positives:

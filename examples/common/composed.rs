@@ -100,6 +100,54 @@ pub fn ghmc(x: &Tensor, t: &Tensor, valid: Option<&Tensor>, bins: usize) -> Resu
     (bce * weights)?.sum_all()?.affine(1.0 / tot, 0.0)
 }
 
+/// BCE with logits, elementwise: `relu(x) - x t + log(1 + e^{-|x|})`.
+fn bce_with_logits(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    (x.relu()? - (x * t)?)? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?
+}
+
+/// mmdet's `quality_focal_loss_tensor_target` (dense soft targets): `BCE(x, t)·|t − σ(x)|^β`
+/// (nothing detached), summed and divided by `avg`.
+pub fn quality_focal(x: &Tensor, t: &Tensor, beta: f64, avg: f64) -> Result<Tensor> {
+    let p = candle_nn::ops::sigmoid(x)?;
+    let modulating = (t - p)?.abs()?.powf(beta)?;
+    (bce_with_logits(x, t)? * modulating)?
+        .sum_all()?
+        .affine(1.0 / avg, 0.0)
+}
+
+/// mmdet's `varifocal_loss` (iou_weighted): `BCE(x, q)·w`, `w = q` where `q > 0`, else
+/// `α·σ(x)^γ` (not detached), summed and divided by `avg`.
+pub fn varifocal(x: &Tensor, q: &Tensor, alpha: f64, gamma: f64, avg: f64) -> Result<Tensor> {
+    let p = candle_nn::ops::sigmoid(x)?;
+    let pos = q.gt(0.0)?.to_dtype(x.dtype())?;
+    let neg = pos.affine(-1.0, 1.0)?;
+    // |p − q|^γ·α on the negatives (q = 0 there), q on the positives.
+    let w = ((q * &pos)? + ((p - q)?.abs()?.powf(gamma)?.affine(alpha, 0.0)? * neg)?)?;
+    (bce_with_logits(x, q)? * w)?
+        .sum_all()?
+        .affine(1.0 / avg, 0.0)
+}
+
+/// GFL's distribution focal loss on `[N, K]` logits and `[N]` targets in `[0, K − 1]`:
+/// `(i + 1 − y)·CE(x, i) + (y − i)·CE(x, i + 1)`, `i = ⌊y⌋` (the upper bin clamped to K − 1),
+/// through one-hot gathers, summed and divided by `avg`.
+pub fn distribution_focal(x: &Tensor, y: &Tensor, avg: f64) -> Result<Tensor> {
+    let k = x.dim(1)?;
+    let logp = candle_nn::ops::log_softmax(x, D::Minus1)?;
+    let left = y.floor()?.clamp(0.0, (k - 1) as f64)?;
+    let right = left.affine(1.0, 1.0)?.clamp(0.0, (k - 1) as f64)?;
+    let wl = (left.affine(1.0, 1.0)? - y)?;
+    let wr = (y - &left)?;
+    let bins = Tensor::arange(0f32, k as f32, x.device())?
+        .to_dtype(x.dtype())?
+        .unsqueeze(0)?;
+    let hot = |b: &Tensor| b.unsqueeze(1)?.broadcast_eq(&bins)?.to_dtype(x.dtype());
+    let ce = |b: &Tensor| (&logp * hot(b)?)?.sum(1)?.neg();
+    ((ce(&left)? * wl)? + (ce(&right)? * wr)?)?
+        .sum_all()?
+        .affine(1.0 / avg, 0.0)
+}
+
 /// Smooth L1 (torch's `smooth_l1_loss`), summed and divided by `avg`.
 pub fn smooth_l1(pred: &Tensor, target: &Tensor, beta: f64, avg: f64) -> Result<Tensor> {
     let d = (pred - target)?;
