@@ -2,7 +2,11 @@
 //! candle's autograd for the backward) and against a plain pass over the same bytes (the memory
 //! floor), on the CPU.
 //!
-//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda] [--only TEXT]`
+//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda] [--only TEXT] [--torch PATH]`
+//!
+//! `--torch PATH` joins the rows of `scripts/bench_torch.py PATH` (PyTorch on the same cases,
+//! default and tuned allocator) into a side-by-side table after the main one. A progress bar on
+//! stderr shows the case, the pass and the elapsed time.
 //!
 //! With `--device cuda` (build with `--features cuda`) every pass is timed with a device
 //! synchronisation, the sizes go up to ~10^8 elements, and the floor is a device-to-device copy
@@ -27,7 +31,33 @@ mod cases;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use cases::Job;
+use clap::Parser;
 use std::time::Instant;
+
+/// Every fused loss of candle-detloss against the same loss composed from candle ops and
+/// against the copy floor (and, with --torch, against PyTorch).
+#[derive(Parser)]
+#[command(name = "bench_table")]
+struct Args {
+    /// Small sizes (20,000 anchors, AP-Loss on 1M scores) and 3 runs per baseline.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the rows as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<String>,
+    /// Skip the peak-memory measurements.
+    #[arg(long)]
+    no_peak: bool,
+    /// `cpu`, or `cuda` (build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Only the cases whose loss name contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+    /// Join the rows of `scripts/bench_torch.py PATH` into a side-by-side table.
+    #[arg(long, value_name = "PATH")]
+    torch: Option<String>,
+}
 
 /// One printed / JSON row.
 struct Row {
@@ -79,22 +109,20 @@ fn peak_rss_mib(f: &Job) -> Result<Option<f64>> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let json = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
-    let cuda = args
-        .windows(2)
-        .any(|w| w[0] == "--device" && w[1] == "cuda");
+    let args = Args::parse();
+    let quick = args.quick;
+    let json = args.json.clone();
+    let cuda = match args.device.as_str() {
+        "cpu" => false,
+        "cuda" => true,
+        d => anyhow::bail!("--device: cpu or cuda, got {d}"),
+    };
     let dev = if cuda {
         Device::new_cuda(0)?
     } else {
         Device::Cpu
     };
-    let peak = !cuda && !args.iter().any(|a| a == "--no-peak");
+    let peak = !cuda && !args.no_peak;
     let runs = 7;
     // Anchor counts: RetinaNet scale (200k anchors × 80 classes); on a GPU also ~10^8 elements.
     let sizes: Vec<usize> = match (cuda, quick) {
@@ -116,19 +144,22 @@ fn main() -> Result<()> {
     let ap_rows = if quick { 12_500 } else { 100_000 };
     cases.push(cases::ap(ap_rows, 1_000, &dev)?);
     // `--only TEXT`: the cases whose loss name contains TEXT.
-    if let Some(only) = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(only) = &args.only {
         cases.retain(|c| c.loss.contains(only.as_str()));
     }
+    let bar = progress(&cases, cuda, peak);
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let bw = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let mut rows = Vec::new();
     let mut mem = Vec::new();
     for case in cases.iter_mut() {
+        let step = |pass: &str| {
+            bar.set_message(format!("{} {} · {pass}", case.loss, case.shape));
+            bar.inc(1);
+        };
+        step("agreement check");
         if let Some(warning) = case.disagreement()? {
+            bar.println(&warning);
             println!("{warning}");
         }
         // The naive AP-Loss takes seconds: no warm-up; in `--quick` mode every baseline gets
@@ -137,13 +168,17 @@ fn main() -> Result<()> {
         if quick {
             case.baseline_runs = case.baseline_runs.min(3);
         }
+        step("fused fwd");
         let fwd = median_ms(runs, true, &case.fused_fwd)?;
+        step("fused fwd+bwd");
         let fb = median_ms(runs, true, &case.fused_fwd_bwd)?;
         let fb1 = if cuda {
             None
         } else {
+            step("fused fwd+bwd, 1 thread");
             Some(one.install(|| median_ms(runs, true, &case.fused_fwd_bwd))?)
         };
+        step("copy floor");
         let copy = median_ms(runs, true, &case.copy)?;
         let gbps = |ms: f64| bw(case.bytes, ms);
         let row = |pass, fused_ms, baseline, baseline_ms, floor, one_thread| Row {
@@ -159,13 +194,16 @@ fn main() -> Result<()> {
             one_thread_ms: one_thread,
         };
         if let Some(cf) = &case.composed_fwd {
+            step("baseline fwd");
             let bms = median_ms(case.baseline_runs, warm, cf)?;
             rows.push(row("fwd", fwd, case.baseline, bms, None, None));
         }
         if let Some(cfb) = &case.composed_fwd_bwd {
+            step("baseline fwd+bwd");
             let cms = median_ms(case.baseline_runs, warm, cfb)?;
             rows.push(row("fwd+bwd", fb, case.baseline, cms, None, fb1));
             if peak {
+                step("peak memory");
                 let pf = peak_rss_mib(&case.fused_fwd_bwd)?;
                 let pc = peak_rss_mib(cfb)?;
                 mem.push((case.loss, case.shape.clone(), case.bytes, pf, pc));
@@ -181,6 +219,7 @@ fn main() -> Result<()> {
                 std::hint::black_box(g.zeros_like()?.add(&g)?);
                 Ok(())
             });
+            step("candle grad accumulate");
             let am = median_ms(runs, true, &acc)?;
             rows.push(row(
                 "candle grad accumulate",
@@ -201,6 +240,7 @@ fn main() -> Result<()> {
             ));
         }
     }
+    bar.finish_and_clear();
     println!("| loss | shape | dtype | pass | fused ms | 1-thread ms | baseline | baseline ms | speed-up | GB/s | × copy floor |");
     println!("|---|---|---|---|---:|---:|---|---:|---:|---:|---:|");
     for r in &rows {
@@ -236,6 +276,9 @@ fn main() -> Result<()> {
             );
         }
     }
+    if let Some(path) = &args.torch {
+        torch_table(&rows, path)?;
+    }
     if let Some(path) = json {
         let arr: Vec<serde_json::Value> = rows
             .iter()
@@ -250,6 +293,70 @@ fn main() -> Result<()> {
             .collect();
         std::fs::write(&path, serde_json::to_string_pretty(&arr)?)?;
         println!("\nwrote {path}");
+    }
+    Ok(())
+}
+
+/// The progress bar of a run over `cases`: one step per pass of each case.
+fn progress(cases: &[cases::Case], cuda: bool, peak: bool) -> indicatif::ProgressBar {
+    // agreement, fwd, fwd+bwd, copy; 1 thread and the accumulate on the CPU; the baseline's
+    // passes and (with `peak`) the peak memory where the case has a baseline.
+    let per_case = |c: &cases::Case| {
+        4 + if cuda { 0 } else { 2 }
+            + c.composed_fwd.is_some() as u64
+            + c.composed_fwd_bwd.is_some() as u64 * (1 + peak as u64)
+    };
+    let bar = indicatif::ProgressBar::new(cases.iter().map(per_case).sum());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// The side-by-side table: the crate's training step (and its own time without candle's
+/// gradient accumulate) against PyTorch's rows of `scripts/bench_torch.py` (same loss, shape and
+/// pass), with the ratios torch / crate.
+fn torch_table(rows: &[Row], path: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--torch {path}: {e}"))?;
+    let torch: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+    let find = |loss: &str, shape: &str, pass: &str| {
+        rows.iter()
+            .find(|r| r.loss == loss && r.shape == shape && r.pass == pass)
+            .map(|r| r.fused_ms)
+    };
+    let version = torch
+        .first()
+        .map(|r| {
+            let v = |k: &str| r[k].as_str().unwrap_or("?").to_string();
+            format!("PyTorch {} / torchvision {}", v("torch"), v("torchvision"))
+        })
+        .unwrap_or_default();
+    println!("\nSide by side with {version} (torch rows from {path}; ratios torch / crate, > 1: the crate is faster)\n");
+    println!("| loss | shape | pass | crate ms | crate's own ms | torch default ms | torch tuned ms | default / crate | tuned / crate |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    for t in &torch {
+        let (Some(loss), Some(shape), Some(pass)) =
+            (t["loss"].as_str(), t["shape"].as_str(), t["pass"].as_str())
+        else {
+            continue;
+        };
+        let Some(ours) = find(loss, shape, pass) else {
+            continue; // a case this run did not time (--only, another size)
+        };
+        let own = (pass == "fwd+bwd")
+            .then(|| find(loss, shape, "fwd+bwd − accumulate"))
+            .flatten();
+        let (td, tt) = (
+            t["torch_default_ms"].as_f64().unwrap_or(f64::NAN),
+            t["torch_tuned_ms"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "| {loss} | {shape} | {pass} | {ours:.2} | {} | {td:.2} | {tt:.2} | {:.2}× | {:.2}× |",
+            own.map_or(String::new(), |v| format!("{v:.2}")),
+            td / ours,
+            tt / ours,
+        );
     }
     Ok(())
 }
