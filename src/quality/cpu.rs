@@ -40,8 +40,9 @@ const EXP_NEG_SHIFT: f64 = 1.603_810_890_548_638e-28;
 /// under 1e-16): the ratio then never divides two subnormals.
 const RHO_SMALL: f64 = 1e-8;
 
-/// `(l, ∂l/∂x, ∂l/∂t)` of one element, target `t ∈ [0, 1]`. Straight-line code with selects so
-/// the element loops vectorise.
+/// `(l, ∂l/∂x, ∂l/∂t)` of one element, target `t ∈ [0, 1]`. Straight-line code: every
+/// candidate is computed and the result selected (no branch, no early return), so the element
+/// loops vectorise.
 #[inline(always)]
 pub(super) fn elem<A: Acc>(p: &Params<A>, x: A, t: A) -> (A, A, A) {
     let (one, zero) = (A::ONE, A::ZERO);
@@ -57,20 +58,21 @@ pub(super) fn elem<A: Acc>(p: &Params<A>, x: A, t: A) -> (A, A, A) {
     let u = one - t;
     let bce = t * sp_neg + u * sp_pos; // BCE with logits, both terms ≥ 0; ∂bce/∂t = -x
     let d = sig * u - sigm * t; // p - t, exact at a hard target (no 1 - p cancellation)
-    if p.vfl && t > zero {
-        // Varifocal positive: w = q (or 1), ∂w/∂x = 0.
-        let w = if p.iou { t } else { one };
-        // ∂l/∂q = -x·w + bce·∂w/∂q; with w = q that is bce - x·q = softplus(-x) + x·(1-2q)
-        // (x ≥ 0) or softplus(x) - 2q·x (x < 0): no cancellation of bce against x·q.
-        let two_t = t + t;
-        let g_iou = if pos {
-            sp_neg + x * (one - two_t)
-        } else {
-            sp_pos - two_t * x
-        };
-        let gt = if p.iou { g_iou } else { -x };
-        return (bce * w, w * d, gt);
-    }
+
+    // Varifocal positive (q > 0): w = q (or 1), ∂w/∂x = 0.
+    let vfl_pos = p.vfl & (t > zero);
+    let w_pos = if p.iou { t } else { one };
+    // ∂l/∂q = -x·w + bce·∂w/∂q; with w = q that is bce - x·q = softplus(-x) + x·(1-2q)
+    // (x ≥ 0) or softplus(x) - 2q·x (x < 0): no cancellation of bce against x·q.
+    let two_t = t + t;
+    let g_iou = if pos {
+        sp_neg + x * (one - two_t)
+    } else {
+        sp_pos - two_t * x
+    };
+    let gt_pos = if p.iou { g_iou } else { -x };
+
+    // Quality focal term (and varifocal negatives, t = 0): bce·k·|t - p|^β.
     let a = d.abs(); // |t - p|
     let (t0, t1) = (t == zero, t == one);
     // ρ = log(1+e)/e, for bce/|t-p| where a hard target is approached (p → t).
@@ -87,20 +89,30 @@ pub(super) fn elem<A: Acc>(p: &Params<A>, x: A, t: A) -> (A, A, A) {
     // target from quantities already computed (log σ(∓x) = -softplus(±x)); where p == t both
     // ratios are 0 (their sign factor is 0).
     let soft_ok = a > zero;
-    let (ln_a, r, bq) = if t0 {
-        (-sp_neg, sigm, bq_hard)
+    let ln_soft = a.ln();
+    let r_soft = if soft_ok { sig * sigm / a } else { zero };
+    let bq_soft = if soft_ok { bce / a } else { zero };
+    let ln_a = if t0 {
+        -sp_neg
     } else if t1 {
-        (-sp_pos, sig, bq_hard)
-    } else if soft_ok {
-        (a.ln(), sig * sigm / a, bce / a)
+        -sp_pos
     } else {
-        (a.ln(), zero, zero)
+        ln_soft
     };
+    let r = if t0 {
+        sigm
+    } else if t1 {
+        sig
+    } else {
+        r_soft
+    };
+    let bq = if t0 | t1 { bq_hard } else { bq_soft };
     let floor = A::from_f64(LN_FLOOR);
     let ln_a = if ln_a < floor { floor } else { ln_a }; // NaN stays NaN
                                                         // |t-p|^β = e^z (0^β = 0 for β > 0, 1 for β = 0). Where e^z is far below 1 it is taken as
-                                                        // e^{z+SHIFT}·e^{-SHIFT}, the second factor applied last: a product of a tiny |t-p|^β with a
-                                                        // factor up to |x| is then rounded once, not after |t-p|^β has lost its bits as a subnormal.
+                                                        // e^{z+SHIFT}·e^{-SHIFT}, the second factor applied last: a product of a tiny |t-p|^β with
+                                                        // a factor up to |x| is then rounded once, not after |t-p|^β has lost its bits as a
+                                                        // subnormal.
     let z = p.beta * ln_a;
     let small = z < A::from_f64(-SMALL_Z);
     let m = (if small { z + A::from_f64(SHIFT) } else { z }).exp();
@@ -122,7 +134,11 @@ pub(super) fn elem<A: Acc>(p: &Params<A>, x: A, t: A) -> (A, A, A) {
     let gx = km * (d + p.beta * sgn * bce * r) * post;
     // ∂/∂t: -x·|t-p|^β - bce·β·sign(p-t)·|t-p|^(β-1)
     let gt = -km * (x + p.beta * sgn * bq) * post;
-    (loss, gx, gt)
+    if vfl_pos {
+        (bce * w_pos, w_pos * d, gt_pos)
+    } else {
+        (loss, gx, gt)
+    }
 }
 
 impl QualityOp {
