@@ -2,7 +2,7 @@
 //! [`rows_per_chunk`]: chunk partials merged in chunk order, so results do not depend on the
 //! thread count), the chunked rayon loops ([`map_chunks`], [`sum_chunks`]), vectorisable
 //! fixed-order lane sums ([`lane_sum`], [`lane_max`]), zeroed huge-page output buffers
-//! ([`zeroed_vec`]), the AVX2 dispatch ([`vectorized`]) and the scaling by a scalar upstream
+//! ([`zeroed_vec`]), the AVX-512 / AVX2 dispatch ([`vectorized`]) and the scaling by a scalar upstream
 //! gradient ([`scale_in_place`], [`apply_scalar_upstream`]).
 
 use crate::dtype::{Acc, Elem, ZeroIsValid};
@@ -115,21 +115,63 @@ fn advise_huge(p: *mut u8, bytes: usize) {
     }
 }
 
-/// Runs `f` in a function compiled for AVX2 when the CPU has it, else as is. `f` must be
-/// `#[inline(always)]` code down to its loops for the wider vectors to be used. The results are
-/// bitwise the same either way: only `+ - * /`, compares and selects, which AVX2 computes as
-/// SSE2 does (FMA is not enabled, and Rust never contracts `a * b + c`).
+/// The widest vector instruction set the element loops are compiled for, chosen once: the best
+/// the CPU has (AVX-512F, AVX2, or the baseline SSE2), capped by the environment variable
+/// `CANDLE_DETLOSS_SIMD` (`avx512`, `avx2` or `baseline`; for benchmarks and for the test that
+/// the three builds give the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    Baseline,
+    Avx2,
+    Avx512,
+}
+
+/// The [`Simd`] level of this process.
+pub(crate) fn simd() -> Simd {
+    static LEVEL: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let best = if std::arch::is_x86_feature_detected!("avx512f") {
+            Simd::Avx512
+        } else if std::arch::is_x86_feature_detected!("avx2") {
+            Simd::Avx2
+        } else {
+            Simd::Baseline
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = Simd::Baseline;
+        let cap = match std::env::var("CANDLE_DETLOSS_SIMD").as_deref() {
+            Ok("baseline") => Simd::Baseline,
+            Ok("avx2") => Simd::Avx2,
+            _ => Simd::Avx512,
+        };
+        best.min(cap)
+    })
+}
+
+/// Runs `f` in a function compiled for AVX-512F or AVX2 when the CPU has it ([`simd`]), else
+/// as is. `f` must be `#[inline(always)]` code down to its loops for the wider vectors to be
+/// used. The results are bitwise the same either way: only `+ - * /`, compares and selects,
+/// which AVX-512 and AVX2 compute as SSE2 does (Rust never contracts `a * b + c` into an FMA,
+/// and the kernels call no `mul_add`); `tests/simd_builds.rs` checks it.
 #[inline(always)]
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
         #[target_feature(enable = "avx2")]
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { avx2(f) };
+        match simd() {
+            // SAFETY: `simd` found AVX-512F on this CPU.
+            Simd::Avx512 => return unsafe { avx512(f) },
+            // SAFETY: `simd` found AVX2 on this CPU.
+            Simd::Avx2 => return unsafe { avx2(f) },
+            Simd::Baseline => {}
         }
     }
     f()
