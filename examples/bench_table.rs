@@ -238,6 +238,19 @@ fn main() -> Result<()> {
                 Some(own / copy),
                 None,
             ));
+            if let Some(arith) = &case.arith {
+                // The kernel's own time against the same arithmetic over the same bytes.
+                step("arithmetic floor");
+                let fl = median_ms(runs, true, arith)?;
+                rows.push(row(
+                    "fwd+bwd − accumulate",
+                    own,
+                    "arith floor",
+                    fl,
+                    Some(own / fl),
+                    None,
+                ));
+            }
         }
     }
     bar.finish_and_clear();
@@ -254,7 +267,7 @@ fn main() -> Result<()> {
             r.one_thread_ms.map_or("".into(), |v| format!("{v:.2}")),
             r.baseline,
             r.baseline_ms,
-            if r.baseline == "copy" {
+            if r.baseline == "copy" || r.baseline == "arith floor" {
                 String::new() // the floor is a bound, not a competitor: see the last column
             } else {
                 format!("{:.1}×", r.baseline_ms / r.fused_ms)
@@ -303,6 +316,7 @@ fn progress(cases: &[cases::Case], cuda: bool, peak: bool) -> indicatif::Progres
     // passes and (with `peak`) the peak memory where the case has a baseline.
     let per_case = |c: &cases::Case| {
         4 + if cuda { 0 } else { 2 }
+            + c.arith.is_some() as u64
             + c.composed_fwd.is_some() as u64
             + c.composed_fwd_bwd.is_some() as u64 * (1 + peak as u64)
     };

@@ -244,3 +244,54 @@ pub(crate) fn map_indices<R: Send>(
         .collect();
     res.into_iter().collect()
 }
+
+/// The arithmetic floor of the sigmoid focal loss's training step, for the benchmarks: the
+/// same bytes (logits, and dense targets when given, read once; a gradient-sized output
+/// written once, from [`zeroed_vec`]) and the same transcendental count per element as the
+/// fused pass — `e^{-|x|}`, `log(1 + e)`, one division and `e^{γ·ln q}` (two exp, one log1p,
+/// one division); with targets also the soft target's `ln q` and its second division — through
+/// the same fast math, chunks and vector dispatch, and nothing else. Returns the sum of one
+/// term per element (so nothing is optimised away).
+pub(crate) fn focal_arithmetic_floor(x: &[f32], t: Option<&[f32]>, out: &mut [f32]) -> Result<f64> {
+    use crate::fastmath::{exp_f32, exp_neg_abs, ln_f32, log1p_unit};
+    const B: usize = 256;
+    let sums = map_chunks(
+        out,
+        CHUNK_ELEMS,
+        #[inline(always)]
+        |ci, o| {
+            let mut buf = [0f32; B];
+            let mut s = 0f64;
+            for (k, ob) in o.chunks_mut(B).enumerate() {
+                let at = ci * CHUNK_ELEMS + k * B;
+                let xb = x.get(at..at + ob.len()).unwrap_or(&[]);
+                match t.and_then(|t| t.get(at..at + ob.len())) {
+                    None => {
+                        for ((g, b), &x) in ob.iter_mut().zip(buf.iter_mut()).zip(xb) {
+                            let e = exp_neg_abs(x); // exp
+                            let lp = log1p_unit(e); // log1p
+                            let inv = 1.0 / (1.0 + e); // division
+                            *g = exp_f32(-2.0 * lp) * inv; // exp
+                            *b = lp;
+                        }
+                    }
+                    Some(tb) => {
+                        for (((g, b), &x), &t) in ob.iter_mut().zip(buf.iter_mut()).zip(xb).zip(tb)
+                        {
+                            let e = exp_neg_abs(x); // exp
+                            let lp = log1p_unit(e); // log1p
+                            let inv = 1.0 / (1.0 + e); // division
+                            let q = t * inv + (1.0 - t) * e * inv;
+                            let m = exp_f32(2.0 * ln_f32(q)); // the soft target's ln q, exp
+                            *g = m * (inv / q); // its second division
+                            *b = lp * t;
+                        }
+                    }
+                }
+                s += lane_sum(&buf[..ob.len()]) as f64;
+            }
+            Ok(s)
+        },
+    )?;
+    Ok(ordered_sum(&sums))
+}

@@ -82,6 +82,46 @@ pub mod cuda_emu {
     }
 }
 
+/// Benchmark support (not part of the API): the arithmetic floors `bench_table` measures the
+/// kernels against.
+#[doc(hidden)]
+pub mod bench_support {
+    use candle_core::{bail, DType, Result, Tensor};
+
+    /// The sigmoid focal loss's arithmetic floor on f32 `logits` (and dense `targets`): the
+    /// same bytes and transcendental count as its fused training step and nothing else
+    /// (`cpu::focal_arithmetic_floor`); returns the gradient-sized output and a sum.
+    pub fn focal_arithmetic_floor(
+        logits: &Tensor,
+        targets: Option<&Tensor>,
+    ) -> Result<(Tensor, f64)> {
+        const NAME: &str = "focal_arithmetic_floor";
+        if logits.dtype() != DType::F32 || !logits.device().is_cpu() {
+            bail!("{NAME}: f32 CPU logits only")
+        }
+        let logits = logits.contiguous()?;
+        let targets = targets.map(|t| t.contiguous()).transpose()?;
+        let (xs, xl) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(xs) = &*xs else {
+            bail!("{NAME}: f32 CPU logits only")
+        };
+        let x = crate::op::cpu_slice::<f32>(NAME, xs, xl)?;
+        let mut out = crate::cpu::zeroed_vec::<f32>(x.len())?;
+        let s = match &targets {
+            None => crate::cpu::focal_arithmetic_floor(x, None, &mut out)?,
+            Some(t) => {
+                let (ts, tl) = t.storage_and_layout();
+                let candle_core::Storage::Cpu(ts) = &*ts else {
+                    bail!("{NAME}: f32 CPU targets only")
+                };
+                let t = crate::op::cpu_slice::<f32>(NAME, ts, tl)?;
+                crate::cpu::focal_arithmetic_floor(x, Some(t), &mut out)?
+            }
+        };
+        Ok((Tensor::from_vec(out, logits.shape(), logits.device())?, s))
+    }
+}
+
 pub use ap_loss::{ApGlobal, ApLoss, ApStats};
 pub use class_balanced::class_balanced_weights;
 pub use dfl::DistributionFocalLoss;

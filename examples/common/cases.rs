@@ -55,6 +55,9 @@ pub struct Case {
     pub check: Option<Check>,
     /// The copy floor of the case's bytes ([`copy_floor`]).
     pub copy: Job,
+    /// The arithmetic floor of the training step where one is defined (the sigmoid focal
+    /// loss: [`focal_floor`]): the same bytes and transcendental count, nothing else.
+    pub arith: Option<Job>,
 }
 
 impl Case {
@@ -220,6 +223,7 @@ impl Spec {
             baseline_runs: runs,
             check,
             copy,
+            arith: None,
         })
     }
 }
@@ -470,7 +474,11 @@ pub fn focal(n: usize, dev: &Device) -> Result<Vec<Case>> {
         ..Default::default()
     };
     let fused = loss(move |x, t| f.forward(x, t));
-    build(
+    let floors = [
+        focal_floor(x.as_tensor(), None, dev),
+        focal_floor(x.as_tensor(), Some(&dt), dev),
+    ];
+    let mut cases = build(
         dev,
         vec![
             Spec {
@@ -496,7 +504,26 @@ pub fn focal(n: usize, dev: &Device) -> Result<Vec<Case>> {
                 }),
             },
         ],
-    )
+    )?;
+    for (case, floor) in cases.iter_mut().zip(floors) {
+        case.arith = floor;
+    }
+    Ok(cases)
+}
+
+/// The sigmoid focal loss's arithmetic floor on the CPU (`None` on a GPU): a pass over the
+/// logits (and dense targets) with the fused training step's transcendental count, writing a
+/// gradient-sized output, and nothing else (`candle_detloss::bench_support`).
+fn focal_floor(x: &Tensor, t: Option<&Tensor>, dev: &Device) -> Option<Job> {
+    if !dev.is_cpu() {
+        return None;
+    }
+    let (x, t) = (x.detach(), t.cloned());
+    Some(Box::new(move || {
+        let r = candle_detloss::bench_support::focal_arithmetic_floor(&x, t.as_ref())?;
+        std::hint::black_box(r);
+        Ok(())
+    }))
 }
 
 /// Softmax cross-entropy and softmax focal loss on `[n, CLASSES + 1]` logits (the last column
