@@ -175,6 +175,7 @@ __device__ void fwd(const SoftmaxFwdParams& q) {
         if (leader) {
             A wt = has_w ? w[t] : (A)1;
             A l = row_loss<A, SMOOTH>(p, st, row_softmax<A>(st, to_acc(xr[t])), wt, wsum);
+            if (q.ew_mode) l = l * dl_weight<T, A>(q.ew, q.ew_mode, i, i); // forward_weighted
             if (none) {
                 out[i] = from_acc<T>(l);
             } else {
@@ -258,7 +259,8 @@ __device__ void bwd(const SoftmaxBwdParams& q) {
             b = p.a * wt;
             a = SMOOTH ? b + p.c * wsum : b;
         }
-        const A coef = (A)(scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
+        A coef = (A)(scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
+        if (q.ew_mode) coef = coef * dl_weight<T, A>(q.ew, q.ew_mode, i, i); // forward_weighted
         const A inv_s = (A)1 / r.s;
         for (u64 j = tid; j < k; j += width) {
             A pj = dl_exp(to_acc(xr[j]) - st.m) * inv_s;

@@ -99,13 +99,13 @@ kernel_params! {
     struct SoftmaxFwdParams {
         x: u64, lab: u64, w: u64, wsum: u64, out: u64, psum: u64, pden: u64,
         err: u64, n: u64, k: u64, a: f64, c: f64, gamma: f64,
-        has_w: i32, focal: i32, none: i32,
+        has_w: i32, focal: i32, none: i32, ew: u64, ew_mode: i32,
     }
     /// `softmax_bwd_*`.
     struct SoftmaxBwdParams {
         x: u64, lab: u64, w: u64, wsum: u64, up: u64, g: u64, scale_p: u64,
         err: u64, n: u64, k: u64, a: f64, c: f64, gamma: f64,
-        scale: f64, has_w: i32, focal: i32, up_scalar: i32,
+        scale: f64, has_w: i32, focal: i32, up_scalar: i32, ew: u64, ew_mode: i32,
     }
     /// `softmax_den_*`: Σ w_label per block.
     struct SoftmaxDenParams { lab: u64, w: u64, pden: u64, err: u64, n: u64, k: u64, has_w: i32 }

@@ -87,6 +87,22 @@ impl Default for CrossEntropyLoss {
 impl CrossEntropyLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        self.run(logits, labels, None)
+    }
+
+    /// [`forward`](Self::forward) with each row loss multiplied by `weight` `[N]` (one value
+    /// per row, in the logits' dtype) before the reduction, inside the kernels; `Mean` keeps
+    /// its denominator.
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(logits, labels, Some(weight))
+    }
+
+    fn run(&self, logits: &Tensor, labels: &Tensor, weight: Option<&Tensor>) -> Result<Tensor> {
         crate::check::check_supported_device(CE_NAME, logits)?;
         let eps = self.label_smoothing;
         if !(0.0..=1.0).contains(&eps) {
@@ -100,6 +116,7 @@ impl CrossEntropyLoss {
             self.class_weights.as_ref(),
             logits,
             labels,
+            weight,
         )
     }
 }

@@ -83,6 +83,22 @@ impl Default for SoftmaxFocalLoss {
 impl SoftmaxFocalLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        self.run(logits, labels, None)
+    }
+
+    /// [`forward`](Self::forward) with each row loss multiplied by `weight` `[N]` (one value
+    /// per row, in the logits' dtype) before the reduction, inside the kernels; `Mean` keeps
+    /// its denominator.
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(logits, labels, Some(weight))
+    }
+
+    fn run(&self, logits: &Tensor, labels: &Tensor, weight: Option<&Tensor>) -> Result<Tensor> {
         crate::check::check_supported_device(SF_NAME, logits)?;
         check_non_negative(SF_NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
@@ -99,6 +115,7 @@ impl SoftmaxFocalLoss {
             self.class_weights.as_ref(),
             logits,
             labels,
+            weight,
         )
     }
 }

@@ -7,6 +7,7 @@ use crate::gpu::{
     self, BwdIn, DevFloat, ErrorFlag, FwdIn, Gpu, In, Launch, Out, Partials, Scale, SOFTMAX,
 };
 use crate::reduction::Reduction;
+use crate::weight;
 use candle_core::{Result, Shape};
 
 /// Rows of at most this many classes get one warp each; longer rows one block each.
@@ -73,7 +74,7 @@ fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<Strin
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: lab, .. } = a;
+    let FwdIn { x, t: lab, w: ew } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let (cfg, warp) = row_grid(n, k);
@@ -101,6 +102,8 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G
         has_w: cm.has_w,
         focal,
         none: none as i32,
+        ew: weight::addr::<G, T>(g, name, ew)?,
+        ew_mode: weight::mode(ew),
     };
     if n > 0 {
         let kernel = format!("softmax_fwd_{}", suffix::<T>(op, warp)?);
@@ -125,7 +128,12 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t: lab, up, .. } = a;
+    let BwdIn {
+        x,
+        t: lab,
+        up,
+        w: ew,
+    } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();
@@ -173,6 +181,8 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, 
             has_w: cm.has_w,
             focal,
             up_scalar: scalar_up as i32,
+            ew: weight::addr::<G, T>(g, name, ew)?,
+            ew_mode: weight::mode(ew),
         };
         let kernel = format!("softmax_bwd_{}", suffix::<T>(op, warp)?);
         g.launch(&SOFTMAX, &kernel, cfg, &p)?;
