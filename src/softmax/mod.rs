@@ -24,6 +24,7 @@ const SF_NAME: &str = "SoftmaxFocalLoss";
 
 mod ce;
 mod focal;
+mod probs;
 
 pub use ce::CrossEntropyLoss;
 pub use focal::SoftmaxFocalLoss;
@@ -69,7 +70,11 @@ fn apply(
 /// The `Mean` denominator as a rank-0 tensor in the logits' dtype: `Σ class_weights[label]`
 /// over the non-ignored rows (1 each without class weights), summed in f64.
 fn mean_den(class_weights: Option<&Tensor>, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-    let k = logits.dim(1)?;
+    let (n, k) = logits.dims2()?;
+    if labels.dtype().is_float() {
+        // Probability targets: Mean = sum / N, as torch.
+        return Tensor::new(n as f64, logits.device())?.to_dtype(logits.dtype());
+    }
     let lab = labels.to_dtype(DType::I64)?;
     let valid = lab.ge(0i64)?.to_dtype(DType::F64)?;
     let per_row = match class_weights {
@@ -98,7 +103,11 @@ fn apply_2d(
     if k == 0 {
         bail!("{name}: logits must have at least one class, got shape [{n}, 0]")
     }
-    let labels_kind = targets::label_kind(name, logits, labels, n, k)?;
+    let labels_kind = if labels.dtype().is_float() {
+        probs::target_kind(name, kind, logits, labels, n, k)?
+    } else {
+        targets::label_kind(name, logits, labels, n, k)?
+    };
     let weights = match class_weights {
         None => None,
         Some(w) => {
@@ -137,7 +146,7 @@ struct SoftmaxOp {
     name: &'static str,
     kind: Kind,
     reduction: Reduction,
-    /// `LabelsU32` or `LabelsI64`.
+    /// `LabelsU32` or `LabelsI64`; `Dense` for class-probability targets `[N, K]` (CE only).
     labels: TargetKind,
     /// Class weights `[K]` and their sum `[1]`, in the accumulator dtype; `None` = all 1.
     weights: Option<(Tensor, Tensor)>,
@@ -384,6 +393,11 @@ impl SoftmaxOp {
         }
     }
 
+    /// True for class-probability targets.
+    fn probs(&self) -> bool {
+        self.labels == TargetKind::Dense
+    }
+
     /// True when the smoothing term is present (CE with ε > 0).
     fn smooth(&self) -> bool {
         matches!(self.kind, Kind::Ce { eps } if eps > 0.0)
@@ -572,13 +586,21 @@ impl LossKernel for SoftmaxOp {
         self.labels
     }
 
-    /// Integer labels only: they never track a gradient.
+    /// Probability targets: their own kernel. Integer labels never track a gradient.
     fn target_grad(&self) -> TargetGrad {
-        TargetGrad::Unsupported
+        if self.probs() {
+            TargetGrad::Kernel
+        } else {
+            TargetGrad::Unsupported
+        }
     }
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
+        if self.probs() {
+            let t = inp.t.dense(self.name)?;
+            return self.cpu_prob_fwd::<T>(inp.x, t, inp.w.as_ref(), n, k, saved);
+        }
         if self.smooth() {
             self.cpu_fwd_t::<T, true>(inp.x, &inp.t, inp.w.as_ref(), n, k, saved)
         } else {
@@ -588,6 +610,10 @@ impl LossKernel for SoftmaxOp {
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
+        if self.probs() {
+            let t = inp.t.dense(self.name)?;
+            return self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, false);
+        }
         if self.smooth() {
             self.cpu_bwd_t::<T, true>(inp.x, &inp.t, inp.w.as_ref(), up, n, k)
         } else {
@@ -595,7 +621,13 @@ impl LossKernel for SoftmaxOp {
         }
     }
 
-    crate::op::gpu_kernel_methods!();
+    fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        let (n, k) = inp.dims2(self.name)?;
+        let t = inp.t.dense(self.name)?;
+        self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, true)
+    }
+
+    crate::op::gpu_kernel_methods!(target_grad);
 }
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
