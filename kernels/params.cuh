@@ -40,16 +40,25 @@ DL_PARAMS(QualityBwdParams, QUALITY_BWD_FIELDS)
 #define SOFTMAX_FWD_FIELDS(X) \
     X(u64, x) X(u64, lab) X(u64, w) X(u64, wsum) X(u64, out) X(u64, psum) X(u64, pden) \
     X(u64, err) X(u64, n) X(u64, k) X(double, a) X(double, c) X(double, gamma) \
-    X(int, has_w) X(int, focal) X(int, none)
+    X(int, has_w) X(int, focal) X(int, none) X(u64, ew) X(int, ew_mode)
 DL_PARAMS(SoftmaxFwdParams, SOFTMAX_FWD_FIELDS)
 #define SOFTMAX_BWD_FIELDS(X) \
     X(u64, x) X(u64, lab) X(u64, w) X(u64, wsum) X(u64, up) X(u64, g) X(u64, scale_p) \
     X(u64, err) X(u64, n) X(u64, k) X(double, a) X(double, c) X(double, gamma) \
-    X(double, scale) X(int, has_w) X(int, focal) X(int, up_scalar)
+    X(double, scale) X(int, has_w) X(int, focal) X(int, up_scalar) X(u64, ew) X(int, ew_mode)
 DL_PARAMS(SoftmaxBwdParams, SOFTMAX_BWD_FIELDS)
 #define SOFTMAX_DEN_FIELDS(X) \
     X(u64, lab) X(u64, w) X(u64, pden) X(u64, err) X(u64, n) X(u64, k) X(int, has_w)
 DL_PARAMS(SoftmaxDenParams, SOFTMAX_DEN_FIELDS)
+#define SOFTMAX_PROB_FWD_FIELDS(X) \
+    X(u64, x) X(u64, tg) X(u64, w) X(u64, ew) X(u64, out) X(u64, psum) X(u64, n) X(u64, k) \
+    X(double, a) X(double, c) X(int, has_w) X(int, ew_mode) X(int, none)
+DL_PARAMS(SoftmaxProbFwdParams, SOFTMAX_PROB_FWD_FIELDS)
+#define SOFTMAX_PROB_BWD_FIELDS(X) \
+    X(u64, x) X(u64, tg) X(u64, w) X(u64, ew) X(u64, up) X(u64, g) X(u64, n) X(u64, k) \
+    X(double, a) X(double, c) X(double, scale) X(int, has_w) X(int, ew_mode) X(int, up_scalar) \
+    X(int, wrt_t)
+DL_PARAMS(SoftmaxProbBwdParams, SOFTMAX_PROB_BWD_FIELDS)
 
 // ---- ghm.cu ----
 #define GHM_HIST_FIELDS(X) \

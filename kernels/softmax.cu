@@ -63,6 +63,23 @@ template <typename A, bool SMOOTH> __device__ __forceinline__ St<A> shfl_xor(con
     return r;
 }
 
+// Merge of the states of one group (a fixed butterfly, then the warps in order): every thread of
+// the group returns the same state.
+template <typename A, bool SMOOTH, bool WARP>
+__device__ __forceinline__ St<A> group_merge(St<A> s, St<A>* shm) {
+    for (int o = 16; o > 0; o >>= 1) s = merge<A, SMOOTH>(s, shfl_xor<A, SMOOTH>(s, o));
+    if (!WARP) {
+        const int lane = threadIdx.x & 31;
+        const int wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+        __syncthreads(); // shm may be reused by a previous row
+        if (lane == 0) shm[wid] = s;
+        __syncthreads();
+        s = shm[0];
+        for (int i = 1; i < nw; ++i) s = merge<A, SMOOTH>(s, shm[i]);
+    }
+    return s;
+}
+
 // Row statistics of one group. WARP: the 32 lanes of a warp; else the whole block (shm: 32).
 // Every thread of the group returns the same merged state.
 template <typename T, typename A, bool SMOOTH, bool WARP>
@@ -80,16 +97,27 @@ __device__ __forceinline__ St<A> row_stats(const T* x, u64 t, const A* w, int ha
         A wj = SMOOTH ? (has_w ? w[j] : (A)1) : (A)0;
         step<A, SMOOTH>(s, to_acc(x[j]), j != t ? (A)1 : (A)0, wj);
     }
-    for (int o = 16; o > 0; o >>= 1) s = merge<A, SMOOTH>(s, shfl_xor<A, SMOOTH>(s, o));
-    if (!WARP) {
-        const int wid = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-        __syncthreads(); // shm may be reused by a previous row
-        if (lane == 0) shm[wid] = s;
-        __syncthreads();
-        s = shm[0];
-        for (int i = 1; i < nw; ++i) s = merge<A, SMOOTH>(s, shm[i]);
+    return group_merge<A, SMOOTH, WARP>(s, shm);
+}
+
+// Cross-entropy with class-probability targets: the same online state with u_k = w_k ((1-eps)
+// t_k + eps/K) in place of the smoothing weights and every column kept: so = s, sw =
+// sum_k u_k (m - x_k), ws = sum_k u_k.
+template <typename T, typename A, bool WARP>
+__device__ __forceinline__ St<A> prob_stats(const T* x, const T* tg, const A* w, int has_w, A a,
+                                            A c, u64 k, St<A>* shm) {
+    const int tid = WARP ? (threadIdx.x & 31) : threadIdx.x;
+    const int width = WARP ? 32 : blockDim.x;
+    St<A> s;
+    s.m = (A)(-FLT_MAX);
+    s.so = 0;
+    s.sw = 0;
+    s.ws = 0;
+    for (u64 j = tid; j < k; j += width) {
+        A u = (has_w ? w[j] : (A)1) * (a * to_acc(tg[j]) + c);
+        step<A, true>(s, to_acc(x[j]), (A)1, u);
     }
-    return s;
+    return group_merge<A, true, WARP>(s, shm);
 }
 
 // Derived per-row quantities: s = sum_k e^{x_k - m}, nll = -log p_t, q = 1 - p_t, p_t.
@@ -175,6 +203,7 @@ __device__ void fwd(const SoftmaxFwdParams& q) {
         if (leader) {
             A wt = has_w ? w[t] : (A)1;
             A l = row_loss<A, SMOOTH>(p, st, row_softmax<A>(st, to_acc(xr[t])), wt, wsum);
+            if (q.ew_mode) l = l * dl_weight<T, A>(q.ew, q.ew_mode, i, i); // forward_weighted
             if (none) {
                 out[i] = from_acc<T>(l);
             } else {
@@ -258,7 +287,8 @@ __device__ void bwd(const SoftmaxBwdParams& q) {
             b = p.a * wt;
             a = SMOOTH ? b + p.c * wsum : b;
         }
-        const A coef = (A)(scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
+        A coef = (A)(scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
+        if (q.ew_mode) coef = coef * dl_weight<T, A>(q.ew, q.ew_mode, i, i); // forward_weighted
         const A inv_s = (A)1 / r.s;
         for (u64 j = tid; j < k; j += width) {
             A pj = dl_exp(to_acc(xr[j]) - st.m) * inv_s;
@@ -269,6 +299,93 @@ __device__ void bwd(const SoftmaxBwdParams& q) {
                 v = a * pj - (SMOOTH ? p.c * (has_w ? w[j] : (A)1) : (A)0);
             }
             g[i * k + j] = from_acc<T>(coef * v);
+        }
+    }
+}
+
+// Probability targets, forward: out[i] = ew_i (sum_k u_k (m - x_k) + sum_k u_k log s), or per-block
+// partial sums of it (Mean = sum / N, scaled on the host).
+template <typename T, typename A, bool WARP>
+__device__ void prob_fwd(const SoftmaxProbFwdParams& q) {
+    __shared__ St<A> shm[32];
+    __shared__ double sh1[32];
+    const T* x = dev_ptr<const T>(q.x);
+    const T* tg = dev_ptr<const T>(q.tg);
+    const A* w = dev_ptr<const A>(q.w);
+    T* out = dev_ptr<T>(q.out);
+    const u64 n = q.n, k = q.k;
+    const A a = (A)q.a, c = (A)q.c;
+    const int lane = threadIdx.x & 31;
+    const u64 groups_per_block = WARP ? (blockDim.x >> 5) : 1;
+    const u64 g0 = (u64)blockIdx.x * groups_per_block + (WARP ? (threadIdx.x >> 5) : 0);
+    const u64 gstride = (u64)gridDim.x * groups_per_block;
+    const bool leader = WARP ? lane == 0 : threadIdx.x == 0;
+    double acc = 0;
+    const u64 iters = (n + gstride - 1) / gstride; // block-uniform (see fwd)
+    for (u64 it = 0; it < iters; ++it) {
+        u64 i = g0 + it * gstride;
+        const bool ok = i < n;
+        if (WARP && !ok) continue; // warp-uniform
+        const u64 off = ok ? i * k : 0;
+        St<A> st = prob_stats<T, A, WARP>(x + off, tg + off, w, q.has_w, a, c, ok ? k : 0, shm);
+        if (!ok || !leader) continue;
+        A l = st.sw + st.ws * dl_log(st.so);
+        if (q.ew_mode) l = l * dl_weight<T, A>(q.ew, q.ew_mode, i, i);
+        if (q.none) {
+            out[i] = from_acc<T>(l);
+        } else {
+            acc += (double)l;
+        }
+    }
+    if (!q.none) {
+        acc = block_sum<double>(acc, sh1);
+        write_partials(q.psum, 0, acc, 0);
+    }
+}
+
+// Probability targets, backward: to the logits g_j = coef (p_j sum_k u_k - u_j), or (wrt_t) to
+// the targets coef (1-eps) w_j ((m - x_j) + log s); coef = up * scale * ew_i.
+template <typename T, typename A, bool WARP>
+__device__ void prob_bwd(const SoftmaxProbBwdParams& q) {
+    __shared__ St<A> shm[32];
+    const T* x = dev_ptr<const T>(q.x);
+    const T* tg = dev_ptr<const T>(q.tg);
+    const A* w = dev_ptr<const A>(q.w);
+    const T* up = dev_ptr<const T>(q.up);
+    T* g = dev_ptr<T>(q.g);
+    const u64 n = q.n, k = q.k;
+    const A a = (A)q.a, c = (A)q.c;
+    const int tid = WARP ? (threadIdx.x & 31) : threadIdx.x;
+    const int width = WARP ? 32 : blockDim.x;
+    const u64 groups_per_block = WARP ? (blockDim.x >> 5) : 1;
+    const u64 g0 = (u64)blockIdx.x * groups_per_block + (WARP ? (threadIdx.x >> 5) : 0);
+    const u64 gstride = (u64)gridDim.x * groups_per_block;
+    const u64 iters = (n + gstride - 1) / gstride;
+    for (u64 it = 0; it < iters; ++it) {
+        u64 i = g0 + it * gstride;
+        const bool ok = i < n;
+        if (WARP && !ok) continue;
+        const u64 off = ok ? i * k : 0;
+        const T* xr = x + off;
+        const T* tr = tg + off;
+        St<A> st = prob_stats<T, A, WARP>(xr, tr, w, q.has_w, a, c, ok ? k : 0, shm);
+        if (!ok) continue;
+        A coef = (A)(q.scale * (double)to_acc(up[q.up_scalar ? 0 : i]));
+        if (q.ew_mode) coef = coef * dl_weight<T, A>(q.ew, q.ew_mode, i, i);
+        const A inv_s = (A)1 / st.so;
+        const A ls = dl_log(st.so);
+        const A ca = coef * a;
+        for (u64 j = tid; j < k; j += width) {
+            const A xj = to_acc(xr[j]);
+            const A wj = q.has_w ? w[j] : (A)1;
+            A v;
+            if (q.wrt_t) {
+                v = ca * (wj * ((st.m - xj) + ls));
+            } else {
+                const A u = wj * (a * to_acc(tr[j]) + c);
+                v = coef * (dl_exp(xj - st.m) * inv_s * st.ws - u);
+            }
+            g[i * k + j] = from_acc<T>(v);
         }
     }
 }
@@ -285,9 +402,15 @@ __device__ void bwd(const SoftmaxBwdParams& q) {
     SOFTMAX_KERNELS(DT##_##LT##_s1_block, T, A, L, true, false)                                  \
     DL_KERNEL(softmax_den_##DT##_##LT, SoftmaxDenParams, p) { den_partial<A, L>(p); }
 
+#define SOFTMAX_PROB_KERNELS(SFX, T, A, WARP)                                                    \
+    DL_KERNEL(softmax_prob_fwd_##SFX, SoftmaxProbFwdParams, p) { prob_fwd<T, A, WARP>(p); }      \
+    DL_KERNEL(softmax_prob_bwd_##SFX, SoftmaxProbBwdParams, p) { prob_bwd<T, A, WARP>(p); }
+
 #define SOFTMAX_DTYPE(DT, T, A)                                                                  \
     SOFTMAX_LABELS(DT, T, A, u32, uint32_t)                                                      \
-    SOFTMAX_LABELS(DT, T, A, i64, int64_t)
+    SOFTMAX_LABELS(DT, T, A, i64, int64_t)                                                       \
+    SOFTMAX_PROB_KERNELS(DT##_warp, T, A, true)                                                  \
+    SOFTMAX_PROB_KERNELS(DT##_block, T, A, false)
 
 SOFTMAX_DTYPE(f32, float, float)
 SOFTMAX_DTYPE(f64, double, double)

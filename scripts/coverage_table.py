@@ -40,6 +40,7 @@ ROWS = [
     ("`softmax_bwd_{dt}_{tg}_s{0,1}_{warp,block}`", rf"softmax_bwd_{DT}_{TG}_s[01]_(warp|block)"),
     ("`softmax_den_{dt}_{tg}`", rf"softmax_den_{DT}_{TG}"),
     ("`softmax_fwd_{dt}_{tg}_s{0,1}_{warp,block}`", rf"softmax_fwd_{DT}_{TG}_s[01]_(warp|block)"),
+    ("`softmax_prob_{fwd,bwd}_{dt}_{warp,block}` (probability targets)", rf"softmax_prob_(fwd|bwd)_{DT}_(warp|block)"),
 ]
 
 

@@ -99,16 +99,26 @@ kernel_params! {
     struct SoftmaxFwdParams {
         x: u64, lab: u64, w: u64, wsum: u64, out: u64, psum: u64, pden: u64,
         err: u64, n: u64, k: u64, a: f64, c: f64, gamma: f64,
-        has_w: i32, focal: i32, none: i32,
+        has_w: i32, focal: i32, none: i32, ew: u64, ew_mode: i32,
     }
     /// `softmax_bwd_*`.
     struct SoftmaxBwdParams {
         x: u64, lab: u64, w: u64, wsum: u64, up: u64, g: u64, scale_p: u64,
         err: u64, n: u64, k: u64, a: f64, c: f64, gamma: f64,
-        scale: f64, has_w: i32, focal: i32, up_scalar: i32,
+        scale: f64, has_w: i32, focal: i32, up_scalar: i32, ew: u64, ew_mode: i32,
     }
     /// `softmax_den_*`: Σ w_label per block.
     struct SoftmaxDenParams { lab: u64, w: u64, pden: u64, err: u64, n: u64, k: u64, has_w: i32 }
+    /// `softmax_prob_fwd_*`: cross-entropy with class-probability targets.
+    struct SoftmaxProbFwdParams {
+        x: u64, tg: u64, w: u64, ew: u64, out: u64, psum: u64, n: u64, k: u64,
+        a: f64, c: f64, has_w: i32, ew_mode: i32, none: i32,
+    }
+    /// `softmax_prob_bwd_*`: its gradient to the logits, or (`wrt_t`) to the targets.
+    struct SoftmaxProbBwdParams {
+        x: u64, tg: u64, w: u64, ew: u64, up: u64, g: u64, n: u64, k: u64,
+        a: f64, c: f64, scale: f64, has_w: i32, ew_mode: i32, up_scalar: i32, wrt_t: i32,
+    }
     /// `ghmc_hist_*`.
     struct GhmHistParams {
         x: u64, tg: u64, counts: u64, err: u64, n: u64, c: u64, bins: i32, global: i32,

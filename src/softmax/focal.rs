@@ -27,11 +27,16 @@ use candle_core::{Result, Tensor};
 /// rows, as cross-entropy (α is not in the denominator; 0 when every row is ignored);
 /// `AvgFactor(f)` = sum / f.
 ///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each row loss by `weight` `[N]`
+/// inside the kernels, before the reduction (mmdet's `weight`); `Mean` keeps its denominator
+/// `Σ_i w_{y_i}`; a weight of 0 ignores a u32 row; a tracked weight gets its gradient.
+///
 /// # Shapes
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1`.
 /// - `labels`: `[N]`, `u32` or `i64`, in `0..K` or `-1` (i64, ignored).
 /// - `class_weights`: `[K]`, in the logits' dtype or f32 (as for [`CrossEntropyLoss`](crate::CrossEntropyLoss)).
+/// - `weight` (`forward_weighted`): `[N]` (the labels' shape), in the logits' dtype.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 /// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
 ///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
@@ -40,7 +45,8 @@ use candle_core::{Result, Tensor};
 /// # Errors
 ///
 /// Every message starts with `SoftmaxFocalLoss:`. As [`CrossEntropyLoss`](crate::CrossEntropyLoss), plus `gamma` or
-/// `alpha` negative or not finite.
+/// `alpha` negative or not finite, and float (class-probability) targets: this loss takes
+/// labels only.
 ///
 /// # Example
 ///
@@ -83,6 +89,22 @@ impl Default for SoftmaxFocalLoss {
 impl SoftmaxFocalLoss {
     /// Computes the loss of `logits` `[N, K]` against `labels` `[N]`.
     pub fn forward(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        self.run(logits, labels, None)
+    }
+
+    /// [`forward`](Self::forward) with each row loss multiplied by `weight` `[N]` (one value
+    /// per row, in the logits' dtype) before the reduction, inside the kernels; `Mean` keeps
+    /// its denominator.
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        self.run(logits, labels, Some(weight))
+    }
+
+    fn run(&self, logits: &Tensor, labels: &Tensor, weight: Option<&Tensor>) -> Result<Tensor> {
         crate::check::check_supported_device(SF_NAME, logits)?;
         check_non_negative(SF_NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
@@ -99,6 +121,7 @@ impl SoftmaxFocalLoss {
             self.class_weights.as_ref(),
             logits,
             labels,
+            weight,
         )
     }
 }

@@ -3,10 +3,12 @@
 use super::{Kind, SoftmaxOp};
 use crate::check::layout_dims2;
 use crate::gpu::params::{SoftmaxBwdParams, SoftmaxDenParams, SoftmaxFwdParams};
+use crate::gpu::params::{SoftmaxProbBwdParams, SoftmaxProbFwdParams};
 use crate::gpu::{
     self, BwdIn, DevFloat, ErrorFlag, FwdIn, Gpu, In, Launch, Out, Partials, Scale, SOFTMAX,
 };
 use crate::reduction::Reduction;
+use crate::weight;
 use candle_core::{Result, Shape};
 
 /// Rows of at most this many classes get one warp each; longer rows one block each.
@@ -73,7 +75,10 @@ fn suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<Strin
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: lab, .. } = a;
+    if op.probs() {
+        return prob_forward::<G, T>(g, op, a);
+    }
+    let FwdIn { x, t: lab, w: ew } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let (cfg, warp) = row_grid(n, k);
@@ -101,6 +106,8 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G
         has_w: cm.has_w,
         focal,
         none: none as i32,
+        ew: weight::addr::<G, T>(g, name, ew)?,
+        ew_mode: weight::mode(ew),
     };
     if n > 0 {
         let kernel = format!("softmax_fwd_{}", suffix::<T>(op, warp)?);
@@ -125,7 +132,15 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t: lab, up, .. } = a;
+    if op.probs() {
+        return prob_backward::<G, T>(g, op, a, false);
+    }
+    let BwdIn {
+        x,
+        t: lab,
+        up,
+        w: ew,
+    } = a;
     let name = op.name;
     let (n, k) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();
@@ -173,10 +188,120 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: BwdIn<'_, 
             has_w: cm.has_w,
             focal,
             up_scalar: scalar_up as i32,
+            ew: weight::addr::<G, T>(g, name, ew)?,
+            ew_mode: weight::mode(ew),
         };
         let kernel = format!("softmax_bwd_{}", suffix::<T>(op, warp)?);
         g.launch(&SOFTMAX, &kernel, cfg, &p)?;
     }
     err.check_labels(g, name, k - 1)?;
     Ok((g.storage(out), Shape::from((n, k))))
+}
+
+/// The class weights' address and flag (`0, 0` without them).
+fn class_weights<G: Gpu, A: crate::gpu::DevElem>(g: &G, op: &SoftmaxOp) -> Result<(u64, i32)> {
+    Ok(match &op.weights {
+        None => (0, 0),
+        Some((w, _)) => (g.tensor::<A>(op.name, w)?, 1),
+    })
+}
+
+fn prob_suffix<T: candle_core::WithDType>(op: &SoftmaxOp, warp: bool) -> Result<String> {
+    Ok(format!(
+        "{}_{}",
+        gpu::dtype_suffix(op.name, T::DTYPE)?,
+        if warp { "warp" } else { "block" }
+    ))
+}
+
+/// The forward with class-probability targets: row losses, or the scalar (`Mean` = sum / N).
+fn prob_forward<G: Gpu, T: DevFloat>(g: &G, op: &SoftmaxOp, a: FwdIn<'_, G>) -> Out<G> {
+    let FwdIn { x, t: tg, w: ew } = a;
+    let name = op.name;
+    let (n, k) = layout_dims2(name, x.l)?;
+    let (cfg, warp) = row_grid(n, k);
+    let (_, a, c, _) = hyper(op, k);
+    let none = op.reduction == Reduction::None;
+    let (w, has_w) = class_weights::<G, T::A>(g, op)?;
+    let parts = Partials::new(g, cfg.grid as u64 * gpu::BLOCK as u64)?;
+    let out = g.output::<T>(if none { n } else { 1 })?;
+    let p = SoftmaxProbFwdParams {
+        x: g.input::<T>(name, x.s, x.l)?,
+        tg: g.input::<T>(name, tg.s, tg.l)?,
+        w,
+        ew: weight::addr::<G, T>(g, name, ew)?,
+        out: if none { g.out_addr(&out) } else { 0 },
+        psum: g.words_addr(&parts.psum),
+        n: n as u64,
+        k: k as u64,
+        a,
+        c,
+        has_w,
+        ew_mode: weight::mode(ew),
+        none: none as i32,
+    };
+    if n > 0 {
+        let kernel = format!("softmax_prob_fwd_{}", prob_suffix::<T>(op, warp)?);
+        g.launch(&SOFTMAX, &kernel, cfg, &p)?;
+    }
+    if none {
+        return Ok((g.storage(out), Shape::from(n)));
+    }
+    let scale = Scale::host(op.reduction.scale(n as f64));
+    let out = gpu::finalize::<G, T>(g, name, &parts, scale, None)?;
+    Ok((g.storage(out), Shape::from(())))
+}
+
+/// The gradient with class-probability targets: to the logits, or (`wrt_t`) to the targets.
+fn prob_backward<G: Gpu, T: DevFloat>(
+    g: &G,
+    op: &SoftmaxOp,
+    a: BwdIn<'_, G>,
+    wrt_t: bool,
+) -> Out<G> {
+    let BwdIn {
+        x,
+        t: tg,
+        up,
+        w: ew,
+    } = a;
+    let name = op.name;
+    let (n, k) = layout_dims2(name, x.l)?;
+    let scalar_up = op.reduction.is_scalar();
+    gpu::check_upstream(name, up.l, scalar_up, n)?;
+    let (cfg, warp) = row_grid(n, k);
+    let (_, a, c, _) = hyper(op, k);
+    let (w, has_w) = class_weights::<G, T::A>(g, op)?;
+    let out = g.output::<T>(n * k)?;
+    if n > 0 {
+        let p = SoftmaxProbBwdParams {
+            x: g.input::<T>(name, x.s, x.l)?,
+            tg: g.input::<T>(name, tg.s, tg.l)?,
+            w,
+            ew: weight::addr::<G, T>(g, name, ew)?,
+            up: g.input::<T>(name, up.s, up.l)?,
+            g: g.out_addr(&out),
+            n: n as u64,
+            k: k as u64,
+            a,
+            c,
+            scale: op.reduction.scale(n as f64),
+            has_w,
+            ew_mode: weight::mode(ew),
+            up_scalar: scalar_up as i32,
+            wrt_t: wrt_t as i32,
+        };
+        let kernel = format!("softmax_prob_bwd_{}", prob_suffix::<T>(op, warp)?);
+        g.launch(&SOFTMAX, &kernel, cfg, &p)?;
+    }
+    Ok((g.storage(out), Shape::from((n, k))))
+}
+
+/// The gradient to class-probability targets on backend `g`.
+pub(super) fn target_backward<G: Gpu, T: DevFloat>(
+    g: &G,
+    op: &SoftmaxOp,
+    a: BwdIn<'_, G>,
+) -> Out<G> {
+    prob_backward::<G, T>(g, op, a, true)
 }

@@ -15,14 +15,16 @@ use crate::dtype::{acc_dtype, Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, CpuTargets, TargetKind};
-use candle_core::Tensor;
+use crate::weight::{self, CpuWeight, Weight};
 use candle_core::{bail, Result, Shape};
+use candle_core::{DType, Tensor};
 
 const CE_NAME: &str = "CrossEntropyLoss";
 const SF_NAME: &str = "SoftmaxFocalLoss";
 
 mod ce;
 mod focal;
+mod probs;
 
 pub use ce::CrossEntropyLoss;
 pub use focal::SoftmaxFocalLoss;
@@ -36,7 +38,9 @@ enum Kind {
     Focal { alpha: f64, gamma: f64 },
 }
 
-/// Validates the inputs and applies the forward op.
+/// Validates the inputs and applies the forward op; with `weight` (one per row, of the
+/// labels' leading shape) the kernels multiply each row loss by it, and a weight that tracks a
+/// gradient gets its own ([`weight::weighted`]).
 fn apply(
     name: &'static str,
     kind: Kind,
@@ -44,10 +48,44 @@ fn apply(
     class_weights: Option<&Tensor>,
     logits: &Tensor,
     labels: &Tensor,
+    weight: Option<&Tensor>,
 ) -> Result<Tensor> {
     targets::with_leading_dims(name, logits, labels, |x, t| {
-        apply_2d(name, kind, reduction, class_weights, x, t)
+        let Some(w) = weight else {
+            return apply_2d(name, kind, reduction, class_weights, x, t, None);
+        };
+        let w = weight::flatten_leading(logits.dims(), w)?;
+        let fused = |wv: Option<&Tensor>, red: Reduction, detach: bool| {
+            if detach {
+                let (x, t) = (x.detach(), t.detach());
+                apply_2d(name, kind, red, class_weights, &x, &t, wv)
+            } else {
+                apply_2d(name, kind, red, class_weights, x, t, wv)
+            }
+        };
+        weight::weighted(name, reduction, &w, fused, || mean_den(class_weights, x, t))
     })
+}
+
+/// The `Mean` denominator as a rank-0 tensor in the logits' dtype: `Σ class_weights[label]`
+/// over the non-ignored rows (1 each without class weights), summed in f64.
+fn mean_den(class_weights: Option<&Tensor>, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (n, k) = logits.dims2()?;
+    if labels.dtype().is_float() {
+        // Probability targets: Mean = sum / N, as torch.
+        return Tensor::new(n as f64, logits.device())?.to_dtype(logits.dtype());
+    }
+    let lab = labels.to_dtype(DType::I64)?;
+    let valid = lab.ge(0i64)?.to_dtype(DType::F64)?;
+    let per_row = match class_weights {
+        None => valid,
+        Some(w) => {
+            let idx = lab.clamp(0i64, k.saturating_sub(1) as i64)?;
+            let idx = idx.to_dtype(DType::U32)?;
+            w.to_dtype(DType::F64)?.index_select(&idx, 0)?.mul(&valid)?
+        }
+    };
+    per_row.sum_all()?.to_dtype(logits.dtype())
 }
 
 /// [`apply`] on logits `[N, K]`.
@@ -58,13 +96,18 @@ fn apply_2d(
     class_weights: Option<&Tensor>,
     logits: &Tensor,
     labels: &Tensor,
+    weight: Option<&Tensor>,
 ) -> Result<Tensor> {
     reduction.validate(name)?;
     let (n, k) = check_float_2d(name, "logits", logits)?;
     if k == 0 {
         bail!("{name}: logits must have at least one class, got shape [{n}, 0]")
     }
-    let labels_kind = targets::label_kind(name, logits, labels, n, k)?;
+    let labels_kind = if labels.dtype().is_float() {
+        probs::target_kind(name, kind, logits, labels, n, k)?
+    } else {
+        targets::label_kind(name, logits, labels, n, k)?
+    };
     let weights = match class_weights {
         None => None,
         Some(w) => {
@@ -90,7 +133,10 @@ fn apply_2d(
     };
     // Training (a scalar loss of logits that track gradients): the forward pass also computes
     // the gradient, and the backward only scales it.
-    let op = Fwd::new(op, reduction.is_scalar() && logits.track_op());
+    let w = weight
+        .map(|w| Weight::new(name, logits, w, &[n], &[n]))
+        .transpose()?;
+    let op = Fwd::new(op, reduction.is_scalar() && logits.track_op()).weighted(w);
     logits.contiguous()?.apply_op2(&labels.contiguous()?, op)
 }
 
@@ -100,7 +146,7 @@ struct SoftmaxOp {
     name: &'static str,
     kind: Kind,
     reduction: Reduction,
-    /// `LabelsU32` or `LabelsI64`.
+    /// `LabelsU32` or `LabelsI64`; `Dense` for class-probability targets `[N, K]` (CE only).
     labels: TargetKind,
     /// Class weights `[K]` and their sum `[1]`, in the accumulator dtype; `None` = all 1.
     weights: Option<(Tensor, Tensor)>,
@@ -301,6 +347,32 @@ fn row_eval<T: Elem, const SMOOTH: bool>(
     row_loss(p, &st, &r, w[t], SMOOTH)
 }
 
+/// The `forward_weighted` weight of row `i` in the accumulator type (`None` without one).
+#[inline(always)]
+fn row_weight<T: Elem>(
+    name: &str,
+    ew: Option<&CpuWeight<'_, T>>,
+    i: usize,
+) -> Result<Option<T::A>> {
+    match ew {
+        None => Ok(None),
+        Some(w) => match w.at(i, 0, 1) {
+            Some(v) => Ok(Some(v.to_acc())),
+            None => bail!("{name}: internal error, no weight for row {i}"),
+        },
+    }
+}
+
+/// `v · w` where a weight is present (`v` as it is otherwise: a weight of ones gives the
+/// unweighted bits either way).
+#[inline(always)]
+fn times<A: Acc>(v: A, w: Option<A>) -> A {
+    match w {
+        Some(w) => v * w,
+        None => v,
+    }
+}
+
 impl SoftmaxOp {
     fn params<A: Acc>(&self, k: usize, wsum: A) -> Params<A> {
         match self.kind {
@@ -319,6 +391,11 @@ impl SoftmaxOp {
                 wsum,
             },
         }
+    }
+
+    /// True for class-probability targets.
+    fn probs(&self) -> bool {
+        self.labels == TargetKind::Dense
     }
 
     /// True when the smoothing term is present (CE with ε > 0).
@@ -365,6 +442,7 @@ impl SoftmaxOp {
         &self,
         x: &[T],
         lab: &CpuTargets<'_, T>,
+        ew: Option<&CpuWeight<'_, T>>,
         n: usize,
         k: usize,
         saved: Option<&SavedGrad>,
@@ -388,7 +466,7 @@ impl SoftmaxOp {
                             let xr = &x[i * k..(i + 1) * k];
                             let l =
                                 row_eval::<T, SMOOTH>(&p, xr, t, &w, (&mut e, &mut d), zero, None);
-                            *oi = T::from_acc(l);
+                            *oi = T::from_acc(times(l, row_weight(name, ew, i)?));
                         }
                     }
                     Ok(())
@@ -415,9 +493,11 @@ impl SoftmaxOp {
                         if let Some(t) = lab.class(name, i, k)? {
                             let xr = &x[i * k..(i + 1) * k];
                             let grow = gc.as_deref_mut().map(|g| &mut g[r * k..(r + 1) * k]);
+                            let wi = row_weight(name, ew, i)?;
+                            let ci = times(coef, wi);
                             let l =
-                                row_eval::<T, SMOOTH>(&p, xr, t, &w, (&mut e, &mut d), coef, grow);
-                            s += Acc::to_f64(l);
+                                row_eval::<T, SMOOTH>(&p, xr, t, &w, (&mut e, &mut d), ci, grow);
+                            s += Acc::to_f64(times(l, wi));
                         }
                     }
                     Ok(s)
@@ -443,6 +523,7 @@ impl SoftmaxOp {
         &self,
         x: &[T],
         lab: &CpuTargets<'_, T>,
+        ew: Option<&CpuWeight<'_, T>>,
         up: &[T],
         n: usize,
         k: usize,
@@ -475,6 +556,7 @@ impl SoftmaxOp {
                         } else {
                             <T::A as Acc>::from_f64(scale * Acc::to_f64(up[i].to_acc()))
                         };
+                        let coef = times(coef, row_weight(name, ew, i)?);
                         let xr = &x[i * k..(i + 1) * k];
                         row_eval::<T, SMOOTH>(&p, xr, t, &w, (&mut e, &mut d), coef, Some(grow));
                     }
@@ -504,30 +586,48 @@ impl LossKernel for SoftmaxOp {
         self.labels
     }
 
-    /// Integer labels only: they never track a gradient.
+    /// Probability targets: their own kernel. Integer labels never track a gradient.
     fn target_grad(&self) -> TargetGrad {
-        TargetGrad::Unsupported
+        if self.probs() {
+            TargetGrad::Kernel
+        } else {
+            TargetGrad::Unsupported
+        }
     }
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
+        if self.probs() {
+            let t = inp.t.dense(self.name)?;
+            return self.cpu_prob_fwd::<T>(inp.x, t, inp.w.as_ref(), n, k, saved);
+        }
         if self.smooth() {
-            self.cpu_fwd_t::<T, true>(inp.x, &inp.t, n, k, saved)
+            self.cpu_fwd_t::<T, true>(inp.x, &inp.t, inp.w.as_ref(), n, k, saved)
         } else {
-            self.cpu_fwd_t::<T, false>(inp.x, &inp.t, n, k, saved)
+            self.cpu_fwd_t::<T, false>(inp.x, &inp.t, inp.w.as_ref(), n, k, saved)
         }
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
+        if self.probs() {
+            let t = inp.t.dense(self.name)?;
+            return self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, false);
+        }
         if self.smooth() {
-            self.cpu_bwd_t::<T, true>(inp.x, &inp.t, up, n, k)
+            self.cpu_bwd_t::<T, true>(inp.x, &inp.t, inp.w.as_ref(), up, n, k)
         } else {
-            self.cpu_bwd_t::<T, false>(inp.x, &inp.t, up, n, k)
+            self.cpu_bwd_t::<T, false>(inp.x, &inp.t, inp.w.as_ref(), up, n, k)
         }
     }
 
-    crate::op::gpu_kernel_methods!();
+    fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        let (n, k) = inp.dims2(self.name)?;
+        let t = inp.t.dense(self.name)?;
+        self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, true)
+    }
+
+    crate::op::gpu_kernel_methods!(target_grad);
 }
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
