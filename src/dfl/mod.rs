@@ -47,20 +47,29 @@ const NAME: &str = "DistributionFocalLoss";
 ///
 /// The targets receive a gradient when they track one (a `Var`, or computed from one).
 ///
-/// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch);
-/// `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel; on the CPU a
+/// [`forward_weighted`](Self::forward_weighted) multiplies each row's loss by its weight inside
+/// the kernel, before the reduction: `w_i·l_i`, with `w_i·∂l/∂x` and `w_i·∂l/∂y` for the
+/// logits and tracked targets, and `∂/∂w_i = l_i` for a weight that tracks one. A weight of
+/// ones gives `forward`'s bits.
+///
+/// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch; with a weight
+/// still N); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel; on the CPU a
 /// scalar loss of logits that track gradients writes `∂l/∂x` in the same pass as the loss.
 ///
 /// # Shapes
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1` (half types are computed in f32).
 /// - `targets`: `[N]`, in the logits' dtype, each in `[0, K-1]`.
+/// - `weight` (`forward_weighted`): the targets' shape (one per row), in the logits' dtype.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// A YOLOv8 head predicts `[B, A, 4, K]` (`K = reg_max`, e.g. 16, four box sides per anchor)
 /// with target distances `[B, A, 4]` (in bin units, from the anchor point): pass them as they
-/// are (leading dimensions: one `[B·A·4, K]` problem), and use `Reduction::None` (`[B, A, 4]`)
-/// to weight the result (YOLOv8 averages the 4 sides and weights each anchor by its IoU score).
+/// are (leading dimensions: one `[B·A·4, K]` problem). YOLOv8 weights each anchor's DFL by its
+/// target score and averages the 4 sides: pass the `[B, A]` weight broadcast over the sides,
+/// `weight.unsqueeze(2)?.broadcast_as((B, A, 4))?.contiguous()?`, to
+/// [`forward_weighted`](Self::forward_weighted), with `AvgFactor(4 · Σ score)` for YOLOv8's
+/// `mean(-1) · weight / target_scores_sum` (the example there).
 ///
 /// # Errors
 ///
@@ -68,7 +77,7 @@ const NAME: &str = "DistributionFocalLoss";
 /// and CUDA have kernels); logits not of rank 2, of a non-float dtype or with `K = 0`; targets
 /// of another shape, dtype or device; a target outside `[0, K-1]` or NaN (checked in the same
 /// pass as the loss; on CUDA the kernel raises a flag that becomes the `Err`); `AvgFactor` not
-/// finite and > 0.
+/// finite and > 0; a weight not of the targets' shape, dtype or device.
 ///
 /// # Example
 ///
@@ -116,9 +125,9 @@ impl DistributionFocalLoss {
     ///
     /// # Example
     ///
-    /// YOLOv8's DFL: each anchor's four side losses weighted by its target score
-    /// (`weight [B, A]` broadcast over the sides), summed, then divided by the score sum
-    /// (`AvgFactor`).
+    /// YOLOv8's DFL: each anchor's four side losses weighted by its target score (a `[B, A]`
+    /// score broadcast over the sides to `[B, A, 4]`), averaged over the sides, summed and
+    /// divided by the score sum: `AvgFactor(4 · Σ score)`.
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor, Var};
@@ -131,7 +140,7 @@ impl DistributionFocalLoss {
     /// let score = Tensor::new(&[[0.9f32, 0.0, 0.4], [0.7, 0.2, 0.0]], &dev)?; // [B, A]
     /// let weight = score.unsqueeze(2)?.broadcast_as((b, a, 4))?.contiguous()?;
     /// let score_sum = score.sum_all()?.to_scalar::<f32>()? as f64;
-    /// let dfl = DistributionFocalLoss { reduction: Reduction::AvgFactor(score_sum) };
+    /// let dfl = DistributionFocalLoss { reduction: Reduction::AvgFactor(4.0 * score_sum) };
     /// let loss = dfl.forward_weighted(logits.as_tensor(), &targets, &weight)?;
     /// let g = loss.backward()?.get(&logits).unwrap().flatten_all()?.to_vec1::<f32>()?;
     /// // Batch 0, anchor 1 (score 0): its 4 rows of K bins get no gradient.

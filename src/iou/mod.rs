@@ -75,13 +75,21 @@ pub enum IouKind {
 /// enclosing box as is, and such a box never intersects (the strict mask). The result is finite
 /// but not meaningful as a box loss; sanitise boxes upstream (e.g. decode with `exp` widths).
 ///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each pair's loss by its weight inside
+/// the kernel, before the reduction (mmdet's `weight`): `l_i·w_i`; both boxes' gradients are
+/// `w_i·∂l_i`, and a weight that tracks a gradient gets `∂/∂w_i`. A weight of ones gives
+/// `forward`'s bits.
+///
 /// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch, as
-/// torchvision's `0.0 * loss.sum()`); `AvgFactor(f)` = sum / f.
+/// torchvision's `0.0 * loss.sum()`; with a weight still N, not the weight sum: pass
+/// `AvgFactor` for mmdet's `avg_factor`); `AvgFactor(f)` = sum / f.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: `[N, 4]`, the same shape, f32 / f64 / f16 / bf16, the same dtype (half
 ///   types are computed in f32).
+/// - `weight` (`forward_weighted`): `[N]` (the boxes' leading shape: one per pair), in the
+///   boxes' dtype.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the input dtype. The gradient of
 ///   `pred` is `[N, 4]`.
 /// - Leading dimensions: boxes `[..., 4]` (both of the same shape) are one `[N, 4]` problem;
@@ -93,7 +101,7 @@ pub enum IouKind {
 /// Every message starts with `BoxIouLoss:`. A tensor on a Metal device (only the CPU and CUDA have
 /// kernels); inputs not of shape `[N, 4]` (last dimension not 4, other rank), shapes differing, a
 /// non-float dtype or differing dtypes, different devices, `eps` negative or not finite,
-/// `AvgFactor` not finite and > 0.
+/// `AvgFactor` not finite and > 0; a weight not of the boxes' leading shape, dtype or device.
 ///
 /// # Example
 ///

@@ -28,22 +28,34 @@ const BALANCED: &str = "BalancedL1Loss";
 /// ```
 ///
 /// exactly as `torch.nn.functional.smooth_l1_loss`; `β = 0` is the plain L1 loss `|d|`, whose
-/// gradient at `d = 0` is 0 (as torch's), never NaN. Only `pred` receives a gradient.
+/// gradient at `d = 0` is 0 (as torch's), never NaN. `pred` receives a gradient, and so does a
+/// `target` that tracks one (`−∂l/∂x`).
+///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each element loss by a weight inside
+/// the kernel, before the reduction (mmdet's `weight`): `l_j·w_j`, with `∂/∂x_j = w_j·∂l/∂x_j`;
+/// the weight is one value per row (the leading shape, shared by the row's `D` elements) or one
+/// per element (mmdet's `bbox_weights`). A weight of ones gives `forward`'s bits; a weight that
+/// tracks a gradient gets `∂/∂w`.
 ///
 /// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
-/// empty input); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel.
+/// empty input; with a weight still the number of elements, not the weight sum: pass
+/// `AvgFactor` for mmdet's `avg_factor`); `AvgFactor(f)` = sum / f. Scalar reductions are
+/// computed inside the kernel.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: any shape (usually `[N, 4]` box deltas), the same for both; f32 / f64 /
 ///   f16 / bf16, the same dtype for both (half types are computed in f32).
+/// - `weight` (`forward_weighted`): `pred`'s leading shape `[...]` (`[N]` for `[N, 4]`: one per
+///   row) or `pred`'s shape (one per element), in `pred`'s dtype.
 /// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
 ///
 /// # Errors
 ///
 /// Every message starts with `SmoothL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
 /// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `beta`
-/// negative or not finite; `AvgFactor` not finite and > 0.
+/// negative or not finite; `AvgFactor` not finite and > 0; a weight of another shape, dtype or
+/// device (values are not checked: a negative or NaN weight goes into the loss as it is).
 ///
 /// # Example
 ///
@@ -152,15 +164,22 @@ impl SmoothL1Loss {
 ///
 /// the mmdetection `balanced_l1_loss` formula; the gradient is its exact derivative (for
 /// `β = 1`, the paper's `α·ln(b|d| + 1)`). At `d = 0` the gradient is 0 (`sign(0) = 0`, as torch
-/// autograd gives for mmdet's `|d|`). Only `pred` receives a gradient.
+/// autograd gives for mmdet's `|d|`). `pred` receives a gradient, and so does a `target` that
+/// tracks one (`−∂l/∂x`).
+///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each element loss by a weight inside
+/// the kernel (`l_j·w_j`), one per row or one per element, as
+/// [`SmoothL1Loss::forward_weighted`].
 ///
 /// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
-/// empty input); `AvgFactor(f)` = sum / f.
+/// empty input; with a weight still the number of elements); `AvgFactor(f)` = sum / f.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: any shape (usually `[N, 4]`), the same for both; f32 / f64 / f16 / bf16,
 ///   the same dtype for both.
+/// - `weight` (`forward_weighted`): `pred`'s leading shape (one per row) or `pred`'s shape (one
+///   per element), in `pred`'s dtype.
 /// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
 ///
 /// # Errors
@@ -168,7 +187,7 @@ impl SmoothL1Loss {
 /// Every message starts with `BalancedL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
 /// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `alpha ≤
 /// 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any of them not finite, or `e^{γ/α}`
-/// overflowing f64; `AvgFactor` not finite and > 0.
+/// overflowing f64; `AvgFactor` not finite and > 0; a weight of another shape, dtype or device.
 ///
 /// # Example
 ///
