@@ -696,3 +696,40 @@ fn yolov8_dfl_weighting_by_anchor_score() {
     assert_eq!(weighted.dims(), &[b, a, 4]);
     Tol::abs(1e-6, 1e-6).check("per side", &to_f64_vec(&weighted), &to_f64_vec(&want));
 }
+
+#[test]
+fn empty_inputs_with_a_weight() {
+    let dev = Device::Cpu;
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev).unwrap();
+    for loss in LOSSES {
+        let mut cases: Vec<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>)> = match loss {
+            Loss::Dfl => vec![(vec![0, K], vec![0], vec![0], vec![0])],
+            Loss::Iou(_) => vec![(vec![0, 4], vec![0, 4], vec![0], vec![0])],
+            _ => vec![(vec![0, 4], vec![0, 4], vec![0], vec![0, 4])],
+        };
+        if loss.elementwise() {
+            cases.push((vec![0, 4], vec![0, 4], vec![0, 4], vec![0, 4]));
+            // Rows of no element: nothing to weight.
+            cases.push((vec![5, 0], vec![5, 0], vec![5], vec![5, 0]));
+        }
+        for (xs, ts, ws, none) in cases {
+            for red in REDUCTIONS {
+                let l = loss.run(red, &z(&xs), &z(&ts), Some(&z(&ws))).unwrap();
+                if red == Reduction::None {
+                    assert_eq!(l.dims(), none.as_slice(), "{loss:?} {xs:?}");
+                } else {
+                    assert_eq!(
+                        l.to_scalar::<f32>().unwrap(),
+                        0.0,
+                        "{loss:?} {xs:?} {red:?}"
+                    );
+                }
+                let (_, g) = loss_and_grad(&z(&xs), &l.ones_like().unwrap(), |x| {
+                    loss.run(red, x, &z(&ts), Some(&z(&ws)))
+                })
+                .unwrap();
+                assert_eq!(g.dims(), xs.as_slice());
+            }
+        }
+    }
+}

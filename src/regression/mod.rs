@@ -534,11 +534,12 @@ struct Wts<'a, T> {
 }
 
 impl<'a, T: Elem> Wts<'a, T> {
-    /// The weight of `n` elements in rows of `d`, its length checked against its mode.
+    /// The weight of `n` elements in rows of `d`, its length checked against its mode (an
+    /// empty input reads none of it).
     fn new(name: &str, w: CpuWeight<'a, T>, n: usize, d: usize) -> Result<Self> {
         let d = d.max(1);
         let want = if w.per_elem { n } else { n / d };
-        if w.v.len() != want {
+        if n > 0 && w.v.len() != want {
             bail!(
                 "{name}: internal error, a weight of {} values for {n} elements",
                 w.v.len()
