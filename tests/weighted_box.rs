@@ -702,7 +702,9 @@ fn empty_inputs_with_a_weight() {
     let dev = Device::Cpu;
     let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev).unwrap();
     for loss in LOSSES {
-        let mut cases: Vec<(Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>)> = match loss {
+        // (input, targets, weight, `None` output) shapes.
+        type Shapes = (Vec<usize>, Vec<usize>, Vec<usize>, Vec<usize>);
+        let mut cases: Vec<Shapes> = match loss {
             Loss::Dfl => vec![(vec![0, K], vec![0], vec![0], vec![0])],
             Loss::Iou(_) => vec![(vec![0, 4], vec![0, 4], vec![0], vec![0])],
             _ => vec![(vec![0, 4], vec![0, 4], vec![0], vec![0, 4])],
