@@ -114,8 +114,9 @@ __device__ void fwd(const DflFwdParams& p) {
             const A ce_i = lse_m + (st.m - to_acc(xr[b.i]));
             const A ce_j = lse_m + (st.m - to_acc(xr[b.j]));
             const A l = b.wi * ce_i + b.wj * ce_j; // (i + 1 - y) CE_i + (y - i) CE_{i+1}
-            if (NONE) out[i] = from_acc<T>(l);
-            else acc += (double)l;
+            const A wl = dl_weight<T, A>(p.ew, p.ew_mode, i, i) * l; // the row's weight (or 1)
+            if (NONE) out[i] = from_acc<T>(wl);
+            else acc += (double)wl;
         }
     }
     if (!NONE) {
@@ -125,7 +126,8 @@ __device__ void fwd(const DflFwdParams& p) {
 }
 
 // d/dx: g_k = coef (p_k - w_k), w = w_i at bin i, w_j at bin j; at the max bin a,
-// p_a - w_a = (1 - w_a) - r / s (no cancellation as p_a -> 1). coef = up * scale.
+// p_a - w_a = (1 - w_a) - r / s (no cancellation as p_a -> 1). coef = up * scale * (the row's
+// weight of forward_weighted, 1 without one).
 template <typename T, typename A>
 __device__ void bwd(const DflBwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -147,7 +149,8 @@ __device__ void bwd(const DflBwdParams& p) {
         const T* xr = x + i * k;
         const Row<A> st = row_stats<T, A>(xr, k, lane);
         const Bins<A> b = bins_of(y, k);
-        const A coef = (A)(p.scale * (double)to_acc(up[p.up_scalar ? 0 : i]));
+        const A coef = (A)(p.scale * (double)to_acc(up[p.up_scalar ? 0 : i])) *
+                       dl_weight<T, A>(p.ew, p.ew_mode, i, i);
         const A inv_s = (A)1 / ((A)1 + st.r); // 1 / sum_k e^{x_k - m}
         for (u64 j = lane; j < k; j += 32) {
             const A w = (j == b.i ? b.wi : (A)0) + (j == b.j ? b.wj : (A)0);
@@ -181,7 +184,8 @@ __device__ void bwd_target(const DflBwdParams& p) {
         bool poisoned = false;
         for (u64 j = 0; j < k; ++j) poisoned |= !(to_acc(xr[j]) < inf);
         const Bins<A> b = bins_of(y, k);
-        const A coef = (A)(p.scale * (double)to_acc(up[p.up_scalar ? 0 : i]));
+        const A coef = (A)(p.scale * (double)to_acc(up[p.up_scalar ? 0 : i])) *
+                       dl_weight<T, A>(p.ew, p.ew_mode, i, i);
         const A d = to_acc(xr[b.i]) - to_acc(xr[b.j]);
         g[i] = from_acc<T>(poisoned ? inf - inf : coef * d);
     }

@@ -106,7 +106,10 @@ __device__ void iou_fwd_none(const BoxFwdParams& q) {
     const T* t = dev_ptr<const T>(q.t);
     T* out = dev_ptr<T>(q.out);
     const A eps = (A)q.eps;
-    GRID_STRIDE(i, q.n) { out[i] = from_acc<T>(pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr)); }
+    GRID_STRIDE(i, q.n) {
+        const A w = dl_weight<T, A>(q.ew, q.ew_mode, i, i); // 1 without a weight
+        out[i] = from_acc<T>(w * pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr));
+    }
 }
 
 // Per-block partial sums in double (fixed grid for a given n, fixed shuffle tree: deterministic).
@@ -117,12 +120,15 @@ __device__ void iou_fwd_partial(const BoxFwdParams& q) {
     const T* t = dev_ptr<const T>(q.t);
     const A eps = (A)q.eps;
     double s = 0;
-    GRID_STRIDE(i, q.n) { s += (double)pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr); }
+    GRID_STRIDE(i, q.n) {
+        const A w = dl_weight<T, A>(q.ew, q.ew_mode, i, i);
+        s += (double)(w * pair_at<T, A, K, false>(p, t, i, eps, (A)1, nullptr));
+    }
     s = block_sum<double>(s, shm);
     write_partials(q.psum, 0, s, 0);
 }
 
-// g[i, :] = up_i * scale * dL_i/dpred_i; a scalar upstream is folded as on the CPU.
+// g[i, :] = (up_i * scale * w_i) * dL_i/dpred_i; a scalar upstream is folded as on the CPU.
 template <typename T, typename A, int K>
 __device__ void iou_bwd(const BoxBwdParams& q) {
     const T* p = dev_ptr<const T>(q.p);
@@ -132,7 +138,7 @@ __device__ void iou_bwd(const BoxBwdParams& q) {
     const A eps = (A)q.eps;
     const A coef = q.up_scalar ? (A)((double)to_acc(up[0]) * q.scale) : (A)1;
     GRID_STRIDE(i, q.n) {
-        A u = q.up_scalar ? coef : to_acc(up[i]);
+        A u = (q.up_scalar ? coef : to_acc(up[i])) * dl_weight<T, A>(q.ew, q.ew_mode, i, i);
         A d[4];
         pair_at<T, A, K, true>(p, t, i, eps, u, d);
         T* gi = g + 4 * i;

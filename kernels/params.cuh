@@ -74,32 +74,37 @@ DL_PARAMS(GhmFwdParams, GHM_FWD_FIELDS)
     X(double, scale) X(int, bins) X(int, up_scalar) X(int, wrt_t)
 DL_PARAMS(GhmBwdParams, GHM_BWD_FIELDS)
 
-// ---- regression.cu: p0..p7 are the loss's constants (`consts` in src/regression.rs) ----
+// ---- regression.cu: p0..p7 are the loss's constants (`consts` in src/regression.rs); ew the
+// weight of forward_weighted (ew_mode 0 none, 1 one per row of d elements, 2 one per element) ----
 #define REG_FWD_FIELDS(X) \
     X(u64, x) X(u64, t) X(u64, out) X(u64, psum) X(u64, n) X(double, p0) X(double, p1) \
-    X(double, p2) X(double, p3) X(double, p4) X(double, p5) X(double, p6) X(double, p7)
+    X(double, p2) X(double, p3) X(double, p4) X(double, p5) X(double, p6) X(double, p7) \
+    X(u64, ew) X(u64, d) X(int, ew_mode)
 DL_PARAMS(RegFwdParams, REG_FWD_FIELDS)
 #define REG_BWD_FIELDS(X) \
     X(u64, x) X(u64, t) X(u64, up) X(u64, g) X(u64, n) X(double, scale) X(double, p0) \
     X(double, p1) X(double, p2) X(double, p3) X(double, p4) X(double, p5) X(double, p6) \
-    X(double, p7) X(int, up_scalar)
+    X(double, p7) X(u64, ew) X(u64, d) X(int, up_scalar) X(int, ew_mode)
 DL_PARAMS(RegBwdParams, REG_BWD_FIELDS)
 
-// ---- iou.cu ----
-#define BOX_FWD_FIELDS(X) X(u64, p) X(u64, t) X(u64, out) X(u64, psum) X(u64, n) X(double, eps)
+// ---- iou.cu: ew the weight of forward_weighted (ew_mode 0 none, 1 one per box pair) ----
+#define BOX_FWD_FIELDS(X) \
+    X(u64, p) X(u64, t) X(u64, out) X(u64, psum) X(u64, n) X(double, eps) X(u64, ew) \
+    X(int, ew_mode)
 DL_PARAMS(BoxFwdParams, BOX_FWD_FIELDS)
 #define BOX_BWD_FIELDS(X) \
     X(u64, p) X(u64, t) X(u64, up) X(u64, g) X(u64, n) X(double, eps) X(double, scale) \
-    X(int, up_scalar)
+    X(u64, ew) X(int, up_scalar) X(int, ew_mode)
 DL_PARAMS(BoxBwdParams, BOX_BWD_FIELDS)
 
-// ---- dfl.cu ----
+// ---- dfl.cu: ew the weight of forward_weighted (ew_mode 0 none, 1 one per row) ----
 #define DFL_FWD_FIELDS(X) \
-    X(u64, x) X(u64, t) X(u64, out) X(u64, psum) X(u64, err) X(u64, n) X(u64, k)
+    X(u64, x) X(u64, t) X(u64, out) X(u64, psum) X(u64, err) X(u64, n) X(u64, k) X(u64, ew) \
+    X(int, ew_mode)
 DL_PARAMS(DflFwdParams, DFL_FWD_FIELDS)
 #define DFL_BWD_FIELDS(X) \
     X(u64, x) X(u64, t) X(u64, up) X(u64, g) X(u64, err) X(u64, n) X(u64, k) X(double, scale) \
-    X(int, up_scalar)
+    X(u64, ew) X(int, up_scalar) X(int, ew_mode)
 DL_PARAMS(DflBwdParams, DFL_BWD_FIELDS)
 
 // ---- ap_loss.cu ----

@@ -49,12 +49,22 @@ template <typename A> struct BalancedL1 {
     }
 };
 
+// The weight of element i: w[i / d] per row, w[i] per element, 1 without a weight.
+template <typename T, typename A, typename P>
+__device__ __forceinline__ A reg_weight(const P& p, u64 i) {
+    return dl_weight<T, A>(p.ew, p.ew_mode, p.ew_mode == 1 ? i / p.d : 0, i);
+}
+
+// out[i] = w_i * l(x_i - t_i) (w_i = 1 without a weight: the same bits).
 template <typename T, typename A, typename L>
 __device__ void reg_fwd_none(const RegFwdParams& p, L l) {
     const T* x = dev_ptr<const T>(p.x);
     const T* t = dev_ptr<const T>(p.t);
     T* out = dev_ptr<T>(p.out);
-    GRID_STRIDE(i, p.n) { out[i] = from_acc<T>(l.loss(to_acc(x[i]) - to_acc(t[i]))); }
+    GRID_STRIDE(i, p.n) {
+        const A w = reg_weight<T, A>(p, i);
+        out[i] = from_acc<T>(w * l.loss(to_acc(x[i]) - to_acc(t[i])));
+    }
 }
 
 // Per-block partial sums in double (fixed grid for a given n, fixed shuffle tree: deterministic).
@@ -64,12 +74,15 @@ __device__ void reg_fwd_partial(const RegFwdParams& p, L l) {
     const T* x = dev_ptr<const T>(p.x);
     const T* t = dev_ptr<const T>(p.t);
     double s = 0;
-    GRID_STRIDE(i, p.n) { s += (double)l.loss(to_acc(x[i]) - to_acc(t[i])); }
+    GRID_STRIDE(i, p.n) {
+        const A w = reg_weight<T, A>(p, i);
+        s += (double)(w * l.loss(to_acc(x[i]) - to_acc(t[i])));
+    }
     s = block_sum<double>(s, shm);
     write_partials(p.psum, 0, s, 0);
 }
 
-// g = up * scale * dl/dx; a scalar upstream is folded into the coefficient as on the CPU.
+// g = (up * scale * w) * dl/dx; a scalar upstream is folded into the coefficient as on the CPU.
 template <typename T, typename A, typename L>
 __device__ void reg_bwd(const RegBwdParams& p, L l) {
     const T* x = dev_ptr<const T>(p.x);
@@ -78,7 +91,7 @@ __device__ void reg_bwd(const RegBwdParams& p, L l) {
     T* g = dev_ptr<T>(p.g);
     const A coef = p.up_scalar ? (A)((double)to_acc(up[0]) * p.scale) : (A)1;
     GRID_STRIDE(i, p.n) {
-        A u = p.up_scalar ? coef : to_acc(up[i]);
+        A u = (p.up_scalar ? coef : to_acc(up[i])) * reg_weight<T, A>(p, i);
         g[i] = from_acc<T>(u * l.grad(to_acc(x[i]) - to_acc(t[i])));
     }
 }

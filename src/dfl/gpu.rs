@@ -7,6 +7,7 @@ use crate::check::layout_dims2;
 use crate::gpu::params::{DflBwdParams, DflFwdParams};
 use crate::gpu::{self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, FwdIn, Gpu, In, KernelError};
 use crate::gpu::{Launch, Out, Scale, DFL};
+use crate::weight::{self, Weight};
 use candle_core::{Result, Shape};
 
 /// Threads per row of the warp-per-row kernels.
@@ -24,7 +25,7 @@ fn message(e: KernelError, k: usize) -> String {
 
 /// The forward on backend `g`: per-row losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t, .. } = a;
+    let FwdIn { x, t, w } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let p = DflFwdParams {
@@ -33,6 +34,8 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: FwdIn<'_, G>) -
         err: err.addr(g),
         n: n as u64,
         k: k as u64,
+        ew: weight::addr::<G, T>(g, NAME, w)?,
+        ew_mode: weight::mode(w),
         ..Default::default()
     };
     let plan = ForwardPlan {
@@ -57,6 +60,7 @@ fn bwd_params<G: Gpu, T: DevFloat>(
     g: &G,
     op: &DflOp,
     [x, t, up]: [&In<'_, G>; 3],
+    w: Option<&Weight>,
     out: u64,
     err: &ErrorFlag<G>,
 ) -> Result<DflBwdParams> {
@@ -72,17 +76,19 @@ fn bwd_params<G: Gpu, T: DevFloat>(
         n: n as u64,
         k: k as u64,
         scale: op.reduction.scale(n as f64),
+        ew: weight::addr::<G, T>(g, NAME, w)?,
         up_scalar: scalar_up as i32,
+        ew_mode: weight::mode(w),
     })
 }
 
 /// `∂loss/∂x` `[N, K]` on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up, .. } = a;
+    let BwdIn { x, t, up, w } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let out = g.output::<T>(n * k)?;
-    let p = bwd_params::<G, T>(g, op, [&x, &t, &up], g.out_addr(&out), &err)?;
+    let p = bwd_params::<G, T>(g, op, [&x, &t, &up], w, g.out_addr(&out), &err)?;
     if n > 0 {
         let kernel = format!("dfl_bwd_{}", gpu::dtype_suffix(NAME, T::DTYPE)?);
         g.launch(&DFL, &kernel, Launch::elems(n as u64 * WARP), &p)?;
@@ -93,11 +99,11 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) 
 
 /// `∂loss/∂y` `[N]` on backend `g`.
 pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &DflOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up, .. } = a;
+    let BwdIn { x, t, up, w } = a;
     let (n, k) = layout_dims2(NAME, x.l)?;
     let err = ErrorFlag::new(g)?;
     let out = g.output::<T>(n)?;
-    let p = bwd_params::<G, T>(g, op, [&x, &t, &up], g.out_addr(&out), &err)?;
+    let p = bwd_params::<G, T>(g, op, [&x, &t, &up], w, g.out_addr(&out), &err)?;
     if n > 0 {
         let kernel = format!("dfl_bwd_target_{}", gpu::dtype_suffix(NAME, T::DTYPE)?);
         g.launch(&DFL, &kernel, Launch::elems(n as u64), &p)?;

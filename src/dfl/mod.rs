@@ -14,6 +14,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
+use crate::weight::{self, Weight};
 use candle_core::{bail, Result, Shape, Tensor};
 
 const NAME: &str = "DistributionFocalLoss";
@@ -46,20 +47,29 @@ const NAME: &str = "DistributionFocalLoss";
 ///
 /// The targets receive a gradient when they track one (a `Var`, or computed from one).
 ///
-/// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch);
-/// `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel; on the CPU a
+/// [`forward_weighted`](Self::forward_weighted) multiplies each row's loss by its weight inside
+/// the kernel, before the reduction: `w_i·l_i`, with `w_i·∂l/∂x` and `w_i·∂l/∂y` for the
+/// logits and tracked targets, and `∂/∂w_i = l_i` for a weight that tracks one. A weight of
+/// ones gives `forward`'s bits.
+///
+/// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch; with a weight
+/// still N); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel; on the CPU a
 /// scalar loss of logits that track gradients writes `∂l/∂x` in the same pass as the loss.
 ///
 /// # Shapes
 ///
 /// - `logits`: `[N, K]`, f32 / f64 / f16 / bf16, `K ≥ 1` (half types are computed in f32).
 /// - `targets`: `[N]`, in the logits' dtype, each in `[0, K-1]`.
+/// - `weight` (`forward_weighted`): the targets' shape (one per row), in the logits' dtype.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 ///
 /// A YOLOv8 head predicts `[B, A, 4, K]` (`K = reg_max`, e.g. 16, four box sides per anchor)
 /// with target distances `[B, A, 4]` (in bin units, from the anchor point): pass them as they
-/// are (leading dimensions: one `[B·A·4, K]` problem), and use `Reduction::None` (`[B, A, 4]`)
-/// to weight the result (YOLOv8 averages the 4 sides and weights each anchor by its IoU score).
+/// are (leading dimensions: one `[B·A·4, K]` problem). YOLOv8 weights each anchor's DFL by its
+/// target score and averages the 4 sides: pass the `[B, A]` weight broadcast over the sides,
+/// `weight.unsqueeze(2)?.broadcast_as((B, A, 4))?.contiguous()?`, to
+/// [`forward_weighted`](Self::forward_weighted), with `AvgFactor(4 · Σ score)` for YOLOv8's
+/// `mean(-1) · weight / target_scores_sum` (the example there).
 ///
 /// # Errors
 ///
@@ -67,7 +77,7 @@ const NAME: &str = "DistributionFocalLoss";
 /// and CUDA have kernels); logits not of rank 2, of a non-float dtype or with `K = 0`; targets
 /// of another shape, dtype or device; a target outside `[0, K-1]` or NaN (checked in the same
 /// pass as the loss; on CUDA the kernel raises a flag that becomes the `Err`); `AvgFactor` not
-/// finite and > 0.
+/// finite and > 0; a weight not of the targets' shape, dtype or device.
 ///
 /// # Example
 ///
@@ -104,10 +114,80 @@ impl DistributionFocalLoss {
     /// Computes the loss of bin `logits` `[N, K]` against continuous `targets` `[N]` in
     /// `[0, K-1]`.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        crate::targets::with_leading_dims(NAME, logits, targets, |x, t| self.forward_2d(x, t))
+        crate::targets::with_leading_dims(NAME, logits, targets, |x, t| self.forward_2d(x, t, None))
     }
 
-    fn forward_2d(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    /// The loss with each row's loss multiplied by `weight` inside the kernels: one value per
+    /// row, of the targets' shape (the leading shape of the logits: `[N]` for `[N, K]`,
+    /// `[B, A, 4]` for YOLOv8's `[B, A, 4, K]`). `Mean` still divides by N. The gradients of
+    /// the logits and of tracked targets carry the weight; the weight gets its own gradient
+    /// when it tracks one.
+    ///
+    /// # Example
+    ///
+    /// YOLOv8's DFL: each anchor's four side losses weighted by its target score (a `[B, A]`
+    /// score broadcast over the sides to `[B, A, 4]`), averaged over the sides, summed and
+    /// divided by the score sum: `AvgFactor(4 · Σ score)`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use candle_detloss::{DistributionFocalLoss, Reduction};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let (b, a, k) = (2, 3, 16); // batch, anchors, reg_max bins
+    /// let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, a, 4, k), &dev)?)?;
+    /// let targets = Tensor::rand(0f32, 15.0, (b, a, 4), &dev)?; // distances in bins
+    /// let score = Tensor::new(&[[0.9f32, 0.0, 0.4], [0.7, 0.2, 0.0]], &dev)?; // [B, A]
+    /// let weight = score.unsqueeze(2)?.broadcast_as((b, a, 4))?.contiguous()?;
+    /// let score_sum = score.sum_all()?.to_scalar::<f32>()? as f64;
+    /// let dfl = DistributionFocalLoss { reduction: Reduction::AvgFactor(4.0 * score_sum) };
+    /// let loss = dfl.forward_weighted(logits.as_tensor(), &targets, &weight)?;
+    /// let g = loss.backward()?.get(&logits).unwrap().flatten_all()?.to_vec1::<f32>()?;
+    /// // Batch 0, anchor 1 (score 0): its 4 rows of K bins get no gradient.
+    /// assert!(g[4 * k..8 * k].iter().all(|v| *v == 0.0));
+    /// assert!(g[..4 * k].iter().any(|v| *v != 0.0));
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        crate::check::check_supported_device(NAME, logits)?;
+        let dims = logits.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        if weight.dims() != lead {
+            bail!(
+                "{NAME}: weight must have shape {lead:?} (one per row of logits {dims:?}), got {:?}",
+                weight.dims()
+            )
+        }
+        let n: usize = lead.iter().product();
+        weight::weighted(
+            NAME,
+            self.reduction,
+            weight,
+            |w, reduction, detach| {
+                let loss = Self { reduction };
+                let (x, t) = if detach {
+                    (logits.detach(), targets.detach())
+                } else {
+                    (logits.clone(), targets.clone())
+                };
+                crate::targets::with_leading_dims(NAME, &x, &t, |x2, t2| {
+                    let w = w
+                        .map(|w| weight::flatten_leading(x.dims(), w))
+                        .transpose()?;
+                    loss.forward_2d(x2, t2, w.as_ref())
+                })
+            },
+            // Mean = sum / N, as without a weight.
+            || Tensor::new(n as f64, logits.device())?.to_dtype(logits.dtype()),
+        )
+    }
+
+    fn forward_2d(&self, logits: &Tensor, targets: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         let (n, k) = check_float_2d(NAME, "logits", logits)?;
         if k == 0 {
@@ -127,12 +207,15 @@ impl DistributionFocalLoss {
                 targets.dims()
             )
         }
+        let w = w
+            .map(|w| Weight::new(NAME, logits, w, &[n], &[n]))
+            .transpose()?;
         let op = DflOp {
             reduction: self.reduction,
         };
         // Training (a scalar loss of logits that track gradients): the forward pass also
         // computes the gradient, and the backward only scales it.
-        let op = Fwd::new(op, self.reduction.is_scalar() && logits.track_op());
+        let op = Fwd::new(op, self.reduction.is_scalar() && logits.track_op()).weighted(w);
         logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
     }
 }
@@ -279,7 +362,12 @@ fn target_grad<T: Elem>(x: &[T], y: T::A) -> T::A {
 impl DflOp {
     /// The forward: per-row losses (`Reduction::None`) or the reduced loss; with `saved` (a
     /// scalar reduction) the same pass writes the gradient for the backward.
-    fn cpu_fwd_t<T: Elem>(&self, x: &[T], y: &[T], k: usize, saved: Option<&SavedGrad>) -> CpuOut {
+    fn cpu_fwd_t<T: Elem>(
+        &self,
+        (x, y, w): (&[T], &[T], Option<&[T]>),
+        k: usize,
+        saved: Option<&SavedGrad>,
+    ) -> CpuOut {
         let n = y.len();
         let rpc = rows_per_chunk(k);
         let zero = <T::A as Acc>::ZERO;
@@ -294,7 +382,11 @@ impl DflOp {
                     for (r, oi) in o.iter_mut().enumerate() {
                         let i = ci * rpc + r;
                         let xr = &x[i * k..(i + 1) * k];
-                        *oi = T::from_acc(row_eval(xr, y[i], i, &mut e, zero, None)?);
+                        let l = row_eval(xr, y[i], i, &mut e, zero, None)?;
+                        *oi = T::from_acc(match row_weight(w, i) {
+                            Some(wi) => wi * l,
+                            None => l,
+                        });
                     }
                     Ok(())
                 },
@@ -318,7 +410,11 @@ impl DflOp {
                     for (r, i) in (ci * rpc..((ci + 1) * rpc).min(n)).enumerate() {
                         let xr = &x[i * k..(i + 1) * k];
                         let grow = gc.as_deref_mut().map(|g| &mut g[r * k..(r + 1) * k]);
-                        s += Acc::to_f64(row_eval(xr, y[i], i, &mut e, coef, grow)?);
+                        // Weighted: w_i · l_i, and the gradient times coef · w_i.
+                        s += Acc::to_f64(match row_weight(w, i) {
+                            Some(wi) => wi * row_eval(xr, y[i], i, &mut e, coef * wi, grow)?,
+                            None => row_eval(xr, y[i], i, &mut e, coef, grow)?,
+                        });
                     }
                     Ok(s)
                 },
@@ -348,7 +444,12 @@ impl DflOp {
 
     /// `∂loss/∂x` when the forward saved nothing (or for `Reduction::None`): the same row
     /// kernel, so the same bits as the gradient a fused forward saves.
-    fn cpu_bwd_t<T: Elem>(&self, x: &[T], y: &[T], up: &[T], k: usize) -> CpuOut {
+    fn cpu_bwd_t<T: Elem>(
+        &self,
+        (x, y, w): (&[T], &[T], Option<&[T]>),
+        up: &[T],
+        k: usize,
+    ) -> CpuOut {
         let n = y.len();
         let scalar_up = self.check_up(up.len(), n)?;
         let scale = self.reduction.scale(n as f64);
@@ -368,6 +469,7 @@ impl DflOp {
                     } else {
                         <T::A as Acc>::from_f64(scale * Acc::to_f64(up[i].to_acc()))
                     };
+                    let coef = row_weight(w, i).map_or(coef, |wi| coef * wi);
                     let xr = &x[i * k..(i + 1) * k];
                     row_eval(xr, y[i], i, &mut e, coef, Some(grow))?;
                 }
@@ -379,7 +481,12 @@ impl DflOp {
     }
 
     /// `∂loss/∂y` `[N]`: one read of each row (no `exp`).
-    fn cpu_target_bwd_t<T: Elem>(&self, x: &[T], y: &[T], up: &[T], k: usize) -> CpuOut {
+    fn cpu_target_bwd_t<T: Elem>(
+        &self,
+        (x, y, w): (&[T], &[T], Option<&[T]>),
+        up: &[T],
+        k: usize,
+    ) -> CpuOut {
         let n = y.len();
         let scalar_up = self.check_up(up.len(), n)?;
         let scale = self.reduction.scale(n as f64);
@@ -396,6 +503,7 @@ impl DflOp {
                     check_target(yi, k, i)?;
                     let u = up[if scalar_up { 0 } else { i }].to_acc();
                     let coef = <T::A as Acc>::from_f64(scale * Acc::to_f64(u));
+                    let coef = row_weight(w, i).map_or(coef, |wi| coef * wi);
                     *gi = T::from_acc(coef * target_grad(&x[i * k..(i + 1) * k], yi));
                 }
                 Ok(())
@@ -405,8 +513,18 @@ impl DflOp {
     }
 }
 
-/// The targets and `K` of the CPU inputs.
-fn cpu_targets<'a, T: Elem>(inp: &CpuInputs<'a, T>) -> Result<(&'a [T], usize)> {
+/// The weight of row `i` (a `forward_weighted` call), in the accumulator type; `None` without
+/// a weight. The weight's length is checked by [`cpu_inputs`].
+#[inline(always)]
+fn row_weight<T: Elem>(w: Option<&[T]>, i: usize) -> Option<T::A> {
+    w.and_then(|w| w.get(i)).map(|v| v.to_acc())
+}
+
+/// The logits, targets, weight (one per row) and `K` of the CPU inputs.
+#[allow(clippy::type_complexity)]
+fn cpu_inputs<'a, T: Elem>(
+    inp: &CpuInputs<'a, T>,
+) -> Result<((&'a [T], &'a [T], Option<&'a [T]>), usize)> {
     let (n, k) = inp.dims2(NAME)?;
     let y = inp.t.dense(NAME)?;
     if y.len() != n || k == 0 {
@@ -415,7 +533,16 @@ fn cpu_targets<'a, T: Elem>(inp: &CpuInputs<'a, T>) -> Result<(&'a [T], usize)> 
             y.len()
         )
     }
-    Ok((y, k))
+    let w = inp.w.map(|w| w.v);
+    if let Some(w) = w {
+        if w.len() != n {
+            bail!(
+                "{NAME}: internal error, a weight of {} values for {n} rows",
+                w.len()
+            )
+        }
+    }
+    Ok(((inp.x, y, w), k))
 }
 
 impl LossKernel for DflOp {
@@ -433,13 +560,13 @@ impl LossKernel for DflOp {
     }
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
-        let (y, k) = cpu_targets(inp)?;
-        self.cpu_fwd_t(inp.x, y, k, saved)
+        let (xyw, k) = cpu_inputs(inp)?;
+        self.cpu_fwd_t(xyw, k, saved)
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
-        let (y, k) = cpu_targets(inp)?;
-        self.cpu_bwd_t(inp.x, y, up, k)
+        let (xyw, k) = cpu_inputs(inp)?;
+        self.cpu_bwd_t(xyw, up, k)
     }
 
     /// `∂l/∂y = CE(x, i+1) − CE(x, i)`, the DFL kernels' own.
@@ -448,8 +575,8 @@ impl LossKernel for DflOp {
     }
 
     fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
-        let (y, k) = cpu_targets(inp)?;
-        self.cpu_target_bwd_t(inp.x, y, up, k)
+        let (xyw, k) = cpu_inputs(inp)?;
+        self.cpu_target_bwd_t(xyw, up, k)
     }
 
     crate::op::gpu_kernel_methods!(target_grad);

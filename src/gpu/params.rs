@@ -132,28 +132,36 @@ kernel_params! {
         x: u64, tg: u64, w: u64, up: u64, g: u64, err: u64, n: u64, c: u64,
         scale: f64, bins: i32, up_scalar: i32, wrt_t: i32,
     }
-    /// `{smooth,balanced}_l1_fwd_{none,partial}_*`.
+    /// `{smooth,balanced}_l1_fwd_{none,partial}_*` (`ew`: the weight, `ew_mode` 0 none, 1 per
+    /// row of `d` elements, 2 per element).
     struct RegFwdParams {
         x: u64, t: u64, out: u64, psum: u64, n: u64, p0: f64, p1: f64,
         p2: f64, p3: f64, p4: f64, p5: f64, p6: f64, p7: f64,
+        ew: u64, d: u64, ew_mode: i32,
     }
     /// `{smooth,balanced}_l1_bwd_*`.
     struct RegBwdParams {
         x: u64, t: u64, up: u64, g: u64, n: u64, scale: f64, p0: f64,
         p1: f64, p2: f64, p3: f64, p4: f64, p5: f64, p6: f64,
-        p7: f64, up_scalar: i32,
+        p7: f64, ew: u64, d: u64, up_scalar: i32, ew_mode: i32,
     }
-    /// `box_<kind>_fwd_{none,partial}_*`.
-    struct BoxFwdParams { p: u64, t: u64, out: u64, psum: u64, n: u64, eps: f64 }
+    /// `box_<kind>_fwd_{none,partial}_*` (`ew`: the weight, `ew_mode` 0 none, 1 per pair).
+    struct BoxFwdParams {
+        p: u64, t: u64, out: u64, psum: u64, n: u64, eps: f64, ew: u64, ew_mode: i32,
+    }
     /// `box_<kind>_bwd_*`.
     struct BoxBwdParams {
-        p: u64, t: u64, up: u64, g: u64, n: u64, eps: f64, scale: f64, up_scalar: i32,
+        p: u64, t: u64, up: u64, g: u64, n: u64, eps: f64, scale: f64, ew: u64,
+        up_scalar: i32, ew_mode: i32,
     }
-    /// `dfl_fwd_{none,partial}_*`.
-    struct DflFwdParams { x: u64, t: u64, out: u64, psum: u64, err: u64, n: u64, k: u64 }
+    /// `dfl_fwd_{none,partial}_*` (`ew`: the weight, `ew_mode` 0 none, 1 per row).
+    struct DflFwdParams {
+        x: u64, t: u64, out: u64, psum: u64, err: u64, n: u64, k: u64, ew: u64, ew_mode: i32,
+    }
     /// `dfl_bwd_*` (`g` = ∂loss/∂x) and `dfl_bwd_target_*` (`g` = ∂loss/∂y).
     struct DflBwdParams {
-        x: u64, t: u64, up: u64, g: u64, err: u64, n: u64, k: u64, scale: f64, up_scalar: i32,
+        x: u64, t: u64, up: u64, g: u64, err: u64, n: u64, k: u64, scale: f64, ew: u64,
+        up_scalar: i32, ew_mode: i32,
     }
     /// `ap_count_*`.
     struct ApCountParams { tg: u64, cnt: u64, err: u64, n: u64, c: u64 }

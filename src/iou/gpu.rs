@@ -4,6 +4,7 @@ use super::{IouKind, IouOp, NAME};
 use crate::gpu::params::{BoxBwdParams, BoxFwdParams};
 use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, FwdIn, Gpu, Launch, Out, Scale, IOU};
 use crate::reduction::Reduction;
+use crate::weight;
 use candle_core::Shape;
 
 fn prefix(k: IouKind) -> &'static str {
@@ -17,13 +18,15 @@ fn prefix(k: IouKind) -> &'static str {
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t, .. } = a;
+    let FwdIn { x, t, w } = a;
     let n = x.l.shape().elem_count() / 4;
     let p = BoxFwdParams {
         p: g.input::<T>(NAME, x.s, x.l)?,
         t: g.input::<T>(NAME, t.s, t.l)?,
         n: n as u64,
         eps: op.eps,
+        ew: weight::addr::<G, T>(g, NAME, w)?,
+        ew_mode: weight::mode(w),
         ..Default::default()
     };
     let plan = ForwardPlan {
@@ -39,7 +42,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: FwdIn<'_, G>) -
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up, .. } = a;
+    let BwdIn { x, t, up, w } = a;
     let n = x.l.shape().elem_count() / 4;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n)?;
@@ -53,7 +56,9 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &IouOp, a: BwdIn<'_, G>) 
             n: n as u64,
             eps: op.eps,
             scale: op.reduction.scale(n as f64),
+            ew: weight::addr::<G, T>(g, NAME, w)?,
             up_scalar: scalar_up as i32,
+            ew_mode: weight::mode(w),
         };
         let dt = gpu::dtype_suffix(NAME, T::DTYPE)?;
         let kernel = format!("{}_bwd_{dt}", prefix(op.kind));

@@ -9,6 +9,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
+use crate::weight::{self, Weight};
 use candle_core::{bail, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -74,13 +75,21 @@ pub enum IouKind {
 /// enclosing box as is, and such a box never intersects (the strict mask). The result is finite
 /// but not meaningful as a box loss; sanitise boxes upstream (e.g. decode with `exp` widths).
 ///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each pair's loss by its weight inside
+/// the kernel, before the reduction (mmdet's `weight`): `l_i·w_i`; both boxes' gradients are
+/// `w_i·∂l_i`, and a weight that tracks a gradient gets `∂/∂w_i`. A weight of ones gives
+/// `forward`'s bits.
+///
 /// Reductions: `None` gives `[N]`; `Sum`; `Mean` = sum / N (0 for an empty batch, as
-/// torchvision's `0.0 * loss.sum()`); `AvgFactor(f)` = sum / f.
+/// torchvision's `0.0 * loss.sum()`; with a weight still N, not the weight sum: pass
+/// `AvgFactor` for mmdet's `avg_factor`); `AvgFactor(f)` = sum / f.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: `[N, 4]`, the same shape, f32 / f64 / f16 / bf16, the same dtype (half
 ///   types are computed in f32).
+/// - `weight` (`forward_weighted`): `[N]` (the boxes' leading shape: one per pair), in the
+///   boxes' dtype.
 /// - result: `[N]` for `Reduction::None`, else a rank-0 tensor; the input dtype. The gradient of
 ///   `pred` is `[N, 4]`.
 /// - Leading dimensions: boxes `[..., 4]` (both of the same shape) are one `[N, 4]` problem;
@@ -92,7 +101,7 @@ pub enum IouKind {
 /// Every message starts with `BoxIouLoss:`. A tensor on a Metal device (only the CPU and CUDA have
 /// kernels); inputs not of shape `[N, 4]` (last dimension not 4, other rank), shapes differing, a
 /// non-float dtype or differing dtypes, different devices, `eps` negative or not finite,
-/// `AvgFactor` not finite and > 0.
+/// `AvgFactor` not finite and > 0; a weight not of the boxes' leading shape, dtype or device.
 ///
 /// # Example
 ///
@@ -134,10 +143,53 @@ impl Default for BoxIouLoss {
 impl BoxIouLoss {
     /// Computes the loss of the predicted boxes `pred` `[N, 4]` against `target` `[N, 4]`.
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
-        crate::targets::with_leading_dims(NAME, pred, target, |x, t| self.forward_2d(x, t))
+        crate::targets::with_leading_dims(NAME, pred, target, |x, t| self.forward_2d(x, t, None))
     }
 
-    fn forward_2d(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+    /// The loss with each pair's loss multiplied by `weight` inside the kernels (mmdet's
+    /// `weight`): one value per box pair, of the leading shape of the boxes (`[N]` for
+    /// `[N, 4]`). `Mean` still divides by N. Both boxes' gradients carry the weight; so does
+    /// the weight's own gradient when it tracks one. See the type's documentation.
+    pub fn forward_weighted(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        crate::check::check_supported_device(NAME, pred)?;
+        let dims = pred.dims();
+        let lead = &dims[..dims.len().saturating_sub(1)];
+        if weight.dims() != lead {
+            bail!(
+                "{NAME}: weight must have shape {lead:?} (one per box pair of pred {dims:?}), got {:?}",
+                weight.dims()
+            )
+        }
+        let n = pred.elem_count() / 4;
+        weight::weighted(
+            NAME,
+            self.reduction,
+            weight,
+            |w, reduction, detach| {
+                let loss = Self { reduction, ..*self };
+                let (p, t) = if detach {
+                    (pred.detach(), target.detach())
+                } else {
+                    (pred.clone(), target.clone())
+                };
+                crate::targets::with_leading_dims(NAME, &p, &t, |x, t| {
+                    let w = w
+                        .map(|w| weight::flatten_leading(p.dims(), w))
+                        .transpose()?;
+                    loss.forward_2d(x, t, w.as_ref())
+                })
+            },
+            // Mean = sum / N, as without a weight.
+            || Tensor::new(n as f64, pred.device())?.to_dtype(pred.dtype()),
+        )
+    }
+
+    fn forward_2d(&self, pred: &Tensor, target: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
         self.reduction.validate(NAME)?;
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             bail!("{NAME}: eps must be finite and >= 0, got {}", self.eps)
@@ -162,6 +214,10 @@ impl BoxIouLoss {
                 pred.dims()
             )
         }
+        let n = pred.dims()[0];
+        let w = w
+            .map(|w| Weight::new(NAME, pred, w, &[n], &[n]))
+            .transpose()?;
         let op = IouOp {
             kind: self.kind,
             eps: self.eps,
@@ -169,7 +225,7 @@ impl BoxIouLoss {
         };
         // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also
         // computes the gradient, and the backward only scales it.
-        let op = Fwd::new(op, self.reduction.is_scalar() && pred.track_op());
+        let op = Fwd::new(op, self.reduction.is_scalar() && pred.track_op()).weighted(w);
         pred.contiguous()?.apply_op2(&target.contiguous()?, op)
     }
 }
@@ -352,6 +408,8 @@ struct Block<A> {
     loss: [A; BLOCK_ROWS],
     /// Per-row gradient, one array per coordinate.
     d: [[A; BLOCK_ROWS]; 4],
+    /// Per-row weight of a `forward_weighted` call (read only by the weighted kernels).
+    w: [A; BLOCK_ROWS],
 }
 
 impl<A: Acc> Block<A> {
@@ -361,6 +419,24 @@ impl<A: Acc> Block<A> {
             up: [up; BLOCK_ROWS],
             loss: [A::ZERO; BLOCK_ROWS],
             d: [[A::ZERO; BLOCK_ROWS]; 4],
+            w: [A::ZERO; BLOCK_ROWS],
+        }
+    }
+
+    /// Loads the rows' weights (`w` from the block's first row on). Rows past its end keep
+    /// older values: they are never read.
+    #[inline(always)]
+    fn load_weights<T: Elem<A = A>>(&mut self, w: &[T]) {
+        for (d, v) in self.w.iter_mut().zip(w) {
+            *d = v.to_acc();
+        }
+    }
+
+    /// Every row's upstream factor `base · w_i` (a scalar upstream coefficient, weighted).
+    #[inline(always)]
+    fn weighted_up(&mut self, base: A) {
+        for (u, w) in self.up.iter_mut().zip(&self.w) {
+            *u = base * *w;
         }
     }
 
@@ -382,16 +458,17 @@ impl<A: Acc> Block<A> {
 
     /// Loss (and, with `GRAD`, gradient times `up`) of every pair of the block: a loop of fixed
     /// length over unit-stride arrays, with no branch on the data, so that it vectorises.
-    /// (Indexed by row: one index into the 14 arrays, of a constant trip count.)
+    /// (Indexed by row: one index into the 14 arrays, of a constant trip count.) With `W` the
+    /// loss is `w_i · l_i` (the weight of the gradient is in `up`).
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    fn eval<const K: u8, const GRAD: bool>(&mut self, eps: A, vc: A) {
+    fn eval<const K: u8, const GRAD: bool, const W: bool>(&mut self, eps: A, vc: A) {
         let c = &self.c;
         for i in 0..BLOCK_ROWS {
             let p = [c[0][i], c[1][i], c[2][i], c[3][i]];
             let g = [c[4][i], c[5][i], c[6][i], c[7][i]];
             let (l, di) = box_pair::<A, K, GRAD>(p, g, eps, vc, self.up[i]);
-            self.loss[i] = l;
+            self.loss[i] = if W { self.w[i] * l } else { l };
             if GRAD {
                 for (dj, v) in self.d.iter_mut().zip(di) {
                     dj[i] = v;
@@ -413,11 +490,14 @@ impl<A: Acc> Block<A> {
 
 /// Loss sum of the rows of one chunk, blocks summed with [`lane_sum`] and flushed to f64 per
 /// block (a fixed order: deterministic); with `GRAD` it also writes `coef · ∂l/∂pred` into `g`
-/// (the chunk's `[rows, 4]` gradient). The sum has the same bits either way.
+/// (the chunk's `[rows, 4]` gradient). The sum has the same bits either way. With `W` the rows'
+/// weights `ws` multiply the losses and the gradients (`(coef · w_i) · ∂l/∂pred`).
 #[inline(always)]
-fn chunk_sum<T: Elem, const K: u8, const GRAD: bool>(
+#[allow(clippy::too_many_arguments)]
+fn chunk_sum<T: Elem, const K: u8, const GRAD: bool, const W: bool>(
     xs: &[T],
     ts: &[T],
+    ws: &[T],
     eps: T::A,
     vc: T::A,
     coef: T::A,
@@ -428,7 +508,13 @@ fn chunk_sum<T: Elem, const K: u8, const GRAD: bool>(
     let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
     for (bi, (xb, tb)) in blocks.enumerate() {
         let m = blk.load(xb, tb).min(BLOCK_ROWS);
-        blk.eval::<K, GRAD>(eps, vc);
+        if W {
+            blk.load_weights(ws.get(bi * BLOCK_ROWS..).unwrap_or(&[]));
+            if GRAD {
+                blk.weighted_up(coef);
+            }
+        }
+        blk.eval::<K, GRAD, W>(eps, vc);
         s += lane_sum(&blk.loss[..m]).to_f64();
         if GRAD {
             let start = (bi * 4 * BLOCK_ROWS).min(g.len());
@@ -439,13 +525,29 @@ fn chunk_sum<T: Elem, const K: u8, const GRAD: bool>(
     s
 }
 
+/// The forward, weighted by `w` (one value per row) when given.
 fn cpu_fwd_t<T: Elem, const K: u8>(
     op: &IouOp,
     x: &[T],
     t: &[T],
+    w: Option<&[T]>,
+    saved: Option<&SavedGrad>,
+) -> CpuOut {
+    match w {
+        None => cpu_fwd_w::<T, K, false>(op, x, t, &[], saved),
+        Some(w) => cpu_fwd_w::<T, K, true>(op, x, t, w, saved),
+    }
+}
+
+fn cpu_fwd_w<T: Elem, const K: u8, const W: bool>(
+    op: &IouOp,
+    x: &[T],
+    t: &[T],
+    w: &[T],
     saved: Option<&SavedGrad>,
 ) -> CpuOut {
     let n = x.len() / 4;
+    check_weight_len(W, w, n)?;
     let eps = T::A::from_f64(op.eps);
     let vc = T::A::from_f64(V_COEF);
     let rpc = rows_per_chunk(4);
@@ -453,15 +555,21 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
         let mut out = zeroed_vec::<T>(n)?;
         out.par_chunks_mut(rpc)
             .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
-            .for_each(|(o, (xs, ts))| {
+            .enumerate()
+            .for_each(|(ci, (o, (xs, ts)))| {
                 vectorized(
                     #[inline(always)]
                     || {
                         let mut blk = Block::<T::A>::new(T::A::ONE);
                         let blocks = xs.chunks(4 * BLOCK_ROWS).zip(ts.chunks(4 * BLOCK_ROWS));
-                        for (ob, (xb, tb)) in o.chunks_mut(BLOCK_ROWS).zip(blocks) {
+                        for (bi, (ob, (xb, tb))) in o.chunks_mut(BLOCK_ROWS).zip(blocks).enumerate()
+                        {
                             let m = blk.load(xb, tb).min(BLOCK_ROWS);
-                            blk.eval::<K, false>(eps, vc);
+                            if W {
+                                let r0 = ci * rpc + bi * BLOCK_ROWS;
+                                blk.load_weights(w.get(r0..).unwrap_or(&[]));
+                            }
+                            blk.eval::<K, false, W>(eps, vc);
                             for (oi, l) in ob.iter_mut().zip(&blk.loss[..m]) {
                                 *oi = T::from_acc(*l);
                             }
@@ -480,10 +588,12 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
             let parts = g
                 .par_chunks_mut(rpc * 4)
                 .zip(x.par_chunks(rpc * 4).zip(t.par_chunks(rpc * 4)))
-                .map(|(gs, (xs, ts))| {
+                .enumerate()
+                .map(|(ci, (gs, (xs, ts)))| {
+                    let ws = w.get(ci * rpc..).unwrap_or(&[]);
                     vectorized(
                         #[inline(always)]
-                        || chunk_sum::<T, K, true>(xs, ts, eps, vc, coef, gs),
+                        || chunk_sum::<T, K, true, W>(xs, ts, ws, eps, vc, coef, gs),
                     )
                 })
                 .collect();
@@ -493,10 +603,12 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
         None => x
             .par_chunks(rpc * 4)
             .zip(t.par_chunks(rpc * 4))
-            .map(|(xs, ts)| {
+            .enumerate()
+            .map(|(ci, (xs, ts))| {
+                let ws = w.get(ci * rpc..).unwrap_or(&[]);
                 vectorized(
                     #[inline(always)]
-                    || chunk_sum::<T, K, false>(xs, ts, eps, vc, T::A::ONE, &mut []),
+                    || chunk_sum::<T, K, false, W>(xs, ts, ws, eps, vc, T::A::ONE, &mut []),
                 )
             })
             .collect(),
@@ -508,8 +620,29 @@ fn cpu_fwd_t<T: Elem, const K: u8>(
     ))
 }
 
-fn cpu_bwd_t<T: Elem, const K: u8>(op: &IouOp, x: &[T], t: &[T], up: &[T]) -> CpuOut {
+/// The backward, weighted by `w` (one value per row) when given.
+fn cpu_bwd_t<T: Elem, const K: u8>(
+    op: &IouOp,
+    x: &[T],
+    t: &[T],
+    w: Option<&[T]>,
+    up: &[T],
+) -> CpuOut {
+    match w {
+        None => cpu_bwd_w::<T, K, false>(op, x, t, &[], up),
+        Some(w) => cpu_bwd_w::<T, K, true>(op, x, t, w, up),
+    }
+}
+
+fn cpu_bwd_w<T: Elem, const K: u8, const W: bool>(
+    op: &IouOp,
+    x: &[T],
+    t: &[T],
+    w: &[T],
+    up: &[T],
+) -> CpuOut {
     let n = x.len() / 4;
+    check_weight_len(W, w, n)?;
     let scalar_up = op.reduction.is_scalar();
     if (scalar_up && up.len() != 1) || (!scalar_up && up.len() != n) {
         bail!(
@@ -541,14 +674,26 @@ fn cpu_bwd_t<T: Elem, const K: u8>(op: &IouOp, x: &[T], t: &[T], up: &[T]) -> Cp
                         gs.chunks_mut(4 * BLOCK_ROWS).zip(blocks).enumerate()
                     {
                         let m = blk.load(xb, tb).min(BLOCK_ROWS);
+                        let r0 = ci * rpc + bi * BLOCK_ROWS;
+                        if W {
+                            blk.load_weights(w.get(r0..).unwrap_or(&[]));
+                        }
                         if !scalar_up {
-                            let r0 = (ci * rpc + bi * BLOCK_ROWS).min(up.len());
+                            let r0 = r0.min(up.len());
                             let r1 = (r0 + m).min(up.len());
                             for (u, v) in blk.up.iter_mut().zip(&up[r0..r1]) {
                                 *u = v.to_acc();
                             }
+                            if W {
+                                // u_i · w_i
+                                for (u, wi) in blk.up.iter_mut().zip(&blk.w) {
+                                    *u = *u * *wi;
+                                }
+                            }
+                        } else if W {
+                            blk.weighted_up(coef);
                         }
-                        blk.eval::<K, true>(eps, vc);
+                        blk.eval::<K, true, false>(eps, vc);
                         blk.store_grad(gb);
                     }
                 },
@@ -568,6 +713,17 @@ macro_rules! by_kind {
             IouKind::Ciou => $f::<$T, KIND_CIOU>($($args),*),
         }
     };
+}
+
+/// A weight of one value per row (`n` rows) when the kernel reads one (`weighted`).
+fn check_weight_len<T>(weighted: bool, w: &[T], n: usize) -> Result<()> {
+    if weighted && w.len() != n {
+        bail!(
+            "{NAME}: internal error, a weight of {} values for {n} box pairs",
+            w.len()
+        )
+    }
+    Ok(())
 }
 
 fn check_rows(l: &Layout) -> Result<()> {
@@ -601,12 +757,14 @@ impl LossKernel for IouOp {
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let (x, t) = paired(inp)?;
-        by_kind!(self.kind, cpu_fwd_t, T, self, x, t, saved)
+        let w = inp.w.map(|w| w.v);
+        by_kind!(self.kind, cpu_fwd_t, T, self, x, t, w, saved)
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (x, t) = paired(inp)?;
-        by_kind!(self.kind, cpu_bwd_t, T, self, x, t, up)
+        let w = inp.w.map(|w| w.v);
+        by_kind!(self.kind, cpu_bwd_t, T, self, x, t, w, up)
     }
 
     crate::op::gpu_kernel_methods!();

@@ -4,6 +4,7 @@ use super::{consts, Kind, RegOp};
 use crate::gpu::params::{RegBwdParams, RegFwdParams};
 use crate::gpu::{self, BwdIn, DevFloat, ForwardPlan, FwdIn, Gpu, Launch, Out, Scale, REGRESSION};
 use crate::reduction::Reduction;
+use crate::weight;
 
 fn prefix(op: &RegOp) -> &'static str {
     match op.kind {
@@ -12,9 +13,14 @@ fn prefix(op: &RegOp) -> &'static str {
     }
 }
 
+/// The elements per row of a per-row weight: the last dimension (1 for rank 0; never 0).
+fn row_len(l: &candle_core::Layout) -> u64 {
+    l.dims().last().map_or(1, |d| (*d).max(1) as u64)
+}
+
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t, .. } = a;
+    let FwdIn { x, t, w } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let [p0, p1, p2, p3, p4, p5, p6, p7] = consts(op.kind);
@@ -30,6 +36,9 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -
         p5,
         p6,
         p7,
+        ew: weight::addr::<G, T>(g, name, w)?,
+        d: row_len(x.l),
+        ew_mode: weight::mode(w),
         ..Default::default()
     };
     let plan = ForwardPlan {
@@ -45,7 +54,7 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: FwdIn<'_, G>) -
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up, .. } = a;
+    let BwdIn { x, t, up, w } = a;
     let name = op.name();
     let n = x.l.shape().elem_count();
     let scalar_up = op.reduction.is_scalar();
@@ -68,7 +77,10 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &RegOp, a: BwdIn<'_, G>) 
             p5,
             p6,
             p7,
+            ew: weight::addr::<G, T>(g, name, w)?,
+            d: row_len(x.l),
             up_scalar: scalar_up as i32,
+            ew_mode: weight::mode(w),
         };
         let dt = gpu::dtype_suffix(name, T::DTYPE)?;
         let kernel = format!("{}_bwd_{dt}", prefix(op));

@@ -7,6 +7,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
+use crate::weight::{self, CpuWeight, Weight};
 use candle_core::{bail, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -27,22 +28,34 @@ const BALANCED: &str = "BalancedL1Loss";
 /// ```
 ///
 /// exactly as `torch.nn.functional.smooth_l1_loss`; `β = 0` is the plain L1 loss `|d|`, whose
-/// gradient at `d = 0` is 0 (as torch's), never NaN. Only `pred` receives a gradient.
+/// gradient at `d = 0` is 0 (as torch's), never NaN. `pred` receives a gradient, and so does a
+/// `target` that tracks one (`−∂l/∂x`).
+///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each element loss by a weight inside
+/// the kernel, before the reduction (mmdet's `weight`): `l_j·w_j`, with `∂/∂x_j = w_j·∂l/∂x_j`;
+/// the weight is one value per row (the leading shape, shared by the row's `D` elements) or one
+/// per element (mmdet's `bbox_weights`). A weight of ones gives `forward`'s bits; a weight that
+/// tracks a gradient gets `∂/∂w`.
 ///
 /// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
-/// empty input); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel.
+/// empty input; with a weight still the number of elements, not the weight sum: pass
+/// `AvgFactor` for mmdet's `avg_factor`); `AvgFactor(f)` = sum / f. Scalar reductions are
+/// computed inside the kernel.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: any shape (usually `[N, 4]` box deltas), the same for both; f32 / f64 /
 ///   f16 / bf16, the same dtype for both (half types are computed in f32).
+/// - `weight` (`forward_weighted`): `pred`'s leading shape `[...]` (`[N]` for `[N, 4]`: one per
+///   row) or `pred`'s shape (one per element), in `pred`'s dtype.
 /// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
 ///
 /// # Errors
 ///
 /// Every message starts with `SmoothL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
 /// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `beta`
-/// negative or not finite; `AvgFactor` not finite and > 0.
+/// negative or not finite; `AvgFactor` not finite and > 0; a weight of another shape, dtype or
+/// device (values are not checked: a negative or NaN weight goes into the loss as it is).
 ///
 /// # Example
 ///
@@ -82,19 +95,56 @@ impl Default for SmoothL1Loss {
 impl SmoothL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        apply(self.op(pred)?, pred, target, None)
+    }
+
+    /// The loss with each element loss multiplied by `weight` inside the kernels (mmdet's
+    /// `weight` / `bbox_weights`): of the leading shape of `pred` (`[N]` for `[N, 4]`, one
+    /// weight per row, shared by its `D` elements) or of `pred`'s shape (one per element).
+    /// `Mean` still divides by the number of elements. See the type's documentation.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use candle_detloss::{Reduction, SmoothL1Loss};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let pred = Var::new(&[[0.5f32, 0.0, 2.0, 0.0], [3.0, 0.0, 0.0, 0.0]], &dev)?;
+    /// let target = Tensor::zeros((2, 4), candle_core::DType::F32, &dev)?;
+    /// let loss_fn = SmoothL1Loss { beta: 1.0, reduction: Reduction::Sum };
+    /// // Box 2 is a negative anchor: weight 0 (one weight per box, mmdet's `weight`).
+    /// let w = Tensor::new(&[1f32, 0.0], &dev)?;
+    /// let loss = loss_fn.forward_weighted(pred.as_tensor(), &target, &w)?;
+    /// assert_eq!(loss.to_scalar::<f32>()?, 0.125 + 1.5);
+    /// let g = loss.backward()?.get(&pred).unwrap().to_vec2::<f32>()?;
+    /// assert_eq!(g[1], [0.0; 4]);
+    /// // Or one weight per element (mmdet's `bbox_weights`, `[N, 4]`).
+    /// let w4 = Tensor::new(&[[1f32, 1.0, 0.5, 1.0], [0.0; 4]], &dev)?;
+    /// let loss = loss_fn.forward_weighted(pred.as_tensor(), &target, &w4)?;
+    /// assert_eq!(loss.to_scalar::<f32>()?, 0.125 + 0.75);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_weighted(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        apply(self.op(pred)?, pred, target, Some(weight))
+    }
+
+    /// The validated op.
+    fn op(&self, pred: &Tensor) -> Result<RegOp> {
         crate::check::check_supported_device(SMOOTH, pred)?;
         self.reduction.validate(SMOOTH)?;
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             bail!("{SMOOTH}: beta must be finite and >= 0, got {}", self.beta)
         }
-        apply(
-            RegOp {
-                kind: Kind::Smooth { beta: self.beta },
-                reduction: self.reduction,
-            },
-            pred,
-            target,
-        )
+        Ok(RegOp {
+            kind: Kind::Smooth { beta: self.beta },
+            reduction: self.reduction,
+        })
     }
 }
 
@@ -114,15 +164,22 @@ impl SmoothL1Loss {
 ///
 /// the mmdetection `balanced_l1_loss` formula; the gradient is its exact derivative (for
 /// `β = 1`, the paper's `α·ln(b|d| + 1)`). At `d = 0` the gradient is 0 (`sign(0) = 0`, as torch
-/// autograd gives for mmdet's `|d|`). Only `pred` receives a gradient.
+/// autograd gives for mmdet's `|d|`). `pred` receives a gradient, and so does a `target` that
+/// tracks one (`−∂l/∂x`).
+///
+/// [`forward_weighted`](Self::forward_weighted) multiplies each element loss by a weight inside
+/// the kernel (`l_j·w_j`), one per row or one per element, as
+/// [`SmoothL1Loss::forward_weighted`].
 ///
 /// Reductions: `None` gives the input shape; `Sum`; `Mean` = sum / number of elements (0 for an
-/// empty input); `AvgFactor(f)` = sum / f.
+/// empty input; with a weight still the number of elements); `AvgFactor(f)` = sum / f.
 ///
 /// # Shapes
 ///
 /// - `pred`, `target`: any shape (usually `[N, 4]`), the same for both; f32 / f64 / f16 / bf16,
 ///   the same dtype for both.
+/// - `weight` (`forward_weighted`): `pred`'s leading shape (one per row) or `pred`'s shape (one
+///   per element), in `pred`'s dtype.
 /// - result: the input shape for `Reduction::None`, else a rank-0 tensor; the input dtype.
 ///
 /// # Errors
@@ -130,7 +187,7 @@ impl SmoothL1Loss {
 /// Every message starts with `BalancedL1Loss:`. A tensor on a Metal device (only the CPU and CUDA
 /// have kernels); `pred` not a float dtype; `target` of another shape, dtype or device; `alpha ≤
 /// 0`, `gamma ≤ 0` (b = 0 would divide by zero), `beta < 0`, any of them not finite, or `e^{γ/α}`
-/// overflowing f64; `AvgFactor` not finite and > 0.
+/// overflowing f64; `AvgFactor` not finite and > 0; a weight of another shape, dtype or device.
 ///
 /// # Example
 ///
@@ -174,6 +231,24 @@ impl Default for BalancedL1Loss {
 impl BalancedL1Loss {
     /// Computes the loss of `pred` against `target` (same shape and dtype).
     pub fn forward(&self, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+        apply(self.op(pred)?, pred, target, None)
+    }
+
+    /// The loss with each element loss multiplied by `weight` inside the kernels: of the
+    /// leading shape of `pred` (`[N]` for `[N, 4]`, one weight per row) or of `pred`'s shape
+    /// (one per element), as [`SmoothL1Loss::forward_weighted`]. `Mean` still divides by the
+    /// number of elements.
+    pub fn forward_weighted(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        apply(self.op(pred)?, pred, target, Some(weight))
+    }
+
+    /// The validated op.
+    fn op(&self, pred: &Tensor) -> Result<RegOp> {
         crate::check::check_supported_device(BALANCED, pred)?;
         self.reduction.validate(BALANCED)?;
         if !(self.alpha.is_finite() && self.alpha > 0.0) {
@@ -200,23 +275,20 @@ impl BalancedL1Loss {
                 self.gamma / self.alpha
             )
         }
-        apply(
-            RegOp {
-                kind: Kind::Balanced {
-                    alpha: self.alpha,
-                    gamma: self.gamma,
-                    beta: self.beta,
-                },
-                reduction: self.reduction,
+        Ok(RegOp {
+            kind: Kind::Balanced {
+                alpha: self.alpha,
+                gamma: self.gamma,
+                beta: self.beta,
             },
-            pred,
-            target,
-        )
+            reduction: self.reduction,
+        })
     }
 }
 
-/// Validates the inputs and applies the forward op.
-fn apply(op: RegOp, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
+/// Validates the inputs and applies the forward op, with the weight of a `forward_weighted`
+/// call (its own gradient through [`weight::weighted`] when it tracks one).
+fn apply(op: RegOp, pred: &Tensor, target: &Tensor, w: Option<&Tensor>) -> Result<Tensor> {
     let name = op.name();
     check_float(name, "pred", pred)?;
     check_same_device(name, "target", pred, target)?;
@@ -234,9 +306,39 @@ fn apply(op: RegOp, pred: &Tensor, target: &Tensor) -> Result<Tensor> {
             pred.dims()
         )
     }
+    let Some(w) = w else {
+        return fused(op, pred, target, None);
+    };
+    let dims = pred.dims();
+    // One weight per row: the leading shape (`[]` for a rank-0 or rank-1 input).
+    let lead = &dims[..dims.len().saturating_sub(1)];
+    let n = pred.elem_count();
+    weight::weighted(
+        name,
+        op.reduction,
+        w,
+        |w, reduction, detach| {
+            let op = RegOp { reduction, ..op };
+            let (p, t) = if detach {
+                (pred.detach(), target.detach())
+            } else {
+                (pred.clone(), target.clone())
+            };
+            let w = w
+                .map(|w| Weight::new(name, &p, w, lead, dims))
+                .transpose()?;
+            fused(op, &p, &t, w)
+        },
+        // Mean = sum / number of elements, as without a weight.
+        || Tensor::new(n as f64, pred.device())?.to_dtype(pred.dtype()),
+    )
+}
+
+/// The fused op on validated inputs.
+fn fused(op: RegOp, pred: &Tensor, target: &Tensor, w: Option<Weight>) -> Result<Tensor> {
     // Training (a scalar loss of a `pred` that tracks gradients): the forward pass also computes
     // the gradient, and the backward only scales it.
-    let op = Fwd::new(op, op.reduction.is_scalar() && pred.track_op());
+    let op = Fwd::new(op, op.reduction.is_scalar() && pred.track_op()).weighted(w);
     pred.contiguous()?.apply_op2(&target.contiguous()?, op)
 }
 
@@ -415,33 +517,120 @@ impl<A: Acc, const UNIT_BETA: bool> ElemLoss<A> for Balanced<A, UNIT_BETA> {
 /// order (deterministic).
 const BLOCK: usize = 256;
 
-/// Sum of the losses of one chunk, in a fixed order (deterministic); with `GRAD` it also writes
-/// `g[j] = coef · ∂l/∂x[j]` (`g` has the chunk's length; without `GRAD` it is not touched). The
-/// loss sum has the same bits either way: the same expressions, blocks and summation order.
+/// How the kernels read the weight of a `forward_weighted` call (a const parameter, so that the
+/// unweighted kernels are compiled exactly as without one).
+const W_NONE: u8 = 0;
+/// One weight per row of `d` elements: element `j` reads `w[j / d]`.
+const W_ROW: u8 = 1;
+/// One weight per element: element `j` reads `w[j]`.
+const W_ELEM: u8 = 2;
+
+/// The weight as the regression kernels read it: its values and the row length `d` (the last
+/// dimension of the input; 1 for a rank-0 input).
+#[derive(Clone, Copy)]
+struct Wts<'a, T> {
+    v: &'a [T],
+    d: usize,
+}
+
+impl<'a, T: Elem> Wts<'a, T> {
+    /// The weight of `n` elements in rows of `d`, its length checked against its mode (an
+    /// empty input reads none of it).
+    fn new(name: &str, w: CpuWeight<'a, T>, n: usize, d: usize) -> Result<Self> {
+        let d = d.max(1);
+        let want = if w.per_elem { n } else { n / d };
+        if n > 0 && w.v.len() != want {
+            bail!(
+                "{name}: internal error, a weight of {} values for {n} elements",
+                w.v.len()
+            )
+        }
+        Ok(Self { v: w.v, d })
+    }
+
+    /// An empty weight (the unweighted kernels never read it).
+    fn none() -> Self {
+        Self { v: &[], d: 1 }
+    }
+
+    /// `buf[k]` = the weight of element `start + k` (`W_ROW`: `w[j / d]`, `W_ELEM`: `w[j]`), in
+    /// the accumulator type; a position outside the weight (never, for a checked weight) reads
+    /// 0.
+    #[inline(always)]
+    fn load<const W: u8>(&self, start: usize, buf: &mut [T::A]) {
+        if W == W_ELEM {
+            let src = self.v.get(start..).unwrap_or(&[]);
+            let m = src.len().min(buf.len());
+            buf[m..].fill(T::A::ZERO);
+            for (b, v) in buf.iter_mut().zip(src) {
+                *b = v.to_acc();
+            }
+        } else {
+            // Row r = j / d, column c = j % d, stepped without a division per element.
+            let (mut r, mut c) = (start / self.d, start % self.d);
+            let mut wr = self.v.get(r).map_or(T::A::ZERO, |v| v.to_acc());
+            for b in buf.iter_mut() {
+                *b = wr;
+                c += 1;
+                if c == self.d {
+                    c = 0;
+                    r += 1;
+                    wr = self.v.get(r).map_or(T::A::ZERO, |v| v.to_acc());
+                }
+            }
+        }
+    }
+}
+
+/// Sum of the losses of one chunk (its first element is element `start` of the input), in a
+/// fixed order (deterministic); with `GRAD` it also writes `g[j] = coef · ∂l/∂x[j]` (`g` has
+/// the chunk's length; without `GRAD` it is not touched). With a weight (`W ≠ W_NONE`) each
+/// loss is `w_j · l_j` and each gradient `(coef · w_j) · ∂l/∂x[j]`: a weight of ones gives the
+/// unweighted bits. The loss sum has the same bits with or without `GRAD`: the same
+/// expressions, blocks and summation order.
 #[inline(always)]
-fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool>(
+#[allow(clippy::too_many_arguments)]
+fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool, const W: u8>(
     l: &L,
     x: &[T],
     t: &[T],
     coef: T::A,
     g: &mut [T],
+    w: Wts<'_, T>,
+    start: usize,
 ) -> f64 {
     let mut total = 0f64;
     let mut buf = [T::A::ZERO; BLOCK];
+    let mut wb = [T::A::ZERO; BLOCK];
     for (bi, (xb, tb)) in x.chunks(BLOCK).zip(t.chunks(BLOCK)).enumerate() {
         let m = xb.len().min(tb.len());
+        if W != W_NONE {
+            w.load::<W>(start + bi * BLOCK, &mut wb[..m]);
+        }
         if GRAD {
-            let start = (bi * BLOCK).min(g.len());
-            let end = (start + m).min(g.len());
-            let gb = &mut g[start..end];
-            for (((b, gj), a), c) in buf.iter_mut().zip(gb).zip(xb).zip(tb) {
-                let d = a.to_acc() - c.to_acc();
-                *b = l.loss(d);
-                *gj = T::from_acc(coef * l.grad(d));
+            let gs = (bi * BLOCK).min(g.len());
+            let ge = (gs + m).min(g.len());
+            let gb = &mut g[gs..ge];
+            if W == W_NONE {
+                for (((b, gj), a), c) in buf.iter_mut().zip(gb).zip(xb).zip(tb) {
+                    let d = a.to_acc() - c.to_acc();
+                    *b = l.loss(d);
+                    *gj = T::from_acc(coef * l.grad(d));
+                }
+            } else {
+                for ((((b, gj), a), c), wj) in buf.iter_mut().zip(gb).zip(xb).zip(tb).zip(&wb) {
+                    let d = a.to_acc() - c.to_acc();
+                    *b = *wj * l.loss(d);
+                    *gj = T::from_acc((coef * *wj) * l.grad(d));
+                }
             }
-        } else {
+        } else if W == W_NONE {
             for ((b, a), c) in buf.iter_mut().zip(xb).zip(tb) {
                 *b = l.loss(a.to_acc() - c.to_acc());
+            }
+        } else {
+            for (((b, a), c), wj) in buf.iter_mut().zip(xb).zip(tb).zip(&wb) {
+                *b = *wj * l.loss(a.to_acc() - c.to_acc());
             }
         }
         total += lane_sum(&buf[..m]).to_f64();
@@ -449,13 +638,73 @@ fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool>(
     total
 }
 
-fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
-    op: &RegOp,
+/// `o[j] = T(f_j · e(x[j] − t[j]))` over one chunk (element `start` first), block by block, with
+/// `f_j = w_j · u[j]` for a per-element upstream `u`, else `w_j · coef`: the weighted `None`
+/// forward (`e` the loss, `coef` 1) and the weighted backward (`e` the derivative).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weighted_map<T: Elem, const W: u8>(
+    w: Wts<'_, T>,
+    start: usize,
     x: &[T],
     t: &[T],
+    u: Option<&[T]>,
+    coef: T::A,
+    o: &mut [T],
+    e: impl Fn(T::A) -> T::A,
+) {
+    let mut f = [T::A::ZERO; BLOCK];
+    let blocks = o
+        .chunks_mut(BLOCK)
+        .zip(x.chunks(BLOCK).zip(t.chunks(BLOCK)));
+    for (bi, (ob, (xb, tb))) in blocks.enumerate() {
+        let m = ob.len().min(xb.len()).min(tb.len());
+        w.load::<W>(start + bi * BLOCK, &mut f[..m]);
+        match u.and_then(|u| u.get(bi * BLOCK..)) {
+            Some(ub) => {
+                for (fj, uj) in f.iter_mut().zip(ub) {
+                    *fj = *fj * uj.to_acc();
+                }
+            }
+            None => {
+                for fj in f.iter_mut() {
+                    *fj = *fj * coef;
+                }
+            }
+        }
+        for (((oj, a), c), fj) in ob.iter_mut().zip(xb).zip(tb).zip(&f) {
+            *oj = T::from_acc(*fj * e(a.to_acc() - c.to_acc()));
+        }
+    }
+}
+
+/// Runs `$body` with the const `$W` set to the weight's mode (`W_NONE` without one).
+macro_rules! by_weight {
+    ($w:expr, $W:ident, $body:expr) => {
+        match $w {
+            None => {
+                const $W: u8 = W_NONE;
+                $body
+            }
+            Some(v) if !v.per_elem => {
+                const $W: u8 = W_ROW;
+                $body
+            }
+            Some(_) => {
+                const $W: u8 = W_ELEM;
+                $body
+            }
+        }
+    };
+}
+
+fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
+    op: &RegOp,
+    inp: (&[T], &[T], Option<CpuWeight<'_, T>>),
     shape: &Shape,
     saved: Option<&SavedGrad>,
 ) -> CpuOut {
+    let (x, t, cw) = inp;
     let l = L::new(&consts(op.kind));
     let n = x.len();
     if n != t.len() {
@@ -465,17 +714,31 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
             t.len()
         )
     }
+    let d = shape.dims().last().copied().unwrap_or(1);
+    let w = match cw {
+        Some(cw) => Wts::new(op.name(), cw, n, d)?,
+        None => Wts::none(),
+    };
     if op.reduction == Reduction::None {
         let mut out = zeroed_vec::<T>(n)?;
+        let one = T::A::ONE;
         out.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
-            .for_each(|(o, (xs, ts))| {
+            .enumerate()
+            .for_each(|(ci, (o, (xs, ts)))| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        for ((oj, a), b) in o.iter_mut().zip(xs).zip(ts) {
-                            *oj = T::from_acc(l.loss(a.to_acc() - b.to_acc()));
-                        }
+                        by_weight!(cw, W, {
+                            if W == W_NONE {
+                                for ((oj, a), b) in o.iter_mut().zip(xs).zip(ts) {
+                                    *oj = T::from_acc(l.loss(a.to_acc() - b.to_acc()));
+                                }
+                            } else {
+                                let start = ci * CHUNK_ELEMS;
+                                weighted_map::<T, W>(w, start, xs, ts, None, one, o, |d| l.loss(d));
+                            }
+                        })
                     },
                 )
             });
@@ -490,10 +753,16 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
             let parts = g
                 .par_chunks_mut(CHUNK_ELEMS)
                 .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
-                .map(|(gs, (xs, ts))| {
+                .enumerate()
+                .map(|(ci, (gs, (xs, ts)))| {
                     vectorized(
                         #[inline(always)]
-                        || chunk_pass::<T, L, true>(&l, xs, ts, coef, gs),
+                        || {
+                            let s = ci * CHUNK_ELEMS;
+                            by_weight!(cw, W, {
+                                chunk_pass::<T, L, true, W>(&l, xs, ts, coef, gs, w, s)
+                            })
+                        },
                     )
                 })
                 .collect();
@@ -503,10 +772,16 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
         None => x
             .par_chunks(CHUNK_ELEMS)
             .zip(t.par_chunks(CHUNK_ELEMS))
-            .map(|(xs, ts)| {
+            .enumerate()
+            .map(|(ci, (xs, ts))| {
                 vectorized(
                     #[inline(always)]
-                    || chunk_pass::<T, L, false>(&l, xs, ts, T::A::ZERO, &mut []),
+                    || {
+                        let (s, z) = (ci * CHUNK_ELEMS, T::A::ZERO);
+                        by_weight!(cw, W, {
+                            chunk_pass::<T, L, false, W>(&l, xs, ts, z, &mut [], w, s)
+                        })
+                    },
                 )
             })
             .collect(),
@@ -518,11 +793,11 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
 
 fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
     op: &RegOp,
-    x: &[T],
-    t: &[T],
+    inp: (&[T], &[T], Option<CpuWeight<'_, T>>),
     up: &[T],
     shape: &Shape,
 ) -> CpuOut {
+    let (x, t, cw) = inp;
     let l = L::new(&consts(op.kind));
     let n = x.len();
     let scalar_up = op.reduction.is_scalar();
@@ -534,6 +809,11 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
             up.len()
         )
     }
+    let d = shape.dims().last().copied().unwrap_or(1);
+    let w = match cw {
+        Some(cw) => Wts::new(op.name(), cw, n, d)?,
+        None => Wts::none(),
+    };
     let mut g = zeroed_vec::<T>(n)?;
     if let (true, Some(u)) = (scalar_up, up.first()) {
         // As the fused forward: the gradient for an upstream of 1, then scaled by the upstream
@@ -541,13 +821,21 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
         let coef = T::A::from_f64(op.reduction.scale(n as f64));
         g.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
-            .for_each(|(gs, (xs, ts))| {
+            .enumerate()
+            .for_each(|(ci, (gs, (xs, ts)))| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        for ((gj, a), b) in gs.iter_mut().zip(xs).zip(ts) {
-                            *gj = T::from_acc(coef * l.grad(a.to_acc() - b.to_acc()));
-                        }
+                        by_weight!(cw, W, {
+                            if W == W_NONE {
+                                for ((gj, a), b) in gs.iter_mut().zip(xs).zip(ts) {
+                                    *gj = T::from_acc(coef * l.grad(a.to_acc() - b.to_acc()));
+                                }
+                            } else {
+                                let s = ci * CHUNK_ELEMS;
+                                weighted_map::<T, W>(w, s, xs, ts, None, coef, gs, |d| l.grad(d));
+                            }
+                        })
                     },
                 )
             });
@@ -559,13 +847,23 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
         g.par_chunks_mut(CHUNK_ELEMS)
             .zip(x.par_chunks(CHUNK_ELEMS).zip(t.par_chunks(CHUNK_ELEMS)))
             .zip(up.par_chunks(CHUNK_ELEMS))
-            .for_each(|((gs, (xs, ts)), us)| {
+            .enumerate()
+            .for_each(|(ci, ((gs, (xs, ts)), us))| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        for (((gj, a), b), u) in gs.iter_mut().zip(xs).zip(ts).zip(us) {
-                            *gj = T::from_acc(u.to_acc() * l.grad(a.to_acc() - b.to_acc()));
-                        }
+                        by_weight!(cw, W, {
+                            if W == W_NONE {
+                                for (((gj, a), b), u) in gs.iter_mut().zip(xs).zip(ts).zip(us) {
+                                    let gr = l.grad(a.to_acc() - b.to_acc());
+                                    *gj = T::from_acc(u.to_acc() * gr);
+                                }
+                            } else {
+                                let (s, one) = (ci * CHUNK_ELEMS, T::A::ONE);
+                                let u = Some(us);
+                                weighted_map::<T, W>(w, s, xs, ts, u, one, gs, |d| l.grad(d));
+                            }
+                        })
                     },
                 )
             });
@@ -611,12 +909,12 @@ impl LossKernel for RegOp {
 
     fn cpu_forward<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
         let t = inp.t.dense(self.name())?;
-        by_kind!(self, cpu_fwd_t, T, inp.x, t, inp.shape, saved)
+        by_kind!(self, cpu_fwd_t, T, (inp.x, t, inp.w), inp.shape, saved)
     }
 
     fn cpu_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let t = inp.t.dense(self.name())?;
-        by_kind!(self, cpu_bwd_t, T, inp.x, t, up, inp.shape)
+        by_kind!(self, cpu_bwd_t, T, (inp.x, t, inp.w), up, inp.shape)
     }
 
     crate::op::gpu_kernel_methods!();
