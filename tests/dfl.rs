@@ -620,3 +620,39 @@ fn yolov8_head_output_reshaped_to_rows() {
     let (want, _) = reference(&xv, &yv, k, Reduction::None, &vec![1.0; b * a * 4]);
     assert_close("rows", &to_f64_vec(&rows), &want.0, 1e-5, 1e-5);
 }
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch fixtures: tests/fixtures/dfl.json, made by tests/fixtures/generate.py from a port of
+// mmdet's distribution_focal_loss in float64 (targets 0, K − 1 and integers included), with
+// the gradients of the logits and of the targets from torch's autograd.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn matches_torch_fixtures() {
+    let dev = Device::Cpu;
+    let cases = fixture_cases("dfl.json");
+    assert!(cases.len() >= 24, "dfl.json has {} cases", cases.len());
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let x = fx_to_tensor(&case["logits"], DType::F64, &dev);
+        let y = fx_to_tensor(&case["targets"], DType::F64, &dev);
+        let up = fx_to_tensor(&case["upstream"], DType::F64, &dev);
+        let dfl = DistributionFocalLoss {
+            reduction: fx_reduction(&case["reduction"], &case["avg_factor"]),
+        };
+        let w =
+            (!case["weight"].is_null()).then(|| fx_to_tensor(&case["weight"], DType::F64, &dev));
+        let run = |x: &Tensor, y: &Tensor| match &w {
+            Some(w) => dfl.forward_weighted(x, y, w),
+            None => dfl.forward(x, y),
+        };
+        let (gx, gy) = grads_of_both(&x, &y, &up, run).unwrap();
+        let loss = run(&x, &y).unwrap();
+        let tol = Tol::abs(1e-12, 1e-9);
+        let (lshape, _) =
+            check_fixture(name, &(to_f64_vec(&loss), to_f64_vec(&gx)), case, tol, tol);
+        assert_eq!(loss.dims(), lshape.as_slice(), "{name}: loss shape");
+        let (_, want_gy) = fx_tensor(&case["grad_targets"]);
+        tol.check(&format!("{name} targets grad"), &to_f64_vec(&gy), &want_gy);
+    }
+}
