@@ -84,7 +84,10 @@ __device__ __forceinline__ bool elem_target(const int64_t* tg, u64 row, u64 col,
     return label_target<T, A>(tg, row, col, c, w, err, t, wrow);
 }
 
-// Reduction::None: out[i] = w_row * l.
+// The weight of a forward_weighted call (ew, ew_mode) multiplies every element loss and its
+// gradients: 1 (mode 0) when there is none.
+
+// Reduction::None: out[i] = w_row * l * ew.
 template <typename T, typename A, typename TG, bool HARD>
 __device__ void fwd_none(const FocalFwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -98,6 +101,7 @@ __device__ void fwd_none(const FocalFwdParams& p) {
         if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
             focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
             l *= wr;
+            l *= dl_weight<T, A>(p.ew, p.ew_mode, row, i);
         }
         out[i] = from_acc<T>(l);
     }
@@ -118,7 +122,7 @@ __device__ void fwd_partial(const FocalFwdParams& p) {
         A t, wr, l, g;
         if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
             focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
-            s += (double)(wr * l);
+            s += (double)(wr * l * dl_weight<T, A>(p.ew, p.ew_mode, row, i));
             k += col == 0;
         }
     }
@@ -127,7 +131,7 @@ __device__ void fwd_partial(const FocalFwdParams& p) {
     write_partials(p.psum, p.pden, s, k);
 }
 
-// Gradient: g = up * scale * w_row * dl/dx, scale = scale_p[0] when given (Mean over labels:
+// Gradient: g = up * scale * w_row * dl/dx * ew, scale = scale_p[0] when given (Mean over labels:
 // from the finalize of the row counts), else p.scale.
 template <typename T, typename A, typename TG, bool HARD>
 __device__ void bwd(const FocalBwdParams& p) {
@@ -144,13 +148,13 @@ __device__ void bwd(const FocalBwdParams& p) {
         if (elem_target<T, A>(tg, row, col, p.c, w, err, &t, &wr)) {
             focal_elem<A>(to_acc(x[i]), t, HARD, (A)p.alpha, p.has_alpha, (A)p.gamma, &l, &g);
             A u = to_acc(up[p.up_scalar ? 0 : i]);
-            g = u * scale * wr * g;
+            g = u * scale * wr * g * dl_weight<T, A>(p.ew, p.ew_mode, row, i);
         }
         gout[i] = from_acc<T>(g);
     }
 }
 
-// Gradient w.r.t. dense targets: g = up * scale * dl/dt.
+// Gradient w.r.t. dense targets: g = up * scale * dl/dt * ew.
 template <typename T, typename A>
 __device__ void tbwd(const FocalBwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -161,7 +165,7 @@ __device__ void tbwd(const FocalBwdParams& p) {
     GRID_STRIDE(i, p.n * p.c) {
         A d = focal_elem_dt<A>(to_acc(x[i]), to_acc(tg[i]), (A)p.alpha, p.has_alpha, (A)p.gamma);
         A u = to_acc(up[p.up_scalar ? 0 : i]);
-        gout[i] = from_acc<T>(u * scale * d);
+        gout[i] = from_acc<T>(u * scale * d * dl_weight<T, A>(p.ew, p.ew_mode, i / p.c, i));
     }
 }
 

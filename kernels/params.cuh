@@ -11,29 +11,32 @@
     X(double, scale) X(double, den_mult) X(int, use_den)
 DL_PARAMS(FinalizeParams, FINALIZE_FIELDS)
 
-// ---- focal.cu ----
+// ---- focal.cu (ew, ew_mode: the forward_weighted weight, dl_weight in common.cuh) ----
 #define FOCAL_FWD_FIELDS(X) \
     X(u64, x) X(u64, tg) X(u64, w) X(u64, out) X(u64, psum) X(u64, pden) X(u64, err) \
-    X(u64, n) X(u64, c) X(double, alpha) X(double, gamma) X(int, has_alpha)
+    X(u64, n) X(u64, c) X(u64, ew) X(double, alpha) X(double, gamma) X(int, has_alpha) \
+    X(int, ew_mode)
 DL_PARAMS(FocalFwdParams, FOCAL_FWD_FIELDS)
 #define FOCAL_BWD_FIELDS(X) \
     X(u64, x) X(u64, tg) X(u64, w) X(u64, up) X(u64, g) X(u64, scale_p) X(u64, err) \
-    X(u64, n) X(u64, c) X(double, alpha) X(double, gamma) X(double, scale) \
-    X(int, has_alpha) X(int, up_scalar)
+    X(u64, n) X(u64, c) X(u64, ew) X(double, alpha) X(double, gamma) X(double, scale) \
+    X(int, has_alpha) X(int, up_scalar) X(int, ew_mode)
 DL_PARAMS(FocalBwdParams, FOCAL_BWD_FIELDS)
 // Non-ignored rows per block (the Mean denominator of label targets), into pden.
 #define ROW_COUNT_FIELDS(X) X(u64, tg) X(u64, pden) X(u64, err) X(u64, n) X(u64, c)
 DL_PARAMS(RowCountParams, ROW_COUNT_FIELDS)
 
-// ---- quality.cu: tg = dense targets [N, C] or scores [N]; lab = labels [N] (0 for dense) ----
+// ---- quality.cu: tg = dense targets [N, C] or scores [N]; lab = labels [N] (0 for dense);
+// ew, ew_mode: the forward_weighted weight ----
 #define QUALITY_FWD_FIELDS(X) \
     X(u64, x) X(u64, tg) X(u64, lab) X(u64, out) X(u64, psum) X(u64, pden) X(u64, err) \
-    X(u64, n) X(u64, c) X(double, beta) X(double, k) X(int, vfl) X(int, iou)
+    X(u64, n) X(u64, c) X(u64, ew) X(double, beta) X(double, k) X(int, vfl) X(int, iou) \
+    X(int, ew_mode)
 DL_PARAMS(QualityFwdParams, QUALITY_FWD_FIELDS)
 #define QUALITY_BWD_FIELDS(X) \
     X(u64, x) X(u64, tg) X(u64, lab) X(u64, up) X(u64, g) X(u64, scale_p) X(u64, err) \
-    X(u64, n) X(u64, c) X(double, beta) X(double, k) X(double, scale) X(int, vfl) X(int, iou) \
-    X(int, up_scalar)
+    X(u64, n) X(u64, c) X(u64, ew) X(double, beta) X(double, k) X(double, scale) X(int, vfl) \
+    X(int, iou) X(int, up_scalar) X(int, ew_mode)
 DL_PARAMS(QualityBwdParams, QUALITY_BWD_FIELDS)
 
 // ---- softmax.cu ----

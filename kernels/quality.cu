@@ -90,7 +90,10 @@ __device__ __forceinline__ bool elem_target(const T* tg, const L* lab, u64 row, 
     return true;
 }
 
-// Reduction::None: out[i] = l.
+// The weight of a forward_weighted call (ew, ew_mode) multiplies every element loss and its
+// gradients: 1 (mode 0) when there is none.
+
+// Reduction::None: out[i] = l * ew.
 template <typename T, typename A, typename L, bool DENSE>
 __device__ void fwd_none(const QualityFwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -101,8 +104,10 @@ __device__ void fwd_none(const QualityFwdParams& p) {
     GRID_STRIDE(i, p.n * p.c) {
         u64 row = i / p.c, col = i - row * p.c;
         A t, l = 0, gx, gt;
-        if (elem_target<T, A, L, DENSE>(tg, lab, row, col, p.c, err, &t))
+        if (elem_target<T, A, L, DENSE>(tg, lab, row, col, p.c, err, &t)) {
             quality_elem<A>(to_acc(x[i]), t, (A)p.beta, (A)p.k, p.vfl, p.iou, &l, &gx, &gt);
+            l *= dl_weight<T, A>(p.ew, p.ew_mode, row, i);
+        }
         out[i] = from_acc<T>(l);
     }
 }
@@ -122,7 +127,7 @@ __device__ void fwd_partial(const QualityFwdParams& p) {
         A t, l, gx, gt;
         if (elem_target<T, A, L, DENSE>(tg, lab, row, col, p.c, err, &t)) {
             quality_elem<A>(to_acc(x[i]), t, (A)p.beta, (A)p.k, p.vfl, p.iou, &l, &gx, &gt);
-            s += (double)l;
+            s += (double)(l * dl_weight<T, A>(p.ew, p.ew_mode, row, i));
             k += col == 0;
         }
     }
@@ -138,7 +143,7 @@ __device__ __forceinline__ A bwd_scale(const QualityBwdParams& p) {
     return (A)(p.scale_p ? dev_ptr<const double>(p.scale_p)[0] : p.scale);
 }
 
-// dl/dx: g = up * scale * dl/dx, [N, C].
+// dl/dx: g = up * scale * (dl/dx * ew), [N, C].
 template <typename T, typename A, typename L, bool DENSE>
 __device__ void bwd(const QualityBwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -153,7 +158,7 @@ __device__ void bwd(const QualityBwdParams& p) {
         A t, l, gx = 0, gt;
         if (elem_target<T, A, L, DENSE>(tg, lab, row, col, p.c, err, &t)) {
             quality_elem<A>(to_acc(x[i]), t, (A)p.beta, (A)p.k, p.vfl, p.iou, &l, &gx, &gt);
-            gx = to_acc(up[p.up_scalar ? 0 : i]) * scale * gx;
+            gx = to_acc(up[p.up_scalar ? 0 : i]) * scale * (gx * dl_weight<T, A>(p.ew, p.ew_mode, row, i));
         }
         gout[i] = from_acc<T>(gx);
     }
@@ -164,7 +169,7 @@ __device__ void tbwd_scores(const QualityBwdParams& p, const T* x, const T* tg, 
                             const T* up, T* gout, u64* err, A scale);
 
 // dl/dt of dense targets ([N, C], one thread per element) or of the scores ([N], one thread
-// per row: the label column's dl/dt, 0 for background and ignored rows).
+// per row: the label column's dl/dt, 0 for background and ignored rows), times ew.
 template <typename T, typename A, typename L, bool DENSE>
 __device__ void tbwd(const QualityBwdParams& p) {
     const T* x = dev_ptr<const T>(p.x);
@@ -180,6 +185,7 @@ __device__ void tbwd(const QualityBwdParams& p) {
             A t, l, gx, gt = 0;
             elem_target<T, A, L, DENSE>(tg, lab, row, col, p.c, err, &t);
             quality_elem<A>(to_acc(x[i]), t, (A)p.beta, (A)p.k, p.vfl, p.iou, &l, &gx, &gt);
+            gt *= dl_weight<T, A>(p.ew, p.ew_mode, row, i);
             gout[i] = from_acc<T>(to_acc(up[p.up_scalar ? 0 : i]) * scale * gt);
         }
     } else {
@@ -199,6 +205,7 @@ __device__ void tbwd_scores(const QualityBwdParams& p, const T* x, const T* tg, 
             A s = to_acc(tg[row]);
             check_unit<A>(s, row, err);
             quality_elem<A>(to_acc(x[i]), s, (A)p.beta, (A)p.k, p.vfl, p.iou, &l, &gx, &gt);
+            gt *= dl_weight<T, A>(p.ew, p.ew_mode, row, i);
             gt = to_acc(up[p.up_scalar ? 0 : i]) * scale * gt;
         }
         gout[row] = from_acc<T>(gt);

@@ -8,11 +8,12 @@ use crate::gpu::{
 };
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
+use crate::weight;
 use candle_core::Shape;
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: tg, .. } = a;
+    let FwdIn { x, t: tg, w: ew } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let sfx = format!(
         "{}_{}",
@@ -30,6 +31,8 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>)
         alpha: op.alpha.unwrap_or(1.0),
         gamma: op.gamma,
         has_alpha: op.alpha.is_some() as i32,
+        ew: weight::addr::<G, T>(g, NAME, ew)?,
+        ew_mode: weight::mode(ew),
         ..Default::default()
     };
     let plan = ForwardPlan {
@@ -52,7 +55,12 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>)
 
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t: tg, up, .. } = a;
+    let BwdIn {
+        x,
+        t: tg,
+        up,
+        w: ew,
+    } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
@@ -105,6 +113,8 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>
             },
             has_alpha: op.alpha.is_some() as i32,
             up_scalar: scalar_up as i32,
+            ew: weight::addr::<G, T>(g, NAME, ew)?,
+            ew_mode: weight::mode(ew),
         };
         g.launch(
             &FOCAL,
@@ -119,7 +129,7 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>
 
 /// `∂loss/∂targets` of dense targets on backend `g` (`sigmoid_focal_tbwd_<dtype>`).
 pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
-    let BwdIn { x, t, up, .. } = a;
+    let BwdIn { x, t, up, w: ew } = a;
     let (n, c) = layout_dims2(NAME, x.l)?;
     let scalar_up = op.reduction.is_scalar();
     gpu::check_upstream(NAME, up.l, scalar_up, n * c)?;
@@ -139,6 +149,8 @@ pub(super) fn target_backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn
             scale: op.reduction.scale(total as f64),
             has_alpha: op.alpha.is_some() as i32,
             up_scalar: scalar_up as i32,
+            ew: weight::addr::<G, T>(g, NAME, ew)?,
+            ew_mode: weight::mode(ew),
             ..Default::default()
         };
         let kernel = format!("sigmoid_focal_tbwd_{}", gpu::dtype_suffix(NAME, T::DTYPE)?);

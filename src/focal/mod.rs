@@ -8,7 +8,8 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, RowLabel, RowTarget, TargetKind};
-use candle_core::{bail, Result, Shape, Tensor};
+use crate::weight::{self, CpuWeight, RowWeight, Weight};
+use candle_core::{bail, DType, Result, Shape, Tensor};
 
 const NAME: &str = "SigmoidFocalLoss";
 
@@ -23,19 +24,22 @@ const NAME: &str = "SigmoidFocalLoss";
 /// ce   = -t·log p - (1-t)·log(1-p)          = t·softplus(-x) + (1-t)·softplus(x)
 /// 1-pₜ = p·(1-t) + (1-p)·t
 /// αₜ   = α·t + (1-α)·(1-t)                  (1 when alpha is None)
-/// l    = w_row · αₜ · (1-pₜ)^γ · ce
+/// l    = w · w_row · αₜ · (1-pₜ)^γ · ce
 /// ```
 ///
 /// exactly as `torchvision.ops.sigmoid_focal_loss`, evaluated with stable forms (for a hard
 /// target `(1-pₜ)^γ = exp(-γ·softplus(±x))`), so logits of ±100 (f32) or ±30 (f16/bf16) give a
 /// finite loss and gradient for every `γ ≥ 0`. `w_row` is `class_weights[label]` for integer
 /// labels (background rows use `class_weights[C]` if given, else 1; ignored rows 0) and 1 for
-/// dense targets. The gradient is the closed form
-/// `∂l/∂x = w_row·αₜ·(1-pₜ)^γ · [(p - t) + γ·ce·(1-2t)·p(1-p)/(1-pₜ)]`.
+/// dense targets. `w` is the element's weight of a
+/// [`forward_weighted`](Self::forward_weighted) call (mmdet's `weight`, on top of the class
+/// weights), 1 for [`forward`](Self::forward). The gradient is the closed form
+/// `∂l/∂x = w·w_row·αₜ·(1-pₜ)^γ · [(p - t) + γ·ce·(1-2t)·p(1-p)/(1-pₜ)]`; dense targets that
+/// track a gradient get `w·∂l/∂t` (torch's autograd of the same formula).
 ///
 /// Reductions: `None` gives `[N, C]`; `Sum`; `Mean` = sum / (number of non-ignored rows × C)
-/// (0 when every row is ignored); `AvgFactor(f)` = sum / f (RetinaNet: the number of positive
-/// anchors). Scalar reductions are computed inside the kernel. On the CPU, a scalar loss of
+/// (0 when every row is ignored; the same count with a weight, whose zeros do not change it);
+/// `AvgFactor(f)` = sum / f (RetinaNet: the number of positive anchors). Scalar reductions are computed inside the kernel. On the CPU, a scalar loss of
 /// logits that track gradients (a training step) writes the gradient in the same pass as the
 /// loss, and the backward only scales it by the upstream gradient; the loss value is bitwise the
 /// same as for detached logits.
@@ -48,18 +52,21 @@ const NAME: &str = "SigmoidFocalLoss";
 /// - `class_weights` (labels only): `[C]` or `[C+1]`, in the logits' dtype or f32 (as
 ///   [`crate::class_balanced_weights`] returns them; used at f32 precision with f16/bf16 logits,
 ///   converted exactly to f64 with f64 logits).
+/// - `weight` (`forward_weighted`): `[N]` (one per row) or `[N, C]` (one per element), in the
+///   logits' dtype; it gets a gradient when it tracks one. A zero weight is how u32 labels
+///   ignore a row.
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
-/// - Leading dimensions: `[..., C]` logits with targets of the matching leading shape are one
-///   `[N, C]` problem (N = the product of the leading dimensions); `Reduction::None` then
-///   returns the leading shape plus `C`.
+/// - Leading dimensions: `[..., C]` logits with targets (and a weight) of the matching leading
+///   shape, or a weight of the logits' shape, are one `[N, C]` problem (N = the product of the
+///   leading dimensions); `Reduction::None` then returns the leading shape plus `C`.
 ///
 /// # Errors
 ///
 /// Every message starts with `SigmoidFocalLoss:`. A tensor on a Metal device (only the CPU and CUDA
 /// have kernels); logits not of rank 2 or not a float dtype; targets of another shape, dtype or
 /// device; a label outside `0..=C` and not `-1`; class weights of the wrong length, dtype or
-/// device, or given with dense targets; `gamma < 0` or not finite; `alpha` outside `[0, 1]`;
-/// `AvgFactor` not finite and > 0.
+/// device, or given with dense targets; a weight of another shape, dtype or device;
+/// `gamma < 0` or not finite; `alpha` outside `[0, 1]`; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -104,11 +111,61 @@ impl Default for SigmoidFocalLoss {
 impl SigmoidFocalLoss {
     /// Computes the loss of `logits` `[N, C]` against `targets` (dense `[N, C]` or labels `[N]`).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        targets::with_leading_dims(NAME, logits, targets, |x, t| self.forward_2d(x, t))
+        targets::with_leading_dims(NAME, logits, targets, |x, t| {
+            self.forward_2d(x, t, None, self.reduction)
+        })
     }
 
-    fn forward_2d(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        self.reduction.validate(NAME)?;
+    /// [`forward`](Self::forward) with every element loss multiplied by `weight` (one value per
+    /// row `[N]`, or per element `[N, C]`, in the logits' dtype; leading dimensions as the
+    /// logits') inside the kernels, before the reduction; `Mean` divides by the same count as
+    /// without a weight. The weight gets a gradient when it tracks one.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use candle_detloss::{Reduction, SigmoidFocalLoss};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let logits = Var::new(&[[2.0f32, -1.0, 0.5], [-3.0, 0.0, 1.0]], &dev)?;
+    /// // u32 labels cannot say -1: a zero weight leaves row 1 out of the loss.
+    /// let labels = Tensor::new(&[2u32, 3], &dev)?;
+    /// let weight = Tensor::new(&[1.0f32, 0.0], &dev)?;
+    /// let loss_fn = SigmoidFocalLoss { reduction: Reduction::Sum, ..Default::default() };
+    /// let loss = loss_fn.forward_weighted(logits.as_tensor(), &labels, &weight)?;
+    /// let grads = loss.backward()?;
+    /// let g = grads.get(&logits).unwrap().to_vec2::<f32>()?;
+    /// assert_eq!(g[1], [0.0, 0.0, 0.0]);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        let w = weight::flatten_leading(logits.dims(), weight)?;
+        targets::with_leading_dims(NAME, logits, targets, |x, t| {
+            let fused = |w: Option<&Tensor>, red: Reduction, detach: bool| {
+                if detach {
+                    self.forward_2d(&x.detach(), &t.detach(), w, red)
+                } else {
+                    self.forward_2d(x, t, w, red)
+                }
+            };
+            weight::weighted(NAME, self.reduction, &w, fused, || mean_den(x, t))
+        })
+    }
+
+    fn forward_2d(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        weight: Option<&Tensor>,
+        reduction: Reduction,
+    ) -> Result<Tensor> {
+        reduction.validate(NAME)?;
         check_non_negative(NAME, "gamma", self.gamma)?;
         if let Some(a) = self.alpha {
             if !(0.0..=1.0).contains(&a) {
@@ -118,21 +175,37 @@ impl SigmoidFocalLoss {
         let (n, c) = check_float_2d(NAME, "logits", logits)?;
         let kind = targets::target_kind(NAME, logits, targets, n, c)?;
         if kind == TargetKind::Dense && self.class_weights.is_some() {
-            bail!("{NAME}: class_weights need integer labels; weight dense targets by multiplying the Reduction::None result")
+            bail!("{NAME}: class_weights need integer labels; weight dense targets with forward_weighted")
         }
+        let ew = weight
+            .map(|w| Weight::new(NAME, logits, w, &[n], &[n, c]))
+            .transpose()?;
         let weights = targets::row_weights(NAME, logits, c, self.class_weights.as_ref())?;
         let op = FocalOp {
             alpha: self.alpha,
             gamma: self.gamma,
-            reduction: self.reduction,
+            reduction,
             kind,
             weights,
         };
         // Training (a scalar loss of logits that track gradients): the forward pass also
         // computes the gradient, and the backward only scales it.
-        let op = Fwd::new(op, self.reduction.is_scalar() && logits.track_op());
+        let op = Fwd::new(op, reduction.is_scalar() && logits.track_op()).weighted(ew);
         logits.contiguous()?.apply_op2(&targets.contiguous()?, op)
     }
+}
+
+/// The `Mean` denominator of logits `[N, C]` and their targets as a rank-0 tensor in the
+/// logits' dtype: non-ignored rows × C (only i64 labels can ignore a row).
+fn mean_den(x: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let (n, c) = x.dims2()?;
+    let den = if t.dtype() == DType::I64 && t.rank() == 1 {
+        let rows = t.ne(-1.0)?.to_dtype(DType::F32)?.sum_all()?;
+        rows.affine(c as f64, 0.0)?
+    } else {
+        Tensor::new((n * c) as f32, x.device())?
+    };
+    den.to_dtype(x.dtype())
 }
 
 /// Parameters shared by the forward and backward ops.
@@ -239,12 +312,14 @@ fn row_weight<A: Acc>(rt: &RowTarget<'_, impl Elem>, w: &[A], c: usize) -> A {
 }
 
 /// Per-chunk scratch rows in the accumulator type: the logits, the targets (0/1 from a label,
-/// or the dense row) and the per-element results. Plain slices keep the element loops simple
-/// enough for LLVM's loop vectoriser.
+/// or the dense row), the per-element results and the element weights of a `forward_weighted`
+/// call (read only by the `WE` passes). Plain slices keep the element loops simple enough for
+/// LLVM's loop vectoriser.
 struct Scratch<A> {
     x: Vec<A>,
     t: Vec<A>,
     v: Vec<A>,
+    w: Vec<A>,
 }
 
 impl<A: Acc> Scratch<A> {
@@ -253,6 +328,30 @@ impl<A: Acc> Scratch<A> {
             x: vec![A::ZERO; c],
             t: vec![A::ZERO; c],
             v: vec![A::ZERO; c],
+            w: vec![A::ONE; c],
+        }
+    }
+
+    /// Loads the element weights of row `i`: the row's value repeated, or its `C` values.
+    #[inline(always)]
+    fn load_w<T: Elem<A = A>>(&mut self, w: Option<&CpuWeight<'_, T>>, i: usize) -> Result<()> {
+        match w.and_then(|w| w.row(i, self.w.len())) {
+            Some(RowWeight::One(v)) => self.w.fill(v.to_acc()),
+            Some(RowWeight::Elems(e)) => {
+                for (d, s) in self.w.iter_mut().zip(e) {
+                    *d = s.to_acc();
+                }
+            }
+            None => bail!("{NAME}: internal error, no weight for row {i}"),
+        }
+        Ok(())
+    }
+
+    /// `v[j] *= w[j]`: the element weights on the per-element results.
+    #[inline(always)]
+    fn apply_w(&mut self) {
+        for (v, w) in self.v.iter_mut().zip(&self.w) {
+            *v = *v * *w;
         }
     }
 
@@ -288,14 +387,24 @@ impl<A: Acc> Scratch<A> {
         }
     }
 
-    /// `v[j] = loss(x[j], t[j])` and `g[j] = coef · ∂loss/∂x[j]` in the same pass.
+    /// `v[j] = loss(x[j], t[j])` and `g[j] = coef · ∂loss/∂x[j]` in the same pass (both
+    /// times `w[j]` when `WE`).
     #[inline(always)]
-    fn eval_fused<const HARD: bool, T: Elem<A = A>>(
+    fn eval_fused<const HARD: bool, const WE: bool, T: Elem<A = A>>(
         &mut self,
         p: &Params<A>,
         coef: A,
         g: &mut [T],
     ) {
+        if WE {
+            let it = self.v.iter_mut().zip(g).zip(&self.x).zip(&self.t);
+            for ((((v, g), &x), &t), &w) in it.zip(&self.w) {
+                let (l, d) = focal_elem::<A, HARD>(p, x, t);
+                *v = l * w;
+                *g = T::from_acc(coef * (d * w));
+            }
+            return;
+        }
         for (((v, g), &x), &t) in self.v.iter_mut().zip(g).zip(&self.x).zip(&self.t) {
             let (l, d) = focal_elem::<A, HARD>(p, x, t);
             *v = l;
@@ -314,9 +423,10 @@ impl<A: Acc> Scratch<A> {
 }
 
 /// Loss of one row: writes `w_row · l` into `out` when given, else returns the row sum
-/// (before the row weight, which the caller applies).
+/// (before the row weight, which the caller applies). `WE`: the element losses are first
+/// multiplied by the loaded element weights `s.w`.
 #[inline(always)]
-fn row_forward<T: Elem>(
+fn row_forward<T: Elem, const WE: bool>(
     p: &Params<T::A>,
     s: &mut Scratch<T::A>,
     x: &[T],
@@ -331,6 +441,9 @@ fn row_forward<T: Elem>(
         return T::A::ZERO;
     }
     s.eval_row::<false>(p, matches!(rt, RowTarget::Label(_)));
+    if WE {
+        s.apply_w();
+    }
     match out {
         Some(o) => {
             for (o, v) in o.iter_mut().zip(&s.v) {
@@ -343,9 +456,9 @@ fn row_forward<T: Elem>(
 }
 
 /// Loss and gradient of one non-ignored row: writes `g[j] = coef · ∂l/∂x[j]` and returns the
-/// row's loss sum before the row weight (the same bits as `row_forward`).
+/// row's loss sum before the row weight (the same bits as `row_forward`); `WE` as there.
 #[inline(always)]
-fn row_fused<T: Elem>(
+fn row_fused<T: Elem, const WE: bool>(
     p: &Params<T::A>,
     s: &mut Scratch<T::A>,
     x: &[T],
@@ -357,16 +470,17 @@ fn row_fused<T: Elem>(
         return T::A::ZERO;
     }
     if matches!(rt, RowTarget::Label(_)) {
-        s.eval_fused::<true, T>(p, coef, g)
+        s.eval_fused::<true, WE, T>(p, coef, g)
     } else {
-        s.eval_fused::<false, T>(p, coef, g)
+        s.eval_fused::<false, WE, T>(p, coef, g)
     }
     lane_sum(&s.v)
 }
 
-/// Gradient of one row: `g[j] = coef · up[j] · ∂l/∂x[j]`, `up` = `None` for a scalar upstream.
+/// Gradient of one row: `g[j] = coef · up[j] · ∂l/∂x[j]`, `up` = `None` for a scalar upstream;
+/// `WE` as for `row_forward`.
 #[inline(always)]
-fn row_backward<T: Elem>(
+fn row_backward<T: Elem, const WE: bool>(
     p: &Params<T::A>,
     s: &mut Scratch<T::A>,
     x: &[T],
@@ -380,6 +494,9 @@ fn row_backward<T: Elem>(
         return;
     }
     s.eval_row::<true>(p, matches!(rt, RowTarget::Label(_)));
+    if WE {
+        s.apply_w();
+    }
     match up {
         Some(u) => {
             for ((g, v), u) in g.iter_mut().zip(&s.v).zip(u) {
@@ -407,13 +524,26 @@ impl FocalOp {
         }
     }
 
+    /// The forward; `WE`: with the weight of a `forward_weighted` call (the branch hoisted out
+    /// of the loops, so the unweighted passes are unchanged).
     fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
-        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
+        match inp.w {
+            Some(_) => self.cpu_fwd_w::<T, true>(inp, saved),
+            None => self.cpu_fwd_w::<T, false>(inp, saved),
+        }
+    }
+
+    fn cpu_fwd_w<T: Elem, const WE: bool>(
+        &self,
+        inp: &CpuInputs<'_, T>,
+        saved: Option<&SavedGrad>,
+    ) -> CpuOut {
+        let ((n, c), x, tg, ew) = (inp.dims2(NAME)?, inp.x, &inp.t, inp.w.as_ref());
         let p = self.params::<T::A>();
         let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
         let rpc = rows_per_chunk(c);
         if let (Some(saved), true) = (saved, self.reduction.is_scalar()) {
-            return self.cpu_fused_t(inp, &p, &w, saved);
+            return self.cpu_fused_t::<T, WE>(inp, &p, &w, saved);
         }
         if self.reduction == Reduction::None {
             let mut out = zeroed_vec::<T>(n * c)?;
@@ -428,7 +558,10 @@ impl FocalOp {
                         let rt = tg.row(NAME, i, c)?;
                         let wr = row_weight(&rt, &w, c);
                         let xr = &x[i * c..(i + 1) * c];
-                        row_forward(&p, &mut sc, xr, &rt, wr, Some(orow));
+                        if WE {
+                            sc.load_w(ew, i)?;
+                        }
+                        row_forward::<T, WE>(&p, &mut sc, xr, &rt, wr, Some(orow));
                     }
                     Ok(())
                 },
@@ -449,7 +582,10 @@ impl FocalOp {
                     }
                     let wr = row_weight(&rt, &w, c);
                     let row = &x[i * c..(i + 1) * c];
-                    s += (wr * row_forward(&p, &mut sc, row, &rt, wr, None)).to_f64();
+                    if WE {
+                        sc.load_w(ew, i)?;
+                    }
+                    s += (wr * row_forward::<T, WE>(&p, &mut sc, row, &rt, wr, None)).to_f64();
                     k += 1;
                 }
                 Ok((s, k))
@@ -465,14 +601,14 @@ impl FocalOp {
     /// Scalar loss and its gradient in one pass; the gradient (already times the reduction's
     /// normaliser and the row weights) goes to `saved`. Same chunks, so the same loss bits, as
     /// the loss-only pass.
-    fn cpu_fused_t<T: Elem>(
+    fn cpu_fused_t<T: Elem, const WE: bool>(
         &self,
         inp: &CpuInputs<'_, T>,
         p: &Params<T::A>,
         w: &[T::A],
         saved: &SavedGrad,
     ) -> CpuOut {
-        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
+        let ((n, c), x, tg, ew) = (inp.dims2(NAME)?, inp.x, &inp.t, inp.w.as_ref());
         let rows = tg.valid_rows(NAME, n, c)?;
         let scale = self.reduction.scale((rows * c) as f64);
         let coef = T::A::from_f64(scale);
@@ -493,7 +629,11 @@ impl FocalOp {
                     }
                     let wr = row_weight(&rt, w, c);
                     let row = &x[i * c..(i + 1) * c];
-                    s += (wr * row_fused(p, &mut sc, row, &rt, coef * wr, grow)).to_f64();
+                    if WE {
+                        sc.load_w(ew, i)?;
+                    }
+                    let rs = row_fused::<T, WE>(p, &mut sc, row, &rt, coef * wr, grow);
+                    s += (wr * rs).to_f64();
                 }
                 Ok(s)
             },
@@ -505,7 +645,14 @@ impl FocalOp {
     }
 
     fn cpu_bwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
-        let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
+        match inp.w {
+            Some(_) => self.cpu_bwd_w::<T, true>(inp, up),
+            None => self.cpu_bwd_w::<T, false>(inp, up),
+        }
+    }
+
+    fn cpu_bwd_w<T: Elem, const WE: bool>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        let ((n, c), x, tg, ew) = (inp.dims2(NAME)?, inp.x, &inp.t, inp.w.as_ref());
         let p = self.params::<T::A>();
         let w = T::A::host_vec(NAME, "class weights", &self.weights)?;
         let scalar_up = self.reduction.is_scalar();
@@ -532,7 +679,10 @@ impl FocalOp {
                     let coef = T::A::from_f64(scale) * row_weight(&rt, &w, c);
                     let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
                     let xr = &x[i * c..(i + 1) * c];
-                    row_backward(&p, &mut sc, xr, &rt, coef, u, grow);
+                    if WE {
+                        sc.load_w(ew, i)?;
+                    }
+                    row_backward::<T, WE>(&p, &mut sc, xr, &rt, coef, u, grow);
                 }
                 Ok(())
             },
@@ -542,8 +692,16 @@ impl FocalOp {
     }
 
     /// `∂loss/∂targets` of dense targets that track a gradient, for an upstream gradient of 1
-    /// then scaled by a scalar upstream (as the logits' gradient).
+    /// then scaled by a scalar upstream (as the logits' gradient); times the element weights
+    /// of a `forward_weighted` call.
     fn cpu_tbwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
+        match inp.w {
+            Some(_) => self.cpu_tbwd_w::<T, true>(inp, up),
+            None => self.cpu_tbwd_w::<T, false>(inp, up),
+        }
+    }
+
+    fn cpu_tbwd_w<T: Elem, const WE: bool>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let ((n, c), x, t) = (inp.dims2(NAME)?, inp.x, inp.t.dense(NAME)?);
         let p = self.params::<T::A>();
         let scalar_up = self.reduction.is_scalar();
@@ -562,6 +720,14 @@ impl FocalOp {
                 for (j, gj) in gc.iter_mut().enumerate() {
                     let i = o + j;
                     let d = focal_elem_dt(&p, x[i].to_acc(), t[i].to_acc());
+                    let d = if WE {
+                        match inp.w.as_ref().and_then(|w| w.at(i / c, i % c, c)) {
+                            Some(w) => d * w.to_acc(),
+                            None => bail!("{NAME}: internal error, no weight for element {i}"),
+                        }
+                    } else {
+                        d
+                    };
                     let u = if scalar_up { T::A::ONE } else { up[i].to_acc() };
                     *gj = T::from_acc(coef * u * d);
                 }

@@ -71,29 +71,29 @@ kernel_params! {
         psum: u64, pden: u64, out: u64, scale_out: u64, nparts: u64,
         scale: f64, den_mult: f64, use_den: i32,
     }
-    /// `sigmoid_focal_fwd_{none,partial}_*`.
+    /// `sigmoid_focal_fwd_{none,partial}_*` (`ew`, `ew_mode`: the forward_weighted weight).
     struct FocalFwdParams {
         x: u64, tg: u64, w: u64, out: u64, psum: u64, pden: u64, err: u64,
-        n: u64, c: u64, alpha: f64, gamma: f64, has_alpha: i32,
+        n: u64, c: u64, ew: u64, alpha: f64, gamma: f64, has_alpha: i32, ew_mode: i32,
     }
     /// `sigmoid_focal_bwd_*`.
     struct FocalBwdParams {
         x: u64, tg: u64, w: u64, up: u64, g: u64, scale_p: u64, err: u64,
-        n: u64, c: u64, alpha: f64, gamma: f64, scale: f64,
-        has_alpha: i32, up_scalar: i32,
+        n: u64, c: u64, ew: u64, alpha: f64, gamma: f64, scale: f64,
+        has_alpha: i32, up_scalar: i32, ew_mode: i32,
     }
     /// `sigmoid_focal_count_*`: non-ignored rows per block.
     struct RowCountParams { tg: u64, pden: u64, err: u64, n: u64, c: u64 }
     /// `quality_fwd_{none,partial}_*` (tg: dense targets or scores; lab: labels or 0).
     struct QualityFwdParams {
         x: u64, tg: u64, lab: u64, out: u64, psum: u64, pden: u64, err: u64,
-        n: u64, c: u64, beta: f64, k: f64, vfl: i32, iou: i32,
+        n: u64, c: u64, ew: u64, beta: f64, k: f64, vfl: i32, iou: i32, ew_mode: i32,
     }
     /// `quality_bwd_*` (∂/∂logits) and `quality_tbwd_*` (∂/∂targets or scores).
     struct QualityBwdParams {
         x: u64, tg: u64, lab: u64, up: u64, g: u64, scale_p: u64, err: u64,
-        n: u64, c: u64, beta: f64, k: f64, scale: f64, vfl: i32, iou: i32,
-        up_scalar: i32,
+        n: u64, c: u64, ew: u64, beta: f64, k: f64, scale: f64, vfl: i32, iou: i32,
+        up_scalar: i32, ew_mode: i32,
     }
     /// `softmax_fwd_*`.
     struct SoftmaxFwdParams {

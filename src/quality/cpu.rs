@@ -11,6 +11,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{CpuTargets, RowLabel, RowTarget, TargetKind};
+use crate::weight::{CpuWeight, RowWeight};
 use candle_core::{bail, Result, Shape, Storage};
 
 /// The hyper-parameters in the accumulator type.
@@ -312,11 +313,13 @@ impl<T: Elem> Src<'_, T> {
     }
 }
 
-/// Per-chunk scratch rows in the accumulator type.
+/// Per-chunk scratch rows in the accumulator type; `w`: the element weights of a
+/// `forward_weighted` call (read only by the `WE` passes).
 struct Scratch<A> {
     x: Vec<A>,
     t: Vec<A>,
     v: Vec<A>,
+    w: Vec<A>,
 }
 
 impl<A: Acc> Scratch<A> {
@@ -325,7 +328,28 @@ impl<A: Acc> Scratch<A> {
             x: vec![A::ZERO; c],
             t: vec![A::ZERO; c],
             v: vec![A::ZERO; c],
+            w: vec![A::ONE; c],
         }
+    }
+
+    /// Loads the element weights of row `i`: the row's value repeated, or its `C` values.
+    #[inline(always)]
+    fn load_w<T: Elem<A = A>>(
+        &mut self,
+        name: &str,
+        w: Option<&CpuWeight<'_, T>>,
+        i: usize,
+    ) -> Result<()> {
+        match w.and_then(|w| w.row(i, self.w.len())) {
+            Some(RowWeight::One(v)) => self.w.fill(v.to_acc()),
+            Some(RowWeight::Elems(e)) => {
+                for (d, s) in self.w.iter_mut().zip(e) {
+                    *d = s.to_acc();
+                }
+            }
+            None => bail!("{name}: internal error, no weight for row {i}"),
+        }
+        Ok(())
     }
 
     /// Loads row `i` of `x` and its targets.
@@ -355,10 +379,24 @@ fn pick<A: Acc>(w: Want, r: (A, A, A)) -> A {
 }
 
 impl QualityOp {
+    /// The forward; `WE`: with the weight of a `forward_weighted` call (the branch hoisted out
+    /// of the loops, so the unweighted passes are unchanged).
     fn cpu_fwd_t<T: Elem>(&self, inp: &CpuInputs<'_, T>, saved: Option<&SavedGrad>) -> CpuOut {
-        let (n, c) = inp.dims2(self.name())?;
+        match inp.w {
+            Some(_) => self.cpu_fwd_w::<T, true>(inp, saved),
+            None => self.cpu_fwd_w::<T, false>(inp, saved),
+        }
+    }
+
+    fn cpu_fwd_w<T: Elem, const WE: bool>(
+        &self,
+        inp: &CpuInputs<'_, T>,
+        saved: Option<&SavedGrad>,
+    ) -> CpuOut {
+        let name = self.name();
+        let (n, c) = inp.dims2(name)?;
         let p = self.params::<T::A>();
-        let x = inp.x;
+        let (x, ew) = (inp.x, inp.w.as_ref());
         let rpc = rows_per_chunk(c);
         self.with_src(inp, |src| {
             if self.reduction == Reduction::None {
@@ -373,6 +411,14 @@ impl QualityOp {
                             let i = ci * rpc + r;
                             if sc.load(src, x, i)? == Row::Ignored {
                                 continue; // stays 0
+                            }
+                            if WE {
+                                sc.load_w(name, ew, i)?;
+                                let it = orow.iter_mut().zip(&sc.x).zip(&sc.t).zip(&sc.w);
+                                for (((o, &x), &t), &w) in it {
+                                    *o = T::from_acc(elem(&p, x, t).0 * w);
+                                }
+                                continue;
                             }
                             for ((o, &x), &t) in orow.iter_mut().zip(&sc.x).zip(&sc.t) {
                                 *o = T::from_acc(elem(&p, x, t).0);
@@ -399,6 +445,17 @@ impl QualityOp {
                             if sc.load(src, x, i)? == Row::Ignored {
                                 continue; // its gradient row stays 0
                             }
+                            if WE {
+                                sc.load_w(name, ew, i)?;
+                                let it = sc.v.iter_mut().zip(grow.iter_mut()).zip(&sc.x);
+                                for ((((v, g), &x), &t), &w) in it.zip(&sc.t).zip(&sc.w) {
+                                    let (l, gx, _) = elem(&p, x, t);
+                                    *v = l * w;
+                                    *g = T::from_acc(coef * (gx * w));
+                                }
+                                s += lane_sum(&sc.v).to_f64();
+                                continue;
+                            }
                             for (((v, g), &x), &t) in
                                 sc.v.iter_mut().zip(grow).zip(&sc.x).zip(&sc.t)
                             {
@@ -423,8 +480,16 @@ impl QualityOp {
                             if sc.load(src, x, i)? == Row::Ignored {
                                 continue;
                             }
-                            for ((v, &x), &t) in sc.v.iter_mut().zip(&sc.x).zip(&sc.t) {
-                                *v = elem(&p, x, t).0;
+                            if WE {
+                                sc.load_w(name, ew, i)?;
+                                let it = sc.v.iter_mut().zip(&sc.x).zip(&sc.t).zip(&sc.w);
+                                for (((v, &x), &t), &w) in it {
+                                    *v = elem(&p, x, t).0 * w;
+                                }
+                            } else {
+                                for ((v, &x), &t) in sc.v.iter_mut().zip(&sc.x).zip(&sc.t) {
+                                    *v = elem(&p, x, t).0;
+                                }
                             }
                             s += lane_sum(&sc.v).to_f64();
                         }
@@ -438,13 +503,26 @@ impl QualityOp {
         })
     }
 
-    /// `coef · up · ∂l/∂x` (`want` = GradX) or `∂l/∂t` of dense targets (GradT), `[N, C]`.
+    /// `coef · up · ∂l/∂x` (`want` = GradX) or `∂l/∂t` of dense targets (GradT), `[N, C]`,
+    /// times the element weights of a `forward_weighted` call.
     fn cpu_bwd_elems<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T], want: Want) -> CpuOut {
+        match inp.w {
+            Some(_) => self.cpu_bwd_elems_w::<T, true>(inp, up, want),
+            None => self.cpu_bwd_elems_w::<T, false>(inp, up, want),
+        }
+    }
+
+    fn cpu_bwd_elems_w<T: Elem, const WE: bool>(
+        &self,
+        inp: &CpuInputs<'_, T>,
+        up: &[T],
+        want: Want,
+    ) -> CpuOut {
         let name = self.name();
         let (n, c) = inp.dims2(name)?;
         let scalar_up = self.check_up(up.len(), n * c)?;
         let p = self.params::<T::A>();
-        let x = inp.x;
+        let (x, ew) = (inp.x, inp.w.as_ref());
         let rpc = rows_per_chunk(c);
         let mut g = zeroed_vec::<T>(n * c)?;
         self.with_src(inp, |src| {
@@ -461,6 +539,15 @@ impl QualityOp {
                             continue; // stays 0
                         }
                         let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
+                        if WE {
+                            sc.load_w(name, ew, i)?;
+                            let it = grow.iter_mut().zip(&sc.x).zip(&sc.t).zip(&sc.w);
+                            for (j, (((g, &x), &t), &w)) in it.enumerate() {
+                                let uj = u.map_or(T::A::ONE, |u| u[j].to_acc());
+                                *g = T::from_acc(coef * uj * (pick(want, elem(&p, x, t)) * w));
+                            }
+                            continue;
+                        }
                         for (j, ((g, &x), &t)) in grow.iter_mut().zip(&sc.x).zip(&sc.t).enumerate()
                         {
                             let uj = u.map_or(T::A::ONE, |u| u[j].to_acc());
@@ -476,13 +563,14 @@ impl QualityOp {
         Ok((T::to_cpu_storage_owned(g), Shape::from((n, c))))
     }
 
-    /// `∂loss/∂scores`, `[N]`: the label column's `∂l/∂t` (0 for background and ignored rows).
+    /// `∂loss/∂scores`, `[N]`: the label column's `∂l/∂t` (0 for background and ignored rows),
+    /// times that element's weight of a `forward_weighted` call.
     fn cpu_bwd_scores<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let name = self.name();
         let (n, c) = inp.dims2(name)?;
         let scalar_up = self.check_up(up.len(), n * c)?;
         let p = self.params::<T::A>();
-        let x = inp.x;
+        let (x, ew) = (inp.x, inp.w.as_ref());
         let mut g = zeroed_vec::<T>(n)?;
         self.with_src(inp, |src| {
             let coef = T::A::from_f64(self.scale(src, n)?);
@@ -498,6 +586,15 @@ impl QualityOp {
                                 let e = i * c + k;
                                 let u = if scalar_up { T::A::ONE } else { up[e].to_acc() };
                                 let gt = elem(&p, x[e].to_acc(), src.score(i)?).2;
+                                let gt = match ew {
+                                    None => gt,
+                                    Some(w) => match w.at(i, k, c) {
+                                        Some(w) => gt * w.to_acc(),
+                                        None => {
+                                            bail!("{name}: internal error, no weight for row {i}")
+                                        }
+                                    },
+                                };
                                 *g = T::from_acc(coef * u * gt);
                             }
                         }

@@ -7,6 +7,7 @@ use crate::gpu::{self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, FwdIn, Gpu, Kern
 use crate::gpu::{Out, Partials, Scale, FOCAL, QUALITY};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
+use crate::weight;
 use candle_core::{Result, Shape};
 
 /// The kernel-name suffix (`{dtype}_{dense|u32|i64}`), the address of the labels (0 for
@@ -71,7 +72,7 @@ fn message(op: &QualityOp, c: usize, e: KernelError) -> String {
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &QualityOp, a: FwdIn<'_, G>) -> Out<G> {
-    let FwdIn { x, t: tg, .. } = a;
+    let FwdIn { x, t: tg, w: ew } = a;
     let name = op.name();
     let (n, c) = layout_dims2(name, x.l)?;
     let cm = common::<G, T>(g, op)?;
@@ -87,6 +88,8 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &QualityOp, a: FwdIn<'_, G
         k: cm.k,
         vfl: cm.vfl,
         iou: cm.iou,
+        ew: weight::addr::<G, T>(g, name, ew)?,
+        ew_mode: weight::mode(ew),
         ..Default::default()
     };
     let plan = ForwardPlan {
@@ -128,7 +131,12 @@ fn launch_backward<G: Gpu, T: DevFloat>(
     a: BwdIn<'_, G>,
     wrt_targets: bool,
 ) -> Out<G> {
-    let BwdIn { x, t: tg, up, .. } = a;
+    let BwdIn {
+        x,
+        t: tg,
+        up,
+        w: ew,
+    } = a;
     let name = op.name();
     let (n, c) = layout_dims2(name, x.l)?;
     let scalar_up = op.reduction.is_scalar();
@@ -184,6 +192,8 @@ fn launch_backward<G: Gpu, T: DevFloat>(
             vfl: cm.vfl,
             iou: cm.iou,
             up_scalar: scalar_up as i32,
+            ew: weight::addr::<G, T>(g, name, ew)?,
+            ew_mode: weight::mode(ew),
         };
         let kname = format!(
             "quality_{}_{}",

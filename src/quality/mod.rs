@@ -7,7 +7,8 @@ use crate::check::{self, check_float_2d, check_non_negative, check_same_device};
 use crate::op::Fwd;
 use crate::reduction::Reduction;
 use crate::targets::{self, TargetKind};
-use candle_core::{bail, Result, Tensor};
+use crate::weight::{self, Weight};
+use candle_core::{bail, DType, Result, Tensor};
 
 mod cpu;
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
@@ -33,15 +34,18 @@ const VFL: &str = "VarifocalLoss";
 /// ```
 ///
 /// exactly mmdet's `quality_focal_loss` (and its dense-target form) with nothing detached, so
-/// both gradients equal PyTorch autograd of that formula. Evaluated with stable forms
+/// both gradients equal PyTorch autograd of that formula.
+/// [`forward_weighted`](Self::forward_weighted) and
+/// [`forward_scores_weighted`](Self::forward_scores_weighted) multiply `l` (and so both
+/// gradients) by the element's weight `w` (mmdet's `weight`) inside the kernels. Evaluated with stable forms
 /// (softplus through `e^{-|x|}`, `1-p = σ(-x)`, `p - t = p·(1-t) - (1-p)·t`, `|t-p|^β =
 /// exp(β·log|t-p|)` with `log|t-p| = -softplus(∓x)` for a target of exactly 0 or 1, and
 /// `0^β = 0` for β > 0, `0^0 = 1`), so logits of ±100 (f32) or ±30 (f16/bf16) give a finite loss
 /// and gradients for every β ≥ 0. Where `p == t` exactly the `sign·|t-p|^(β-1)` factor is taken
 /// as 0 (torch gives the same for β ≥ 1, and `0·∞ = NaN` for β < 1).
 ///
-/// Reductions: `None` gives `[N, C]`; `Sum`; `Mean` = sum / (non-ignored rows × C), 0 when every
-/// row is ignored (mmdet sums the classes first and averages rows: `AvgFactor(N)` gives its
+/// Reductions: `None` gives `[N, C]`; `Sum`; `Mean` = sum / (non-ignored rows × C), the same
+/// with a weight, 0 when every row is ignored (mmdet sums the classes first and averages rows: `AvgFactor(N)` gives its
 /// number); `AvgFactor(f)` = sum / f. Scalar reductions are computed inside the kernel; on the
 /// CPU a scalar loss of tracked logits also writes `∂loss/∂logits` in the same pass.
 ///
@@ -58,16 +62,23 @@ const VFL: &str = "VarifocalLoss";
 ///   targets 0), `-1` (i64) ignored (no loss, zero gradients, not counted by `Mean`).
 /// - `scores` (`forward_scores`): `[N]` in the logits' dtype, in `[0, 1]` where the label is a
 ///   class (the scores of background and ignored rows are not read).
+/// - `weight` (the `_weighted` forms): `[N]` (one per row) or `[N, C]` (one per element), in
+///   the logits' dtype; it gets a gradient when it tracks one. A zero weight is how u32 labels
+///   ignore a row.
 /// - result: `[N, C]` for `Reduction::None`, else a rank-0 tensor; the logits' dtype.
 /// - gradients: the logits' shape; targets `[N, C]` and scores `[N]` when they track one.
+/// - Leading dimensions: logits `[..., C]` with targets `[..., C]`, or labels and scores
+///   `[...]`, and a weight `[...]` or `[..., C]`, are one `[N, C]` problem; `Reduction::None`
+///   then returns `[..., C]`.
 ///
 /// # Errors
 ///
 /// Every message starts with `QualityFocalLoss:`. A tensor on a Metal device; logits not of
 /// rank 2 or not a float dtype; targets, labels or scores of another shape, dtype or device;
 /// a label outside `0..=C` and not `-1`; a target or a used score outside `[0, 1]` or NaN
-/// (checked in the pass that reads it, no extra pass); `beta < 0` or not finite; `AvgFactor`
-/// not finite and > 0.
+/// (checked in the pass that reads it, no extra pass); a weight of another shape, dtype or
+/// device (its values are not checked: a negative weight or NaN gives what the product gives);
+/// `beta < 0` or not finite; `AvgFactor` not finite and > 0.
 ///
 /// # Example
 ///
@@ -108,7 +119,40 @@ impl QualityFocalLoss {
     /// The loss of `logits` `[N, C]` against dense soft `targets` `[N, C]` in `[0, 1]`.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         check_non_negative(QFL, "beta", self.beta)?;
-        dense(self.form(), self.reduction, logits, targets)
+        dense(self.form(), self.reduction, logits, targets, None)
+    }
+
+    /// [`forward`](Self::forward) with every element loss multiplied by `weight` (one value per
+    /// row `[N]`, or per element `[N, C]`, in the logits' dtype; leading dimensions as the
+    /// logits') inside the kernels, before the reduction; `Mean` divides by the same count as
+    /// without a weight. The targets' and the weight's gradients (when they track one) are
+    /// those of the weighted loss.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// use candle_detloss::{QualityFocalLoss, Reduction};
+    /// # fn main() -> candle_core::Result<()> {
+    /// let dev = Device::Cpu;
+    /// let logits = Var::new(&[[2.0f32, -1.0], [-3.0, 0.5]], &dev)?;
+    /// let targets = Tensor::new(&[[0.8f32, 0.0], [0.0, 0.3]], &dev)?;
+    /// // One weight per anchor (mmdet's `weight`): row 1 counts twice.
+    /// let weight = Tensor::new(&[1.0f32, 2.0], &dev)?;
+    /// let qfl = QualityFocalLoss { reduction: Reduction::Sum, ..Default::default() };
+    /// let loss = qfl.forward_weighted(logits.as_tensor(), &targets, &weight)?;
+    /// let rows = qfl.forward_weighted(logits.as_tensor(), &targets, &weight.ones_like()?)?;
+    /// assert!(loss.to_scalar::<f32>()? > rows.to_scalar::<f32>()?);
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        check_non_negative(QFL, "beta", self.beta)?;
+        dense(self.form(), self.reduction, logits, targets, Some(weight))
     }
 
     /// The loss of `logits` `[N, C]` against integer `labels` `[N]` and quality `scores` `[N]`
@@ -120,7 +164,27 @@ impl QualityFocalLoss {
         scores: &Tensor,
     ) -> Result<Tensor> {
         check_non_negative(QFL, "beta", self.beta)?;
-        with_scores(self.form(), self.reduction, logits, labels, scores)
+        with_scores(self.form(), self.reduction, logits, labels, scores, None)
+    }
+
+    /// [`forward_scores`](Self::forward_scores) with the element losses multiplied by `weight`
+    /// (`[N]` or `[N, C]`, as for [`forward_weighted`](Self::forward_weighted)).
+    pub fn forward_scores_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        scores: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        check_non_negative(QFL, "beta", self.beta)?;
+        with_scores(
+            self.form(),
+            self.reduction,
+            logits,
+            labels,
+            scores,
+            Some(weight),
+        )
     }
 
     fn form(&self) -> Form {
@@ -151,13 +215,16 @@ impl QualityFocalLoss {
 /// same stable way (`p^γ = exp(-γ·softplus(-x))`): logits of ±100 (f32) or ±30 (f16/bf16) give
 /// finite values for every γ ≥ 0.
 ///
-/// Reductions, [`forward_scores`](Self::forward_scores) and the score gradient as for
-/// [`QualityFocalLoss`].
+/// Reductions, [`forward_scores`](Self::forward_scores), the weighted forms
+/// ([`forward_weighted`](Self::forward_weighted),
+/// [`forward_scores_weighted`](Self::forward_scores_weighted): `l` times the element's weight)
+/// and the score gradient as for [`QualityFocalLoss`].
 ///
 /// # Shapes
 ///
 /// As for [`QualityFocalLoss`]: logits `[N, C]`; targets `[N, C]`, or labels `[N]` and scores
-/// `[N]`; result `[N, C]` for `Reduction::None`, else rank 0, in the logits' dtype.
+/// `[N]`; weight `[N]` or `[N, C]`; result `[N, C]` for `Reduction::None`, else rank 0, in the
+/// logits' dtype; leading dimensions `[..., C]` as there.
 ///
 /// # Errors
 ///
@@ -208,7 +275,19 @@ impl VarifocalLoss {
     /// The loss of `logits` `[N, C]` against dense targets `[N, C]` in `[0, 1]`.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         self.validate()?;
-        dense(self.form(), self.reduction, logits, targets)
+        dense(self.form(), self.reduction, logits, targets, None)
+    }
+
+    /// [`forward`](Self::forward) with every element loss multiplied by `weight` (`[N]` or
+    /// `[N, C]`, as for [`QualityFocalLoss::forward_weighted`]).
+    pub fn forward_weighted(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        self.validate()?;
+        dense(self.form(), self.reduction, logits, targets, Some(weight))
     }
 
     /// The loss of `logits` `[N, C]` against integer `labels` `[N]` and scores `[N]` (the label
@@ -220,7 +299,27 @@ impl VarifocalLoss {
         scores: &Tensor,
     ) -> Result<Tensor> {
         self.validate()?;
-        with_scores(self.form(), self.reduction, logits, labels, scores)
+        with_scores(self.form(), self.reduction, logits, labels, scores, None)
+    }
+
+    /// [`forward_scores`](Self::forward_scores) with the element losses multiplied by `weight`
+    /// (`[N]` or `[N, C]`, as for [`QualityFocalLoss::forward_weighted`]).
+    pub fn forward_scores_weighted(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        scores: &Tensor,
+        weight: &Tensor,
+    ) -> Result<Tensor> {
+        self.validate()?;
+        with_scores(
+            self.form(),
+            self.reduction,
+            logits,
+            labels,
+            scores,
+            Some(weight),
+        )
     }
 
     fn validate(&self) -> Result<()> {
@@ -275,33 +374,130 @@ fn common_checks(name: &str, red: Reduction, logits: &Tensor) -> Result<(usize, 
     check_float_2d(name, "logits", logits)
 }
 
-fn dense(form: Form, reduction: Reduction, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+/// The loss of logits and a second input of `[N, C]` (already flattened) with an optional
+/// weight: one fused call, or [`weight::weighted`] (the weight's gradient) with the `Mean`
+/// denominator non-ignored rows × C of `labels` (`None`: every row counts).
+fn weighted_2d(
+    form: Form,
+    reduction: Reduction,
+    (x, second, labels): (&Tensor, &Tensor, Option<&Tensor>),
+    w: Option<&Tensor>,
+    run: impl Fn(Reduction, &Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let Some(w) = w else {
+        return run(reduction, x, second, None);
+    };
+    let fused = |w: Option<&Tensor>, red: Reduction, detach: bool| {
+        if detach {
+            run(red, &x.detach(), &second.detach(), w)
+        } else {
+            run(red, x, second, w)
+        }
+    };
+    weight::weighted(form.name(), reduction, w, fused, || mean_den(x, labels))
+}
+
+/// The `Mean` denominator of logits `[N, C]` as a rank-0 tensor in their dtype: non-ignored
+/// rows × C (only i64 labels can ignore a row).
+fn mean_den(x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    let (n, c) = x.dims2()?;
+    let den = match labels {
+        Some(l) if l.dtype() == DType::I64 => {
+            let rows = l.ne(-1.0)?.to_dtype(DType::F32)?.sum_all()?;
+            rows.affine(c as f64, 0.0)?
+        }
+        _ => Tensor::new((n * c) as f32, x.device())?,
+    };
+    den.to_dtype(x.dtype())
+}
+
+/// The weight of logits `[N, C]` validated: `[N]` per row or `[N, C]` per element.
+fn element_weight(name: &str, logits: &Tensor, w: Option<&Tensor>) -> Result<Option<Weight>> {
+    let (n, c) = logits.dims2()?;
+    w.map(|w| Weight::new(name, logits, w, &[n], &[n, c]))
+        .transpose()
+}
+
+fn dense(
+    form: Form,
+    reduction: Reduction,
+    logits: &Tensor,
+    targets: &Tensor,
+    weight: Option<&Tensor>,
+) -> Result<Tensor> {
+    let w = weight
+        .map(|w| weight::flatten_leading(logits.dims(), w))
+        .transpose()?;
     targets::with_leading_dims(form.name(), logits, targets, |x, t| {
-        dense_2d(form, reduction, x, t)
+        weighted_2d(form, reduction, (x, t, None), w.as_ref(), |red, x, t, w| {
+            dense_2d(form, red, x, t, w)
+        })
     })
 }
 
 /// [`dense`] on logits `[N, C]`.
-fn dense_2d(form: Form, reduction: Reduction, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+fn dense_2d(
+    form: Form,
+    reduction: Reduction,
+    logits: &Tensor,
+    targets: &Tensor,
+    weight: Option<&Tensor>,
+) -> Result<Tensor> {
     let name = form.name();
     let (n, c) = common_checks(name, reduction, logits)?;
     if targets::target_kind(name, logits, targets, n, c)? != TargetKind::Dense {
         bail!("{name}: forward takes dense targets [N, C]; pass integer labels with their scores to forward_scores")
     }
+    let w = element_weight(name, logits, weight)?;
     let op = QualityOp {
         form,
         reduction,
         labels: None,
     };
-    apply(op, logits, targets)
+    apply(op, logits, targets, w)
 }
 
+/// [`with_scores_2d`] with leading dimensions: logits `[..., C]`, labels and scores `[...]`
+/// (a weight `[...]` or `[..., C]`) as the flattened `[N, C]` problem; `Reduction::None` then
+/// returns `[..., C]`.
 fn with_scores(
     form: Form,
     reduction: Reduction,
     logits: &Tensor,
     labels: &Tensor,
     scores: &Tensor,
+    weight: Option<&Tensor>,
+) -> Result<Tensor> {
+    let dims = logits.dims();
+    let w = weight
+        .map(|w| weight::flatten_leading(dims, w))
+        .transpose()?;
+    // Scores of the leading shape become [N]; any other shape is left for the 2-D checks
+    // (and the labels' shape for targets::with_leading_dims) to reject.
+    let scores = if dims.len() > 2 && scores.dims() == &dims[..dims.len() - 1] {
+        scores.flatten_all()?
+    } else {
+        scores.clone()
+    };
+    targets::with_leading_dims(form.name(), logits, labels, |x, l| {
+        weighted_2d(
+            form,
+            reduction,
+            (x, &scores, Some(l)),
+            w.as_ref(),
+            |red, x, s, w| with_scores_2d(form, red, x, l, s, w),
+        )
+    })
+}
+
+/// [`with_scores`] on logits `[N, C]`.
+fn with_scores_2d(
+    form: Form,
+    reduction: Reduction,
+    logits: &Tensor,
+    labels: &Tensor,
+    scores: &Tensor,
+    weight: Option<&Tensor>,
 ) -> Result<Tensor> {
     let name = form.name();
     let (n, c) = common_checks(name, reduction, logits)?;
@@ -320,20 +516,21 @@ fn with_scores(
             scores.dims()
         )
     }
+    let w = element_weight(name, logits, weight)?;
     let op = QualityOp {
         form,
         reduction,
         labels: Some((labels.contiguous()?, kind)),
     };
-    apply(op, logits, scores)
+    apply(op, logits, scores, w)
 }
 
-fn apply(op: QualityOp, logits: &Tensor, second: &Tensor) -> Result<Tensor> {
+fn apply(op: QualityOp, logits: &Tensor, second: &Tensor, w: Option<Weight>) -> Result<Tensor> {
     // Training (a scalar loss of logits that track gradients): the forward pass also computes
     // ∂loss/∂logits, and the backward only scales it. The targets' gradient (when they track
     // one) comes from the op layer's target backward.
     let fuse = op.reduction.is_scalar() && logits.track_op();
     logits
         .contiguous()?
-        .apply_op2(&second.contiguous()?, Fwd::new(op, fuse))
+        .apply_op2(&second.contiguous()?, Fwd::new(op, fuse).weighted(w))
 }
