@@ -1032,3 +1032,66 @@ fn mean_divides_by_non_ignored_rows_times_classes_and_avg_factor_n_is_mmdets_mea
         1e-14,
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch fixtures: tests/fixtures/quality.json, made by tests/fixtures/generate.py from ports
+// of mmdet's quality_focal_loss (tensor targets) and varifocal_loss in float64, with the
+// gradients of the logits and of the targets / scores from torch's autograd.
+// ---------------------------------------------------------------------------------------------
+
+/// The loss of a quality fixture case on `x` and its second input `s` (targets or scores).
+fn fixture_loss(case: &serde_json::Value, x: &Tensor, s: &Tensor) -> candle_core::Result<Tensor> {
+    let dev = Device::Cpu;
+    let red = fx_reduction(&case["reduction"], &case["avg_factor"]);
+    let w = (!case["weight"].is_null()).then(|| fx_to_tensor(&case["weight"], DType::F64, &dev));
+    let labels = (case["form"] == "scores")
+        .then(|| Tensor::new(fx_ints(&case["labels"]), &dev))
+        .transpose()?;
+    let run = |q: &QualityFocalLoss, v: &VarifocalLoss| match (&labels, &w) {
+        (None, None) if case["loss_name"] == "qfl" => q.forward(x, s),
+        (None, None) => v.forward(x, s),
+        (Some(l), None) if case["loss_name"] == "qfl" => q.forward_scores(x, l, s),
+        (Some(l), None) => v.forward_scores(x, l, s),
+        (None, Some(w)) if case["loss_name"] == "qfl" => q.forward_weighted(x, s, w),
+        (None, Some(w)) => v.forward_weighted(x, s, w),
+        (Some(l), Some(w)) if case["loss_name"] == "qfl" => q.forward_scores_weighted(x, l, s, w),
+        (Some(l), Some(w)) => v.forward_scores_weighted(x, l, s, w),
+    };
+    let q = QualityFocalLoss {
+        beta: case["beta"].as_f64().unwrap_or(2.0),
+        reduction: red,
+    };
+    let v = VarifocalLoss {
+        alpha: case["alpha"].as_f64().unwrap_or(0.75),
+        gamma: case["gamma"].as_f64().unwrap_or(2.0),
+        iou_weighted: case["iou_weighted"].as_bool().unwrap_or(true),
+        reduction: red,
+    };
+    run(&q, &v)
+}
+
+#[test]
+fn matches_torch_fixtures() {
+    let dev = Device::Cpu;
+    let cases = fixture_cases("quality.json");
+    assert!(cases.len() >= 40, "quality.json has {} cases", cases.len());
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let x = fx_to_tensor(&case["logits"], DType::F64, &dev);
+        let second = if case["form"] == "scores" {
+            &case["scores"]
+        } else {
+            &case["targets"]
+        };
+        let s = fx_to_tensor(second, DType::F64, &dev);
+        let up = fx_to_tensor(&case["upstream"], DType::F64, &dev);
+        let (gx, gs) = grads_of_both(&x, &s, &up, |x, s| fixture_loss(case, x, s)).unwrap();
+        let loss = fixture_loss(case, &x, &s).unwrap();
+        let tol = Tol::abs(1e-12, 1e-9);
+        let got = (to_f64_vec(&loss), to_f64_vec(&gx));
+        let (lshape, _) = check_fixture(name, &got, case, tol, tol);
+        assert_eq!(loss.dims(), lshape.as_slice(), "{name}: loss shape");
+        let (_, want_gs) = fx_tensor(&case["grad_second"]);
+        tol.check(&format!("{name} targets grad"), &to_f64_vec(&gs), &want_gs);
+    }
+}
