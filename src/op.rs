@@ -72,7 +72,6 @@ pub(crate) struct CpuInputs<'a, T> {
     pub(crate) x: &'a [T],
     pub(crate) shape: &'a Shape,
     pub(crate) t: CpuTargets<'a, T>,
-    #[allow(dead_code)] // read by the forward_weighted forms
     pub(crate) w: Option<CpuWeight<'a, T>>,
 }
 
@@ -190,7 +189,6 @@ impl<K: LossKernel> Fwd<K> {
     }
 
     /// The op with the weight `w` (of a `forward_weighted` call) read by its kernels.
-    #[allow(dead_code)] // used by the forward_weighted forms
     pub(crate) fn weighted(self, w: Option<Weight>) -> Self {
         Self { w, ..self }
     }

@@ -2,9 +2,6 @@
 //! validation, the weight as the op layer carries it ([`Weight`], read inside every kernel,
 //! never a separate `[N, C]` multiply), and the weight's own gradient ([`weighted`]).
 
-// The forward_weighted forms of the losses use these (one family at a time).
-#![allow(dead_code)]
-
 use crate::reduction::Reduction;
 use candle_core::{bail, Result, Tensor};
 

@@ -381,7 +381,6 @@ pub(crate) type Out<G> = Result<(<G as Gpu>::Storage, Shape)>;
 pub(crate) struct FwdIn<'a, G: Gpu> {
     pub x: In<'a, G>,
     pub t: In<'a, G>,
-    #[allow(dead_code)] // read by the forward_weighted forms
     pub w: Option<&'a crate::weight::Weight>,
 }
 
@@ -391,7 +390,6 @@ pub(crate) struct BwdIn<'a, G: Gpu> {
     pub x: In<'a, G>,
     pub t: In<'a, G>,
     pub up: In<'a, G>,
-    #[allow(dead_code)] // read by the forward_weighted forms
     pub w: Option<&'a crate::weight::Weight>,
 }
 
