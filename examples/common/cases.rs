@@ -104,6 +104,8 @@ enum Baseline {
     /// AP-Loss's literal O(P·(P+N)) definition (`composed::naive_ap`) on the host copy of the
     /// inputs; `None` on a GPU, where it is not run.
     NaiveAp(Option<HostAp>),
+    /// The same fused loss without its weight (for a `forward_weighted` case).
+    Unweighted(LossFn),
 }
 
 impl Baseline {
@@ -168,12 +170,24 @@ impl Spec {
             move || scalar(&f(x.as_tensor(), &t)?)
         };
         let fused_value = value(&fused);
+        enum Kind {
+            Unweighted,
+            Other,
+        }
+        let baseline_kind = match &baseline {
+            Baseline::Unweighted(_) => Kind::Unweighted,
+            _ => Kind::Other,
+        };
         let (name, runs, composed_fwd, composed_fwd_bwd, check): (_, _, _, _, Option<Check>) =
             match baseline {
-                Baseline::Composed(c) => {
+                Baseline::Composed(c) | Baseline::Unweighted(c) => {
+                    let name = match baseline_kind {
+                        Kind::Unweighted => "unweighted",
+                        Kind::Other => "composed",
+                    };
                     let composed_value = value(&c);
                     (
-                        "composed",
+                        name,
                         7,
                         Some(pass(&c, false)),
                         Some(pass(&c, true)),
@@ -367,7 +381,90 @@ pub fn anchor_cases(n: usize, dev: &Device) -> Result<Vec<Case>> {
     cases.extend(classification(n, dev)?);
     cases.extend(boxes(n, dev)?);
     cases.extend(quality(n, dev)?);
+    cases.extend(weighted(n, dev)?);
     Ok(cases)
+}
+
+/// The weighted forms (`forward_weighted`, mmdet's `weight`) against the same fused loss
+/// without a weight: sigmoid focal (labels) with one weight per anchor, smooth L1 with one per
+/// element, quality focal (labels + scores) with one per anchor and distribution focal with
+/// one per box side. The weights are ones (so the two values agree exactly, which the
+/// agreement check sees), read like any weight.
+pub fn weighted(n: usize, dev: &Device) -> Result<Vec<Case>> {
+    let c = CLASSES;
+    let (labels, _, num_pos) = anchor_labels(n, c, c);
+    let u32_labels: Vec<u32> = labels
+        .iter()
+        .map(|&l| if l < 0 { c as u32 } else { l as u32 })
+        .collect();
+    let lt = Tensor::new(labels, dev)?;
+    let qt = Tensor::new(u32_labels, dev)?;
+    let rows = Tensor::ones(n, DType::F32, dev)?;
+    let f = SigmoidFocalLoss {
+        reduction: Reduction::AvgFactor(num_pos),
+        ..Default::default()
+    };
+    let sl = SmoothL1Loss {
+        beta: 1.0 / 9.0,
+        reduction: Reduction::Mean,
+    };
+    let elems = Tensor::ones((n, 4), DType::F32, dev)?;
+    let f2 = f.clone();
+    let qfl = QualityFocalLoss {
+        reduction: Reduction::AvgFactor(num_pos),
+        ..Default::default()
+    };
+    let scores: Vec<f32> = rand_vec(n, 11, 0.5).iter().map(|v| v + 0.5).collect();
+    let dfl = DistributionFocalLoss::default();
+    let (k, sides) = (DFL_BINS, 4 * n);
+    let yt: Vec<f32> = rand_vec(sides, 13, 0.5)
+        .iter()
+        .map(|v| ((v + 0.5) * (k - 1) as f32).clamp(0.0, (k - 1) as f32))
+        .collect();
+    let side_w = Tensor::ones(sides, DType::F32, dev)?;
+    let (w1, w2, w3) = (rows.clone(), elems, side_w);
+    let q2 = qt.clone();
+    build(
+        dev,
+        vec![
+            Spec {
+                loss: "weighted sigmoid focal (labels, [N])",
+                id: format!("weighted_sigmoid_focal_{n}x{c}_f32"),
+                shape: format!("{n}x{c}"),
+                x: rand_var(n, c, 1, 4.0, dev)?,
+                targets: lt,
+                fused: loss(move |x, t| f.forward_weighted(x, t, &rows)),
+                baseline: Baseline::Unweighted(loss(move |x, t| f2.forward(x, t))),
+            },
+            Spec {
+                loss: "weighted smooth L1 ([N, 4])",
+                id: format!("weighted_smooth_l1_{n}x4_f32"),
+                shape: format!("{n}x4"),
+                x: rand_var(n, 4, 7, 1.0, dev)?,
+                targets: Tensor::from_vec(rand_vec(n * 4, 8, 1.0), (n, 4), dev)?,
+                fused: loss(move |x, t| sl.forward_weighted(x, t, &w2)),
+                baseline: Baseline::Unweighted(loss(move |x, t| sl.forward(x, t))),
+            },
+            Spec {
+                loss: "weighted quality focal (labels + scores, [N])",
+                id: format!("weighted_quality_focal_{n}x{c}_f32"),
+                shape: format!("{n}x{c}"),
+                x: rand_var(n, c, 10, 4.0, dev)?,
+                targets: Tensor::new(scores, dev)?,
+                fused: loss(move |x, s| qfl.forward_scores_weighted(x, &qt, s, &w1)),
+                baseline: Baseline::Unweighted(loss(move |x, s| qfl.forward_scores(x, &q2, s))),
+            },
+            Spec {
+                loss: "weighted distribution focal ([4N])",
+                id: format!("weighted_dfl_{sides}x{k}_f32"),
+                shape: format!("{sides}x{k}"),
+                x: rand_var(sides, k, 14, 4.0, dev)?,
+                targets: Tensor::from_vec(yt, sides, dev)?,
+                fused: loss(move |x, y| dfl.forward_weighted(x, y, &w3)),
+                baseline: Baseline::Unweighted(loss(move |x, y| dfl.forward(x, y))),
+            },
+        ],
+    )
 }
 
 /// DFL's bins per box side (YOLOv8 / GFL: `reg_max` 16, so 17 bins).
