@@ -70,6 +70,11 @@ pub(crate) trait Acc:
     fn atan(self) -> Self;
     /// `self as i32` (truncation, saturating; NaN gives 0).
     fn trunc_i32(self) -> i32;
+    /// `self` truncated toward zero and clamped to `[0, hi]` (NaN gives 0; `hi` is taken in
+    /// `0..=2^24`, where it converts exactly): the same as `(self.trunc_i32()).clamp(0, hi)`,
+    /// but a plain vector conversion (the saturating `as` compiles to one conversion per
+    /// lane).
+    fn trunc_clamped(self, hi: i32) -> i32;
     /// An f32 value converted exactly.
     fn from_f32(v: f32) -> Self;
     /// The values of a small parameter tensor held by an op (class or bin weights, stored in
@@ -141,6 +146,15 @@ macro_rules! impl_acc {
             #[inline(always)]
             fn trunc_i32(self) -> i32 {
                 self as i32
+            }
+            #[inline(always)]
+            fn trunc_clamped(self, hi: i32) -> i32 {
+                let hi = hi.clamp(0, 1 << 24);
+                let hf = hi as $t; // exact: |hi| ≤ 2^24
+                let v = if self > 0.0 { self } else { 0.0 }; // NaN → 0
+                let v = if v < hf { v } else { hf };
+                // SAFETY: `v` is finite and in `[0, 2^24]`, so its truncation is an i32.
+                unsafe { v.to_int_unchecked::<i32>() }
             }
             #[inline(always)]
             fn from_f32(v: f32) -> Self {

@@ -211,9 +211,7 @@ impl GhmcLoss {
 /// selects only so that the row loops vectorise.
 #[inline(always)]
 fn bin_of<A: Acc>(g: A, bins: i32, bins_f: A, bins_f32: f32) -> i32 {
-    let guess = (g * bins_f).trunc_i32();
-    let b = if guess < bins - 1 { guess } else { bins - 1 };
-    let b = if b > 0 { b } else { 0 };
+    let b = (g * bins_f).trunc_clamped(bins - 1); // in 0..bins
     let down = b > 0 && g < A::from_f32(b as f32 / bins_f32);
     let up = b + 1 < bins && g >= A::from_f32((b + 1) as f32 / bins_f32);
     let b = b - down as i32 + up as i32;
@@ -270,18 +268,34 @@ impl<A: Acc> Scratch<A> {
         Ok(true)
     }
 
-    /// `d`, `bin` (and `ce` with `CE`) of row `x` against the loaded targets.
+    /// `d`, `ce` and `bin` of row `x` against the loaded targets.
     #[inline(always)]
-    fn eval<T: Elem<A = A>, const CE: bool>(&mut self, x: &[T], bins: usize) {
+    fn eval<T: Elem<A = A>>(&mut self, x: &[T], bins: usize) {
         let (bins_i, bins_f32) = (bins as i32, bins as f32);
         let bins_f = A::from_f64(bins as f64);
         let it = self.d.iter_mut().zip(&mut self.ce).zip(&mut self.bin);
         for (((d, ce), b), (xv, t)) in it.zip(x.iter().zip(&self.t)) {
             let (g, c, dv) = elem(xv.to_acc(), *t);
             *d = dv;
-            if CE {
-                *ce = c;
-            }
+            *ce = c;
+            *b = bin_of(g, bins_i, bins_f, bins_f32);
+        }
+    }
+
+    /// `d` and `bin` of row `x` (the backward's: no BCE; not `eval` with a flag, as that loop
+    /// with the store switched off did not vectorise).
+    #[inline(always)]
+    fn eval_d<T: Elem<A = A>>(&mut self, x: &[T], bins: usize) {
+        let (bins_i, bins_f32) = (bins as i32, bins as f32);
+        let bins_f = A::from_f64(bins as f64);
+        for ((d, b), (xv, t)) in self
+            .d
+            .iter_mut()
+            .zip(&mut self.bin)
+            .zip(x.iter().zip(&self.t))
+        {
+            let (g, _, dv) = elem(xv.to_acc(), *t);
+            *d = dv;
             *b = bin_of(g, bins_i, bins_f, bins_f32);
         }
     }
@@ -366,32 +380,44 @@ impl GhmcHist {
             n.div_ceil(rpc),
             #[inline(always)]
             |ci| {
-                let mut cnt = vec![0u64; COPIES * slots];
-                let mut sum = vec![0f64; COPIES * slots];
+                let mut cnt: [Vec<u64>; COPIES] = std::array::from_fn(|_| vec![0; slots]);
+                let mut sum: [Vec<f64>; COPIES] = std::array::from_fn(|_| vec![0.0; slots]);
                 let mut valid = 0u64;
                 let mut sc = Scratch::<T::A>::new(c);
                 for i in ci * rpc..((ci + 1) * rpc).min(n) {
                     if !sc.load(tg, i, c)? {
                         continue;
                     }
-                    sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
-                    for (j, (&b, &ce)) in sc.bin.iter().zip(&sc.ce).enumerate() {
-                        let k = (j % COPIES) * slots + (b as usize).min(bins);
-                        cnt[k] += 1;
-                        sum[k] += Acc::to_f64(ce);
+                    sc.eval::<T>(&x[i * c..(i + 1) * c], bins);
+                    // `[..=bins]`: a slot index `min(b, bins)` needs no bounds check.
+                    let mut cq = cnt.each_mut().map(|v| &mut v[..=bins]);
+                    let mut sq = sum.each_mut().map(|v| &mut v[..=bins]);
+                    let mut add = |q: usize, b: i32, ce: T::A| {
+                        let k = (b as usize).min(bins);
+                        cq[q][k] += 1;
+                        sq[q][k] += Acc::to_f64(ce);
+                    };
+                    // Element `j` into copy `j % COPIES`, in order.
+                    let (bs, es) = (sc.bin.chunks_exact(COPIES), sc.ce.chunks_exact(COPIES));
+                    let (br, er) = (bs.remainder(), es.remainder());
+                    for (bq, eq) in bs.zip(es) {
+                        for q in 0..COPIES {
+                            add(q, bq[q], eq[q]);
+                        }
+                    }
+                    for (q, (&b, &ce)) in br.iter().zip(er).enumerate() {
+                        add(q, b, ce);
                     }
                     valid += c as u64;
                 }
-                let fold =
-                    |v: &mut [f64], w: &[f64]| v.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
-                let (s0, rest) = sum.split_at_mut(slots);
-                rest.chunks(slots).for_each(|w| fold(s0, w));
-                let (c0, rest) = cnt.split_at_mut(slots);
-                for w in rest.chunks(slots) {
-                    c0.iter_mut().zip(w).for_each(|(a, b)| *a += *b);
+                // The copies folded into the first, in copy order.
+                let [mut cnt, cnt_rest @ ..] = cnt;
+                let [mut sum, sum_rest @ ..] = sum;
+                for (cw, sw) in cnt_rest.iter().zip(&sum_rest) {
+                    cnt.iter_mut().zip(cw).for_each(|(a, b)| *a += *b);
+                    sum.iter_mut().zip(sw).for_each(|(a, b)| *a += *b);
                 }
                 cnt.truncate(bins);
-                sum.truncate(slots);
                 Ok((cnt, sum, valid))
             },
         )?;
@@ -482,7 +508,7 @@ impl GhmcOp {
                     if !sc.load(tg, i, c)? {
                         continue;
                     }
-                    sc.eval::<T, true>(&x[i * c..(i + 1) * c], bins);
+                    sc.eval::<T>(&x[i * c..(i + 1) * c], bins);
                     for ((oj, &b), &ce) in orow.iter_mut().zip(&sc.bin).zip(&sc.ce) {
                         *oj = T::from_acc(w[(b as usize).min(bins)] * ce);
                     }
@@ -498,7 +524,9 @@ impl GhmcOp {
     fn cpu_bwd_t<T: Elem, const WRT_T: bool>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let ((n, c), x, tg) = (inp.dims2(NAME)?, inp.x, &inp.t);
         let bins = self.bins;
-        let w = self.cpu_weights_ext::<T::A>()?;
+        let w_ext = self.cpu_weights_ext::<T::A>()?;
+        // `w[..=bins]`: the lookup's index is at most `bins`, with no bounds check left.
+        let w = &w_ext[..=bins];
         let scalar_up = self.reduction.is_scalar();
         if scalar_up && up.len() != 1 || !scalar_up && up.len() != n * c {
             bail!("{NAME}: upstream gradient has {} elements", up.len())
@@ -523,7 +551,7 @@ impl GhmcOp {
                         continue;
                     }
                     let xr = &x[i * c..(i + 1) * c];
-                    sc.eval::<T, false>(xr, bins);
+                    sc.eval_d::<T>(xr, bins);
                     if WRT_T {
                         // ∂BCE/∂t = −x.
                         for (d, xv) in sc.d.iter_mut().zip(xr) {
@@ -597,3 +625,50 @@ impl LossKernel for GhmcOp {
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 mod gpu;
+
+#[cfg(test)]
+mod tests {
+    use super::bin_of;
+
+    /// mmdet's bin by a linear search of its edges (`i / bins` in f32, the last `1 + 1e-6`):
+    /// the `b` with `edge(b) ≤ g < edge(b + 1)`, `bins` when there is none (NaN).
+    fn searched(g: f32, bins: usize) -> i32 {
+        let edge = |i: usize| {
+            if i == bins {
+                1.0 + 1e-6
+            } else {
+                i as f32 / bins as f32
+            }
+        };
+        (0..bins)
+            .find(|&b| g >= edge(b) && g < edge(b + 1))
+            .map_or(bins as i32, |b| b as i32)
+    }
+
+    #[test]
+    fn bin_of_matches_the_edge_search_at_and_around_every_edge() {
+        for bins in [1usize, 2, 3, 7, 10, 29, 30, 31, 64, 1000] {
+            let mut gs = vec![
+                0.0f32,
+                1.0,
+                f32::NAN,
+                f32::MIN_POSITIVE,
+                1.0 - f32::EPSILON / 2.0,
+            ];
+            for i in 0..=bins {
+                let e = i as f32 / bins as f32;
+                let below = f32::from_bits(e.to_bits().saturating_sub(1));
+                gs.extend([e, below, f32::from_bits(e.to_bits() + 1)]);
+            }
+            for g in gs
+                .into_iter()
+                .filter(|g| g.is_nan() || (0.0..=1.0).contains(g))
+            {
+                let b = bin_of(g, bins as i32, bins as f32, bins as f32);
+                assert_eq!(b, searched(g, bins), "bins {bins}, g {g:e}");
+                let b64 = bin_of(g as f64, bins as i32, bins as f64, bins as f32);
+                assert_eq!(b64, searched(g, bins), "f64, bins {bins}, g {g:e}");
+            }
+        }
+    }
+}
