@@ -206,18 +206,21 @@ fn row_stats<T: Elem, const SMOOTH: bool>(
     }
 }
 
-/// Derived per-row quantities: `s = Σ_k e^{x_k - m}`, `nll = -log p_t`, `q = 1 - p_t`, `p_t`.
+/// Derived per-row quantities: `s = Σ_k e^{x_k - m}`, `nll = -log p_t`, `q = 1 - p_t`, `p_t`,
+/// and the focal factor `fq = (1 - p_t)^γ` (1 for cross-entropy), computed once for the loss
+/// and the gradient.
 #[derive(Clone, Copy)]
 struct RowSoftmax<A> {
     s: A,
     nll: A,
     q: A,
     p_t: A,
+    fq: A,
 }
 
+/// The row's softmax from its statistics, `x_t` and `e_t = e^{x_t - m}` (the row sweep's).
 #[inline(always)]
-fn row_softmax<A: Acc>(st: &RowStats<A>, x_t: A) -> RowSoftmax<A> {
-    let e_t = (x_t - st.m).exp();
+fn row_softmax<A: Acc>(p: &Params<A>, st: &RowStats<A>, x_t: A, e_t: A) -> RowSoftmax<A> {
     let s = st.s_oth + e_t;
     // -log p_t = log(s / e_t) = log1p(s_oth / e_t): accurate for p_t ≥ ½ (e_t ≥ s_oth, e_t > 0);
     // otherwise log s + (m - x_t), a sum of non-negative terms.
@@ -226,11 +229,13 @@ fn row_softmax<A: Acc>(st: &RowStats<A>, x_t: A) -> RowSoftmax<A> {
     } else {
         s.ln() + (st.m - x_t)
     };
+    let q = st.s_oth / s;
     RowSoftmax {
         s,
         nll,
-        q: st.s_oth / s,
+        q,
         p_t: e_t / s,
+        fq: if p.focal { pow_q(q, p.gamma) } else { A::ONE },
     }
 }
 
@@ -263,7 +268,7 @@ fn pow_q<A: Acc>(q: A, gamma: A) -> A {
 fn row_loss<A: Acc>(p: &Params<A>, st: &RowStats<A>, r: &RowSoftmax<A>, wt: A, smooth: bool) -> A {
     if p.focal {
         // -α w_t (1-p_t)^γ log p_t
-        p.a * wt * pow_q(r.q, p.gamma) * r.nll
+        p.a * wt * r.fq * r.nll
     } else {
         // (1-ε) w_t (lse - x_t) + (ε/K) Σ_k w_k (lse - x_k), with lse = m + log s:
         // Σ_k w_k (lse - x_k) = Σ_k w_k (m - x_k) + W log s.
@@ -299,7 +304,7 @@ fn row_grad<T: Elem, const SMOOTH: bool>(
         } else {
             <T::A as Acc>::ONE
         };
-        let f = pow_q(r.q, p.gamma) * (<T::A as Acc>::ONE + p.gamma * r.p_t * ratio);
+        let f = r.fq * (<T::A as Acc>::ONE + p.gamma * r.p_t * ratio);
         let a = p.a * wt * f;
         (a, a)
     } else {
@@ -340,7 +345,7 @@ fn row_eval<T: Elem, const SMOOTH: bool>(
     g: Option<&mut [T]>,
 ) -> T::A {
     let st = row_stats::<T, SMOOTH>(x, t, w, e, d);
-    let r = row_softmax(&st, x[t].to_acc());
+    let r = row_softmax(p, &st, x[t].to_acc(), e[t]);
     if let Some(g) = g {
         row_grad::<T, SMOOTH>(p, &r, e, t, w, coef, g);
     }
