@@ -2,10 +2,12 @@
 //! candle's autograd for the backward) and against a plain pass over the same bytes (the memory
 //! floor), on the CPU.
 //!
-//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda] [--only TEXT] [--torch PATH]`
+//! `cargo run --release --example bench_table -- [--quick] [--json PATH] [--no-peak] [--device cuda] [--only TEXT] [--torch PATH] [--no-baseline]`
 //!
 //! `--torch PATH` joins the rows of `scripts/bench_torch.py PATH` (PyTorch on the same cases,
-//! default and tuned allocator) into a side-by-side table after the main one. A progress bar on
+//! default and tuned allocator) into a side-by-side table after the main one; the crate's side
+//! of the tuned columns is this program again in a child process with the same allocator
+//! setting (`--no-baseline`: the fused passes and floors only). A progress bar on
 //! stderr shows the case, the pass and the elapsed time.
 //!
 //! With `--device cuda` (build with `--features cuda`) every pass is timed with a device
@@ -54,10 +56,22 @@ struct Args {
     /// Only the cases whose loss name contains TEXT.
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
-    /// Join the rows of `scripts/bench_torch.py PATH` into a side-by-side table.
+    /// Join the rows of `scripts/bench_torch.py PATH` into a side-by-side table (the crate's
+    /// rows also measured again in a child process with glibc's mmap threshold raised, as
+    /// PyTorch's tuned rows are).
     #[arg(long, value_name = "PATH")]
     torch: Option<String>,
+    /// Time the fused passes and the floors only: no baseline, no agreement check.
+    #[arg(long)]
+    no_baseline: bool,
 }
+
+/// glibc's allocator with its mmap threshold raised (freed blocks are reused, no page faults
+/// for large buffers): `scripts/bench_torch.py`'s tuned setting, read by glibc at start-up.
+const TUNED_MALLOC: [(&str, &str); 2] = [
+    ("MALLOC_MMAP_MAX_", "0"),
+    ("MALLOC_TRIM_THRESHOLD_", "100000000000"),
+];
 
 /// One printed / JSON row.
 struct Row {
@@ -147,6 +161,11 @@ fn main() -> Result<()> {
     if let Some(only) = &args.only {
         cases.retain(|c| c.loss.contains(only.as_str()));
     }
+    if args.no_baseline {
+        for c in cases.iter_mut() {
+            (c.composed_fwd, c.composed_fwd_bwd, c.check) = (None, None, None);
+        }
+    }
     let bar = progress(&cases, cuda, peak);
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
     let bw = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
@@ -197,6 +216,8 @@ fn main() -> Result<()> {
             step("baseline fwd");
             let bms = median_ms(case.baseline_runs, warm, cf)?;
             rows.push(row("fwd", fwd, case.baseline, bms, None, None));
+        } else {
+            rows.push(row("fwd", fwd, "none", f64::NAN, None, None));
         }
         if let Some(cfb) = &case.composed_fwd_bwd {
             step("baseline fwd+bwd");
@@ -267,7 +288,7 @@ fn main() -> Result<()> {
             r.one_thread_ms.map_or("".into(), |v| format!("{v:.2}")),
             r.baseline,
             r.baseline_ms,
-            if r.baseline == "copy" || r.baseline == "arith floor" {
+            if matches!(r.baseline, "copy" | "arith floor" | "none") {
                 String::new() // the floor is a bound, not a competitor: see the last column
             } else {
                 format!("{:.1}×", r.baseline_ms / r.fused_ms)
@@ -290,7 +311,8 @@ fn main() -> Result<()> {
         }
     }
     if let Some(path) = &args.torch {
-        torch_table(&rows, path)?;
+        let tuned = tuned_rows(&args)?;
+        torch_table(&rows, &tuned, path)?;
     }
     if let Some(path) = json {
         let arr: Vec<serde_json::Value> = rows
@@ -328,16 +350,48 @@ fn progress(cases: &[cases::Case], cuda: bool, peak: bool) -> indicatif::Progres
     bar
 }
 
+/// The crate's rows measured again by this program in a child process under
+/// [`TUNED_MALLOC`] (fused passes only: `--no-baseline --no-peak`, same `--quick` / `--only`),
+/// read back from its `--json` file.
+fn tuned_rows(args: &Args) -> Result<Vec<serde_json::Value>> {
+    let path = std::env::temp_dir().join(format!("bench_table_tuned_{}.json", std::process::id()));
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--no-baseline", "--no-peak", "--json"])
+        .arg(&path);
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    if let Some(only) = &args.only {
+        cmd.args(["--only", only]);
+    }
+    eprintln!("the crate again with the tuned allocator ({TUNED_MALLOC:?}), in a child process");
+    let out = cmd
+        .envs(TUNED_MALLOC)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(out.success(), "the tuned child run failed: {out}");
+    let text = std::fs::read_to_string(&path)?;
+    let _ = std::fs::remove_file(&path);
+    Ok(serde_json::from_str(&text)?)
+}
+
 /// The side-by-side table: the crate's training step (and its own time without candle's
-/// gradient accumulate) against PyTorch's rows of `scripts/bench_torch.py` (same loss, shape and
-/// pass), with the ratios torch / crate.
-fn torch_table(rows: &[Row], path: &str) -> Result<()> {
+/// gradient accumulate), with the default allocator (`rows`) and the tuned one (`tuned`),
+/// against PyTorch's rows of `scripts/bench_torch.py` (same loss, shape and pass) under the same
+/// allocator, with the ratios torch / crate.
+fn torch_table(rows: &[Row], tuned: &[serde_json::Value], path: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--torch {path}: {e}"))?;
     let torch: Vec<serde_json::Value> = serde_json::from_str(&text)?;
     let find = |loss: &str, shape: &str, pass: &str| {
         rows.iter()
             .find(|r| r.loss == loss && r.shape == shape && r.pass == pass)
             .map(|r| r.fused_ms)
+    };
+    let find_tuned = |loss: &str, shape: &str, pass: &str| {
+        tuned
+            .iter()
+            .find(|r| r["loss"] == loss && r["shape"] == shape && r["pass"] == pass)
+            .and_then(|r| r["fused_ms"].as_f64())
     };
     let version = torch
         .first()
@@ -346,9 +400,10 @@ fn torch_table(rows: &[Row], path: &str) -> Result<()> {
             format!("PyTorch {} / torchvision {}", v("torch"), v("torchvision"))
         })
         .unwrap_or_default();
-    println!("\nSide by side with {version} (torch rows from {path}; ratios torch / crate, > 1: the crate is faster)\n");
-    println!("| loss | shape | pass | crate ms | crate's own ms | torch default ms | torch tuned ms | default / crate | tuned / crate |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("\nSide by side with {version} (torch rows from {path}; ratios torch / crate under the same allocator, > 1: the crate is faster; own = without candle's gradient accumulate)\n");
+    println!("| loss | shape | pass | crate ms | own ms | torch ms | torch / crate | crate tuned ms | own tuned ms | torch tuned ms | tuned: torch / crate |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let ms = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.2}"));
     for t in &torch {
         let (Some(loss), Some(shape), Some(pass)) =
             (t["loss"].as_str(), t["shape"].as_str(), t["pass"].as_str())
@@ -358,18 +413,24 @@ fn torch_table(rows: &[Row], path: &str) -> Result<()> {
         let Some(ours) = find(loss, shape, pass) else {
             continue; // a case this run did not time (--only, another size)
         };
-        let own = (pass == "fwd+bwd")
+        let ours_tuned = find_tuned(loss, shape, pass).unwrap_or(f64::NAN);
+        let step = pass == "fwd+bwd";
+        let own = step
             .then(|| find(loss, shape, "fwd+bwd − accumulate"))
+            .flatten();
+        let own_tuned = step
+            .then(|| find_tuned(loss, shape, "fwd+bwd − accumulate"))
             .flatten();
         let (td, tt) = (
             t["torch_default_ms"].as_f64().unwrap_or(f64::NAN),
             t["torch_tuned_ms"].as_f64().unwrap_or(f64::NAN),
         );
         println!(
-            "| {loss} | {shape} | {pass} | {ours:.2} | {} | {td:.2} | {tt:.2} | {:.2}× | {:.2}× |",
-            own.map_or(String::new(), |v| format!("{v:.2}")),
+            "| {loss} | {shape} | {pass} | {ours:.2} | {} | {td:.2} | {:.2}× | {ours_tuned:.2} | {} | {tt:.2} | {:.2}× |",
+            ms(own),
             td / ours,
-            tt / ours,
+            ms(own_tuned),
+            tt / ours_tuned,
         );
     }
     Ok(())
