@@ -2,6 +2,7 @@
 //! validation, the weight as the op layer carries it ([`Weight`], read inside every kernel,
 //! never a separate `[N, C]` multiply), and the weight's own gradient ([`weighted`]).
 
+use crate::dtype::{Acc, Elem};
 use crate::reduction::Reduction;
 use candle_core::{bail, Result, Tensor};
 
@@ -113,6 +114,56 @@ impl<T: Copy> CpuWeight<'_, T> {
 pub(crate) enum RowWeight<'a, T> {
     One(T),
     Elems(&'a [T]),
+}
+
+/// Per-chunk scratch rows of the sigmoid-family CPU kernels (focal, quality focal,
+/// varifocal) in the accumulator type: the logits `x`, the targets `t`, the per-element results
+/// `v` and the element weights `w` of a `forward_weighted` call (read only by the weighted
+/// passes). Each loss adds its own row loading and evaluation.
+pub(crate) struct RowScratch<A> {
+    pub(crate) x: Vec<A>,
+    pub(crate) t: Vec<A>,
+    pub(crate) v: Vec<A>,
+    pub(crate) w: Vec<A>,
+}
+
+impl<A: Acc> RowScratch<A> {
+    pub(crate) fn new(c: usize) -> Self {
+        Self {
+            x: vec![A::ZERO; c],
+            t: vec![A::ZERO; c],
+            v: vec![A::ZERO; c],
+            w: vec![A::ONE; c],
+        }
+    }
+
+    /// Loads the element weights of row `i`: the row's value repeated, or its `C` values.
+    #[inline(always)]
+    pub(crate) fn load_w<T: Elem<A = A>>(
+        &mut self,
+        name: &str,
+        w: Option<&CpuWeight<'_, T>>,
+        i: usize,
+    ) -> Result<()> {
+        match w.and_then(|w| w.row(i, self.w.len())) {
+            Some(RowWeight::One(v)) => self.w.fill(v.to_acc()),
+            Some(RowWeight::Elems(e)) => {
+                for (d, s) in self.w.iter_mut().zip(e) {
+                    *d = s.to_acc();
+                }
+            }
+            None => bail!("{name}: internal error, no weight for row {i}"),
+        }
+        Ok(())
+    }
+
+    /// `v[j] *= w[j]`: the element weights on the per-element results.
+    #[inline(always)]
+    pub(crate) fn apply_w(&mut self) {
+        for (v, w) in self.v.iter_mut().zip(&self.w) {
+            *v = *v * *w;
+        }
+    }
 }
 
 /// A weight next to an input `x` of leading dimensions (`[..., C]`, rank > 2): of the leading

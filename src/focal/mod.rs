@@ -8,7 +8,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{self, RowLabel, RowTarget, TargetKind};
-use crate::weight::{self, CpuWeight, RowWeight, Weight};
+use crate::weight::{self, RowScratch, Weight};
 use candle_core::{bail, DType, Result, Shape, Tensor};
 
 const NAME: &str = "SigmoidFocalLoss";
@@ -311,50 +311,10 @@ fn row_weight<A: Acc>(rt: &RowTarget<'_, impl Elem>, w: &[A], c: usize) -> A {
     }
 }
 
-/// Per-chunk scratch rows in the accumulator type: the logits, the targets (0/1 from a label,
-/// or the dense row), the per-element results and the element weights of a `forward_weighted`
-/// call (read only by the `WE` passes). Plain slices keep the element loops simple enough for
-/// LLVM's loop vectoriser.
-struct Scratch<A> {
-    x: Vec<A>,
-    t: Vec<A>,
-    v: Vec<A>,
-    w: Vec<A>,
-}
+/// The sigmoid focal loss's row scratch: [`RowScratch`] with its row loading and evaluation.
+type Scratch<A> = RowScratch<A>;
 
 impl<A: Acc> Scratch<A> {
-    fn new(c: usize) -> Self {
-        Self {
-            x: vec![A::ZERO; c],
-            t: vec![A::ZERO; c],
-            v: vec![A::ZERO; c],
-            w: vec![A::ONE; c],
-        }
-    }
-
-    /// Loads the element weights of row `i`: the row's value repeated, or its `C` values.
-    #[inline(always)]
-    fn load_w<T: Elem<A = A>>(&mut self, w: Option<&CpuWeight<'_, T>>, i: usize) -> Result<()> {
-        match w.and_then(|w| w.row(i, self.w.len())) {
-            Some(RowWeight::One(v)) => self.w.fill(v.to_acc()),
-            Some(RowWeight::Elems(e)) => {
-                for (d, s) in self.w.iter_mut().zip(e) {
-                    *d = s.to_acc();
-                }
-            }
-            None => bail!("{NAME}: internal error, no weight for row {i}"),
-        }
-        Ok(())
-    }
-
-    /// `v[j] *= w[j]`: the element weights on the per-element results.
-    #[inline(always)]
-    fn apply_w(&mut self) {
-        for (v, w) in self.v.iter_mut().zip(&self.w) {
-            *v = *v * *w;
-        }
-    }
-
     /// Loads row `x` and its targets; returns false for an ignored row.
     #[inline(always)]
     fn load<T: Elem<A = A>>(&mut self, x: &[T], rt: &RowTarget<'_, T>) -> bool {
@@ -559,7 +519,7 @@ impl FocalOp {
                         let wr = row_weight(&rt, &w, c);
                         let xr = &x[i * c..(i + 1) * c];
                         if WE {
-                            sc.load_w(ew, i)?;
+                            sc.load_w(NAME, ew, i)?;
                         }
                         row_forward::<T, WE>(&p, &mut sc, xr, &rt, wr, Some(orow));
                     }
@@ -583,7 +543,7 @@ impl FocalOp {
                     let wr = row_weight(&rt, &w, c);
                     let row = &x[i * c..(i + 1) * c];
                     if WE {
-                        sc.load_w(ew, i)?;
+                        sc.load_w(NAME, ew, i)?;
                     }
                     s += (wr * row_forward::<T, WE>(&p, &mut sc, row, &rt, wr, None)).to_f64();
                     k += 1;
@@ -630,7 +590,7 @@ impl FocalOp {
                     let wr = row_weight(&rt, w, c);
                     let row = &x[i * c..(i + 1) * c];
                     if WE {
-                        sc.load_w(ew, i)?;
+                        sc.load_w(NAME, ew, i)?;
                     }
                     let rs = row_fused::<T, WE>(p, &mut sc, row, &rt, coef * wr, grow);
                     s += (wr * rs).to_f64();
@@ -680,7 +640,7 @@ impl FocalOp {
                     let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
                     let xr = &x[i * c..(i + 1) * c];
                     if WE {
-                        sc.load_w(ew, i)?;
+                        sc.load_w(NAME, ew, i)?;
                     }
                     row_backward::<T, WE>(&p, &mut sc, xr, &rt, coef, u, grow);
                 }

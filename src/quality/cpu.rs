@@ -11,7 +11,7 @@ use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, LossKernel, Names, SavedGrad, TargetGrad};
 use crate::reduction::Reduction;
 use crate::targets::{CpuTargets, RowLabel, RowTarget, TargetKind};
-use crate::weight::{CpuWeight, RowWeight};
+use crate::weight::RowScratch;
 use candle_core::{bail, Result, Shape, Storage};
 
 /// The hyper-parameters in the accumulator type.
@@ -313,48 +313,13 @@ impl<T: Elem> Src<'_, T> {
     }
 }
 
-/// Per-chunk scratch rows in the accumulator type; `w`: the element weights of a
-/// `forward_weighted` call (read only by the `WE` passes).
-struct Scratch<A> {
-    x: Vec<A>,
-    t: Vec<A>,
-    v: Vec<A>,
-    w: Vec<A>,
-}
+/// The quality losses' row scratch: [`RowScratch`] with their row loading.
+type Scratch<A> = RowScratch<A>;
 
 impl<A: Acc> Scratch<A> {
-    fn new(c: usize) -> Self {
-        Self {
-            x: vec![A::ZERO; c],
-            t: vec![A::ZERO; c],
-            v: vec![A::ZERO; c],
-            w: vec![A::ONE; c],
-        }
-    }
-
-    /// Loads the element weights of row `i`: the row's value repeated, or its `C` values.
-    #[inline(always)]
-    fn load_w<T: Elem<A = A>>(
-        &mut self,
-        name: &str,
-        w: Option<&CpuWeight<'_, T>>,
-        i: usize,
-    ) -> Result<()> {
-        match w.and_then(|w| w.row(i, self.w.len())) {
-            Some(RowWeight::One(v)) => self.w.fill(v.to_acc()),
-            Some(RowWeight::Elems(e)) => {
-                for (d, s) in self.w.iter_mut().zip(e) {
-                    *d = s.to_acc();
-                }
-            }
-            None => bail!("{name}: internal error, no weight for row {i}"),
-        }
-        Ok(())
-    }
-
     /// Loads row `i` of `x` and its targets.
     #[inline(always)]
-    fn load<T: Elem<A = A>>(&mut self, src: &Src<'_, T>, x: &[T], i: usize) -> Result<Row> {
+    fn load_src<T: Elem<A = A>>(&mut self, src: &Src<'_, T>, x: &[T], i: usize) -> Result<Row> {
         let c = src.c;
         for (d, s) in self.x.iter_mut().zip(&x[i * c..(i + 1) * c]) {
             *d = s.to_acc();
@@ -409,7 +374,7 @@ impl QualityOp {
                         let mut sc = Scratch::new(c);
                         for (r, orow) in o.chunks_mut(c).enumerate() {
                             let i = ci * rpc + r;
-                            if sc.load(src, x, i)? == Row::Ignored {
+                            if sc.load_src(src, x, i)? == Row::Ignored {
                                 continue; // stays 0
                             }
                             if WE {
@@ -442,7 +407,7 @@ impl QualityOp {
                         let (mut s, mut sc) = (0f64, Scratch::new(c));
                         for (r, grow) in gc.chunks_mut(c).enumerate() {
                             let i = ci * rpc + r;
-                            if sc.load(src, x, i)? == Row::Ignored {
+                            if sc.load_src(src, x, i)? == Row::Ignored {
                                 continue; // its gradient row stays 0
                             }
                             if WE {
@@ -477,7 +442,7 @@ impl QualityOp {
                     |ci| {
                         let (mut s, mut sc) = (0f64, Scratch::new(c));
                         for i in ci * rpc..((ci + 1) * rpc).min(n) {
-                            if sc.load(src, x, i)? == Row::Ignored {
+                            if sc.load_src(src, x, i)? == Row::Ignored {
                                 continue;
                             }
                             if WE {
@@ -535,7 +500,7 @@ impl QualityOp {
                     let mut sc = Scratch::new(c);
                     for (r, grow) in gc.chunks_mut(c).enumerate() {
                         let i = ci * rpc + r;
-                        if sc.load(src, x, i)? == Row::Ignored {
+                        if sc.load_src(src, x, i)? == Row::Ignored {
                             continue; // stays 0
                         }
                         let u = (!scalar_up).then(|| &up[i * c..(i + 1) * c]);
