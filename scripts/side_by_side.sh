@@ -27,5 +27,5 @@ done
 }
 mkdir -p target
 "$py" scripts/bench_torch.py target/bench_torch.json ${torch_args[@]+"${torch_args[@]}"}
-cargo run --release --example bench_table -- --no-peak --torch target/bench_torch.json \
+cargo run --release --example bench_table -- --torch target/bench_torch.json \
   ${table_args[@]+"${table_args[@]}"}

@@ -9,7 +9,7 @@ use crate::gpu::{
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use crate::weight;
-use candle_core::Shape;
+use candle_core::{Result, Shape};
 
 /// The forward on backend `g`: per-element losses or the reduced scalar.
 pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>) -> Out<G> {
@@ -53,6 +53,32 @@ pub(super) fn forward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: FwdIn<'_, G>)
     Ok(out)
 }
 
+/// The scale of a `Mean` over labels, `1 / (non-ignored rows × C)`, into `scale_buf`: the rows of
+/// the labels at `tg` counted on the device (`sigmoid_focal_count_*`; the quality losses share
+/// the label convention and this kernel).
+pub(crate) fn count_rows_scale<G: Gpu, T: DevFloat>(
+    g: &G,
+    name: &str,
+    kind: TargetKind,
+    tg: u64,
+    err: &ErrorFlag<G>,
+    (n, c): (usize, usize),
+    scale_buf: &G::Words,
+) -> Result<()> {
+    let parts = Partials::new(g, n as u64)?;
+    let p = RowCountParams {
+        tg,
+        pden: g.words_addr(&parts.pden),
+        err: err.addr(g),
+        n: n as u64,
+        c: c as u64,
+    };
+    let kname = format!("sigmoid_focal_count_{}", gpu::target_suffix(kind));
+    g.launch(&FOCAL, &kname, parts.cfg, &p)?;
+    gpu::finalize::<G, T>(g, name, &parts, Scale::device(c as f64), Some(scale_buf))?;
+    Ok(())
+}
+
 /// The gradient on backend `g`.
 pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>) -> Out<G> {
     let BwdIn {
@@ -78,18 +104,7 @@ pub(super) fn backward<G: Gpu, T: DevFloat>(g: &G, op: &FocalOp, a: BwdIn<'_, G>
     let scale_buf = g.words(1)?;
     if total > 0 {
         if count_rows {
-            let parts = Partials::new(g, n as u64)?;
-            let p = RowCountParams {
-                tg: tg_addr,
-                pden: g.words_addr(&parts.pden),
-                err: err.addr(g),
-                n: n as u64,
-                c: c as u64,
-            };
-            let name = format!("sigmoid_focal_count_{}", gpu::target_suffix(op.kind));
-            g.launch(&FOCAL, &name, parts.cfg, &p)?;
-            let scale = Scale::device(c as f64);
-            gpu::finalize::<G, T>(g, NAME, &parts, scale, Some(&scale_buf))?;
+            count_rows_scale::<G, T>(g, NAME, op.kind, tg_addr, &err, (n, c), &scale_buf)?;
         }
         let p = FocalBwdParams {
             x: g.input::<T>(NAME, x.s, x.l)?,

@@ -734,4 +734,4 @@ impl LossKernel for FocalOp {
 
 /// The CUDA launch plans (feature `cuda`, and `cuda-emu` on the emulated backend).
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-mod gpu;
+pub(crate) mod gpu;

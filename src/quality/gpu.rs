@@ -2,9 +2,10 @@
 
 use super::{Form, QualityOp};
 use crate::check::layout_dims2;
-use crate::gpu::params::{QualityBwdParams, QualityFwdParams, RowCountParams};
+use crate::focal::gpu::count_rows_scale;
+use crate::gpu::params::{QualityBwdParams, QualityFwdParams};
 use crate::gpu::{self, BwdIn, DevFloat, ErrorFlag, ForwardPlan, FwdIn, Gpu, KernelError, Launch};
-use crate::gpu::{Out, Partials, Scale, FOCAL, QUALITY};
+use crate::gpu::{Out, Scale, QUALITY};
 use crate::reduction::Reduction;
 use crate::targets::TargetKind;
 use crate::weight;
@@ -155,19 +156,7 @@ fn launch_backward<G: Gpu, T: DevFloat>(
     let scale_buf = g.words(1)?;
     if n * c > 0 {
         if count_rows {
-            let parts = Partials::new(g, n as u64)?;
-            let p = RowCountParams {
-                tg: cm.lab,
-                pden: g.words_addr(&parts.pden),
-                err: err.addr(g),
-                n: n as u64,
-                c: c as u64,
-            };
-            // The sigmoid focal loss's row count: the same label convention.
-            let kname = format!("sigmoid_focal_count_{}", gpu::target_suffix(cm.kind));
-            g.launch(&FOCAL, &kname, parts.cfg, &p)?;
-            let scale = Scale::device(c as f64);
-            gpu::finalize::<G, T>(g, name, &parts, scale, Some(&scale_buf))?;
+            count_rows_scale::<G, T>(g, name, cm.kind, cm.lab, &err, (n, c), &scale_buf)?;
         }
         let p = QualityBwdParams {
             x: g.input::<T>(name, x.s, x.l)?,
