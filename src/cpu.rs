@@ -6,7 +6,8 @@
 //! gradient ([`scale_in_place`], [`apply_scalar_upstream`]).
 
 use crate::dtype::{Acc, Elem, ZeroIsValid};
-use candle_core::{bail, Result};
+use crate::op::{CpuOut, SavedGrad};
+use candle_core::{bail, Result, Shape};
 use rayon::prelude::*;
 
 /// Whether CPU tensors run through the CPU kernels (false while the `cuda-emu` emulation is
@@ -224,6 +225,31 @@ pub(crate) fn map_chunks<T: Send, R: Send>(
         })
         .collect();
     res.into_iter().collect()
+}
+
+/// A scalar loss over `n` rows of `k` elements in chunks of `rpc` rows: `chunk(ci, g)` returns
+/// chunk `ci`'s loss sum and, with `saved` (the fused training step), writes its rows of the
+/// gradient into `g` (`None` without). The sums are merged in chunk order and times `scale`;
+/// the gradient `[n, k]` goes to `saved`.
+#[inline(always)]
+pub(crate) fn scalar_rows<T: Elem + ZeroIsValid>(
+    (n, k, rpc): (usize, usize, usize),
+    scale: f64,
+    saved: Option<&SavedGrad>,
+    chunk: impl Fn(usize, Option<&mut [T]>) -> Result<f64> + Sync,
+) -> CpuOut {
+    let sums = match saved {
+        Some(saved) => {
+            let mut g = zeroed_vec::<T>(n * k)?;
+            let sums = map_chunks(&mut g, rpc * k, |ci, gc| chunk(ci, Some(gc)))?;
+            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, k)));
+            sums
+        }
+        None => map_indices(n.div_ceil(rpc), |ci| chunk(ci, None))?,
+    };
+    let total = ordered_sum(&sums) * scale;
+    let out = vec![T::from_acc(T::A::from_f64(total))];
+    Ok((T::to_cpu_storage_owned(out), Shape::from(())))
 }
 
 /// `f(ci)` for the chunks `0..chunks` in parallel, each under [`vectorized`]; the results in

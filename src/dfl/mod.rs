@@ -8,7 +8,7 @@
 //! no log-sum-exp and has its own backward op.
 
 use crate::check::{check_float_2d, check_same_device};
-use crate::cpu::{self, lane_max, lane_sum, map_chunks, map_indices, ordered_sum};
+use crate::cpu::{self, lane_max, lane_sum, map_chunks, scalar_rows};
 use crate::cpu::{rows_per_chunk, vectorized, zeroed_vec};
 use crate::dtype::{Acc, Elem};
 use crate::op::{CpuInputs, CpuOut, Fwd, LossKernel, Names, SavedGrad, TargetGrad};
@@ -395,10 +395,6 @@ impl DflOp {
         }
         let scale = self.reduction.scale(n as f64);
         let coef = <T::A as Acc>::from_f64(scale);
-        let mut g = match saved {
-            Some(_) => zeroed_vec::<T>(n * k)?,
-            None => Vec::new(),
-        };
         // Σ l per chunk of rows, merged in chunk order; the gradient chunk (empty without
         // `saved`) rides along.
         let chunk = |ci: usize, mut gc: Option<&mut [T]>| -> Result<f64> {
@@ -420,17 +416,7 @@ impl DflOp {
                 },
             )
         };
-        let sums = if saved.is_some() {
-            map_chunks(&mut g, rpc * k, |ci, gc| chunk(ci, Some(gc)))?
-        } else {
-            map_indices(n.div_ceil(rpc), |ci| chunk(ci, None))?
-        };
-        if let Some(saved) = saved {
-            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, k)));
-        }
-        let total = ordered_sum(&sums) * scale;
-        let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
-        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+        scalar_rows::<T>((n, k, rpc), scale, saved, chunk)
     }
 
     /// Checks the upstream gradient's length against the reduction (`n` rows).

@@ -9,6 +9,7 @@
 //! rows (bitwise the same result).
 
 use crate::check::{check_float_2d, check_same_device};
+use crate::cpu::scalar_rows;
 use crate::cpu::{self, lane_max, lane_sum, map_chunks, ordered_sum, rows_per_chunk, vectorized};
 use crate::cpu::{map_indices, zeroed_vec};
 use crate::dtype::{acc_dtype, Acc, Elem};
@@ -482,10 +483,6 @@ impl SoftmaxOp {
         // The normaliser first, so that a fused pass can scale the gradient as it writes it.
         let scale = self.reduction.scale(self.weight_sum(lab, &w, n, k)?);
         let coef = <T::A as Acc>::from_f64(scale);
-        let mut g = match saved {
-            Some(_) => zeroed_vec::<T>(n * k)?,
-            None => Vec::new(),
-        };
         // Σ l per chunk of rows, merged in chunk order; the gradient chunk (empty without
         // `saved`) rides along.
         let chunk = |ci: usize, mut gc: Option<&mut [T]>| -> Result<f64> {
@@ -509,17 +506,7 @@ impl SoftmaxOp {
                 },
             )
         };
-        let sums = if saved.is_some() {
-            map_chunks(&mut g, rpc * k, |ci, gc| chunk(ci, Some(gc)))?
-        } else {
-            map_indices(n.div_ceil(rpc), |ci| chunk(ci, None))?
-        };
-        if let Some(saved) = saved {
-            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, k)));
-        }
-        let total = ordered_sum(&sums) * scale;
-        let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
-        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+        scalar_rows::<T>((n, k, rpc), scale, saved, chunk)
     }
 
     /// The backward when the forward saved nothing (or for `Reduction::None`): the same row

@@ -13,8 +13,8 @@
 //! as in the label kernels: its max, then the exponentials, products and fixed-order lane sums.
 
 use super::{row_weight, times, Kind, SoftmaxOp};
-use crate::cpu::{self, lane_max, lane_sum, map_chunks, ordered_sum, rows_per_chunk, vectorized};
-use crate::cpu::{map_indices, zeroed_vec};
+use crate::cpu::zeroed_vec;
+use crate::cpu::{self, lane_max, lane_sum, map_chunks, rows_per_chunk, scalar_rows, vectorized};
 use crate::dtype::{Acc, Elem};
 use crate::op::{CpuOut, SavedGrad};
 use crate::reduction::Reduction;
@@ -186,10 +186,6 @@ impl SoftmaxOp {
         }
         let scale = self.reduction.scale(n as f64);
         let coef = <T::A as Acc>::from_f64(scale);
-        let mut g = match saved {
-            Some(_) => zeroed_vec::<T>(n * k)?,
-            None => Vec::new(),
-        };
         let chunk = |ci: usize, mut gc: Option<&mut [T]>| -> Result<f64> {
             vectorized(
                 #[inline(always)]
@@ -209,17 +205,7 @@ impl SoftmaxOp {
                 },
             )
         };
-        let sums = if saved.is_some() {
-            map_chunks(&mut g, rpc * k, |ci, gc| chunk(ci, Some(gc)))?
-        } else {
-            map_indices(n.div_ceil(rpc), |ci| chunk(ci, None))?
-        };
-        if let Some(saved) = saved {
-            saved.put(T::to_cpu_storage_owned(g), Shape::from((n, k)));
-        }
-        let total = ordered_sum(&sums) * scale;
-        let out = vec![T::from_acc(<T::A as Acc>::from_f64(total))];
-        Ok((T::to_cpu_storage_owned(out), Shape::from(())))
+        scalar_rows::<T>((n, k, rpc), scale, saved, chunk)
     }
 
     /// The gradient with probability targets: to the logits, or (`wrt_t`) to the targets
