@@ -506,11 +506,11 @@ fn row_weight<T: Elem>(w: Option<&[T]>, i: usize) -> Option<T::A> {
     w.and_then(|w| w.get(i)).map(|v| v.to_acc())
 }
 
+/// The logits, the targets and the weight (one per row) of the CPU inputs.
+type Xyw<'a, T> = (&'a [T], &'a [T], Option<&'a [T]>);
+
 /// The logits, targets, weight (one per row) and `K` of the CPU inputs.
-#[allow(clippy::type_complexity)]
-fn cpu_inputs<'a, T: Elem>(
-    inp: &CpuInputs<'a, T>,
-) -> Result<((&'a [T], &'a [T], Option<&'a [T]>), usize)> {
+fn cpu_inputs<'a, T: Elem>(inp: &CpuInputs<'a, T>) -> Result<(Xyw<'a, T>, usize)> {
     let (n, k) = inp.dims2(NAME)?;
     let y = inp.t.dense(NAME)?;
     if y.len() != n || k == 0 {

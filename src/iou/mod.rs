@@ -493,7 +493,6 @@ impl<A: Acc> Block<A> {
 /// (the chunk's `[rows, 4]` gradient). The sum has the same bits either way. With `W` the rows'
 /// weights `ws` multiply the losses and the gradients (`(coef · w_i) · ∂l/∂pred`).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn chunk_sum<T: Elem, const K: u8, const GRAD: bool, const W: bool>(
     xs: &[T],
     ts: &[T],

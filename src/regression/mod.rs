@@ -589,7 +589,6 @@ impl<'a, T: Elem> Wts<'a, T> {
 /// unweighted bits. The loss sum has the same bits with or without `GRAD`: the same
 /// expressions, blocks and summation order.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool, const W: u8>(
     l: &L,
     x: &[T],
@@ -642,12 +641,10 @@ fn chunk_pass<T: Elem, L: ElemLoss<T::A>, const GRAD: bool, const W: u8>(
 /// `f_j = w_j · u[j]` for a per-element upstream `u`, else `w_j · coef`: the weighted `None`
 /// forward (`e` the loss, `coef` 1) and the weighted backward (`e` the derivative).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn weighted_map<T: Elem, const W: u8>(
     w: Wts<'_, T>,
     start: usize,
-    x: &[T],
-    t: &[T],
+    (x, t): (&[T], &[T]),
     u: Option<&[T]>,
     coef: T::A,
     o: &mut [T],
@@ -736,7 +733,9 @@ fn cpu_fwd_t<T: Elem, L: ElemLoss<T::A>>(
                                 }
                             } else {
                                 let start = ci * CHUNK_ELEMS;
-                                weighted_map::<T, W>(w, start, xs, ts, None, one, o, |d| l.loss(d));
+                                weighted_map::<T, W>(w, start, (xs, ts), None, one, o, |d| {
+                                    l.loss(d)
+                                });
                             }
                         })
                     },
@@ -833,7 +832,7 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
                                 }
                             } else {
                                 let s = ci * CHUNK_ELEMS;
-                                weighted_map::<T, W>(w, s, xs, ts, None, coef, gs, |d| l.grad(d));
+                                weighted_map::<T, W>(w, s, (xs, ts), None, coef, gs, |d| l.grad(d));
                             }
                         })
                     },
@@ -861,7 +860,7 @@ fn cpu_bwd_t<T: Elem, L: ElemLoss<T::A>>(
                             } else {
                                 let (s, one) = (ci * CHUNK_ELEMS, T::A::ONE);
                                 let u = Some(us);
-                                weighted_map::<T, W>(w, s, xs, ts, u, one, gs, |d| l.grad(d));
+                                weighted_map::<T, W>(w, s, (xs, ts), u, one, gs, |d| l.grad(d));
                             }
                         })
                     },

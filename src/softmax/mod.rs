@@ -604,7 +604,7 @@ impl LossKernel for SoftmaxOp {
         let (n, k) = inp.dims2(self.name)?;
         if self.probs() {
             let t = inp.t.dense(self.name)?;
-            return self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, false);
+            return self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, (n, k), false);
         }
         if self.smooth() {
             self.cpu_bwd_t::<T, true>(inp.x, &inp.t, inp.w.as_ref(), up, n, k)
@@ -616,7 +616,7 @@ impl LossKernel for SoftmaxOp {
     fn cpu_target_backward<T: Elem>(&self, inp: &CpuInputs<'_, T>, up: &[T]) -> CpuOut {
         let (n, k) = inp.dims2(self.name)?;
         let t = inp.t.dense(self.name)?;
-        self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, n, k, true)
+        self.cpu_prob_bwd::<T>(inp.x, t, inp.w.as_ref(), up, (n, k), true)
     }
 
     crate::op::gpu_kernel_methods!(target_grad);

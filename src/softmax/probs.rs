@@ -210,15 +210,13 @@ impl SoftmaxOp {
 
     /// The gradient with probability targets: to the logits, or (`wrt_t`) to the targets
     /// `coef · (1-ε) w_k ((m - x_k) + log s)`.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn cpu_prob_bwd<T: Elem>(
         &self,
         x: &[T],
         t: &[T],
         ew: Option<&CpuWeight<'_, T>>,
         up: &[T],
-        n: usize,
-        k: usize,
+        (n, k): (usize, usize),
         wrt_t: bool,
     ) -> CpuOut {
         self.check_lens(x, t, n, k)?;
