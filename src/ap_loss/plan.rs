@@ -24,6 +24,8 @@ pub(super) struct Plan {
     /// cells below it, and only the edges of its own cell are left to search: O(1) expected,
     /// O(log P) at worst, and exact whatever the rounding of the cell computation.
     pub(super) cells: Vec<u32>,
+    /// `edges` followed by two `+∞`: the two edges from `cells[k]` on can always be read.
+    pub(super) search: Vec<f64>,
     /// `number of cells / (edges[last] - edges[0])`.
     pub(super) cell_scale: f64,
     /// Centre of the fixed-point offsets, `(min p + max p)/2`.
@@ -36,10 +38,140 @@ pub(super) struct Plan {
     pub(super) nonfinite: bool,
 }
 
-/// The cell of `v >= lo` among `ncell` cells (monotone in `v`; saturating).
+/// The cell of `v` among the `last + 1` cells from `lo` on, `scale` cells per unit: monotone
+/// in `v`, clamped to `0..=last` (NaN into the last cell).
 #[inline(always)]
-pub(super) fn cell_of(v: f64, lo: f64, scale: f64, ncell: usize) -> usize {
-    (((v - lo) * scale) as usize).min(ncell - 1)
+pub(super) fn cell_of(v: f64, lo: f64, scale: f64, last: f64) -> usize {
+    let t = (v - lo) * scale;
+    let t = if t < last { t } else { last };
+    let t = if t > 0.0 { t } else { 0.0 };
+    // SAFETY: `t` is in `[0, last]`, not NaN, and `last` (a cell index) fits in an i64.
+    unsafe { t.to_int_unchecked::<i64>() as usize }
+}
+
+/// The bucket search of a [`Plan`], in locals for the hot loops (see [`Plan::cells`]).
+#[derive(Clone, Copy)]
+pub(super) struct Lookup<'a> {
+    /// The first edge (NaN without edges: then every score is in bucket 0).
+    lo: f64,
+    scale: f64,
+    /// Index of the last cell.
+    last: f64,
+    cells: &'a [u32],
+    search: &'a [f64],
+}
+
+impl Lookup<'_> {
+    /// `ids[e]` = the bucket of `xs[e]`, 0 for a score that is not finite; returns the number
+    /// of those. AVX-512 (eight lookups at once, the same integer result) where the CPU has it
+    /// ([`cpu::simd`]).
+    #[inline(always)]
+    pub(super) fn buckets<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+        // (Without edges every bucket is 0; the gathers need a cell table of 32-bit indices.)
+        #[cfg(target_arch = "x86_64")]
+        if cpu::simd() == cpu::Simd::Avx512 && (2..=i32::MAX as usize).contains(&self.cells.len()) {
+            // SAFETY: `simd` found AVX-512F on this CPU.
+            return unsafe { self.buckets_avx512(xs, ids) };
+        }
+        self.buckets_scalar(xs, ids)
+    }
+
+    #[inline(always)]
+    fn buckets_scalar<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+        let mut nonfinite = 0;
+        for (id, x) in ids.iter_mut().zip(xs) {
+            let v = x.to_f64();
+            nonfinite += !v.is_finite() as u64;
+            *id = if v.is_finite() {
+                self.bucket(v) as u32
+            } else {
+                0
+            };
+        }
+        nonfinite
+    }
+
+    /// [`Lookup::buckets`] eight scores at a time: the cell, the cell table, the two edges
+    /// after the cell's first (gathers) and their compares as in [`Lookup::bucket`]; a lane
+    /// whose cell holds more than two edges is looked up again alone.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn buckets_avx512<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+        use std::arch::x86_64::*;
+        let n = xs.len().min(ids.len());
+        let (lo, scale) = (_mm512_set1_pd(self.lo), _mm512_set1_pd(self.scale));
+        let (last, zero) = (_mm512_set1_pd(self.last), _mm512_setzero_pd());
+        let inf = _mm512_set1_pd(f64::INFINITY);
+        let abs = _mm512_set1_epi64(i64::MAX);
+        let (one, two) = (_mm512_set1_epi64(1), _mm256_set1_epi32(2));
+        let mut nonfinite = 0u64;
+        let mut e = 0;
+        while e + 8 <= n {
+            let mut buf = [0f64; 8];
+            for (b, x) in buf.iter_mut().zip(&xs[e..e + 8]) {
+                *b = x.to_f64();
+            }
+            // SAFETY: `buf` holds 8 f64.
+            let v = unsafe { _mm512_loadu_pd(buf.as_ptr()) };
+            let av = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(v), abs));
+            let fin = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(av, inf);
+            let take = fin & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(v, lo);
+            nonfinite += u64::from((!fin).count_ones());
+            // `cell_of`: the same IEEE operations (vminpd / vmaxpd pick the second operand
+            // on NaN, as its selects do), truncated.
+            let t = _mm512_mul_pd(_mm512_sub_pd(v, lo), scale);
+            let k = _mm512_cvttpd_epi32(_mm512_max_pd(_mm512_min_pd(t, last), zero));
+            // SAFETY: every lane's `k` is in `0..=last` (NaN included), so `k` and `k + 1`
+            // index `cells` (`last + 2` long, at least 2, below 2^31); `a <= edges.len()`, so
+            // `a` and `a + 1` index `search` (`edges.len() + 2` long).
+            let (a, b, e0, e1) = unsafe {
+                let cells = self.cells.as_ptr().cast::<i32>();
+                let a = _mm256_i32gather_epi32::<4>(cells, k);
+                let b = _mm256_i32gather_epi32::<4>(cells.add(1), k);
+                let s = self.search.as_ptr();
+                let e0 = _mm512_i32gather_pd::<8>(a, s.cast());
+                let e1 = _mm512_i32gather_pd::<8>(a, s.add(1).cast());
+                (a, b, e0, e1)
+            };
+            let r = _mm512_cvtepu32_epi64(a);
+            let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e0, v), r, one);
+            let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e1, v), r, one);
+            let r = _mm512_cvtepi64_epi32(_mm512_maskz_mov_epi64(take, r));
+            let many = _mm256_cmpgt_epi32(_mm256_sub_epi32(b, a), two);
+            let slow = _mm256_movemask_ps(_mm256_castsi256_ps(many)) as u8 & take;
+            let out = &mut ids[e..e + 8];
+            // SAFETY: `out` holds 8 u32 (32 bytes; unaligned store).
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), r) };
+            if slow != 0 {
+                for (l, (o, v)) in out.iter_mut().zip(buf).enumerate() {
+                    if slow >> l & 1 == 1 {
+                        *o = self.bucket(v) as u32;
+                    }
+                }
+            }
+            e += 8;
+        }
+        nonfinite + self.buckets_scalar(&xs[e..n], &mut ids[e..n])
+    }
+
+    /// The bucket of a finite score: the number of edges `<= v`.
+    #[inline(always)]
+    pub(super) fn bucket(&self, v: f64) -> usize {
+        if !(v >= self.lo) {
+            return 0;
+        }
+        let k = cell_of(v, self.lo, self.scale, self.last);
+        let (a, b) = match self.cells.get(k..k + 2) {
+            Some(&[a, b]) => (a as usize, b as usize),
+            _ => return 0, // not reached: `k < cells.len() - 1`
+        };
+        match self.search.get(a..a + 2) {
+            // At most two edges in the cell (the common case): two compares, no branch. The
+            // edges after the cell's lie in later cells, so above `v`.
+            Some(&[e0, e1]) if b - a <= 2 => a + (e0 <= v) as usize + (e1 <= v) as usize,
+            _ => a + self.search[a..b].partition_point(|e| *e <= v),
+        }
+    }
 }
 
 /// `y` rounded to an integer, ties to even (`f64::round_ties_even` without the libm call of
@@ -75,6 +207,7 @@ impl Plan {
             pos: pos.to_vec(),
             edges: Vec::new(),
             cells: Vec::new(),
+            search: Vec::new(),
             cell_scale: 0.0,
             center: 0.0,
             scale: 1.0,
@@ -97,18 +230,19 @@ impl Plan {
         // below the i64 limit of 2^63).
         let e = t.log2().ceil() as i32;
         let f = (61 - e).clamp(-1000, 1000);
-        // Sixteen cells per edge on average: most cells then hold no edge, and a lookup is one
-        // read of the (L2-resident) cell table plus at most a compare or two.
-        let ncell = 16 * edges.len();
+        // Two cells per edge on average: the cell table and the edges (16 bytes per edge)
+        // stay in the L1 cache, and few cells hold more than two edges.
+        let ncell = 2 * edges.len();
         plan.cell_scale = ncell as f64 / (hi - lo);
         plan.cells = vec![0u32; ncell + 1];
         for &e in &edges {
-            let k = cell_of(e, lo, plan.cell_scale, ncell);
+            let k = cell_of(e, lo, plan.cell_scale, (ncell - 1) as f64);
             plan.cells[k + 1] += 1;
         }
         for k in 0..ncell {
             plan.cells[k + 1] += plan.cells[k];
         }
+        plan.search = edges.iter().copied().chain([f64::INFINITY; 2]).collect();
         plan.edges = edges;
         plan.center = center;
         plan.scale = pow2(f);
@@ -121,17 +255,22 @@ impl Plan {
         self.edges.len() + 1
     }
 
+    /// The bucket search, to hoist out of a loop.
+    #[inline(always)]
+    pub(super) fn lookup(&self) -> Lookup<'_> {
+        Lookup {
+            lo: self.edges.first().copied().unwrap_or(f64::NAN),
+            scale: self.cell_scale,
+            last: self.cells.len().saturating_sub(2) as f64,
+            cells: &self.cells,
+            search: &self.search,
+        }
+    }
+
     /// The bucket of a finite score: the number of edges `<= v`.
     #[inline(always)]
     pub(super) fn bucket(&self, v: f64) -> usize {
-        match self.edges.first() {
-            Some(&e0) if v >= e0 => {
-                let k = cell_of(v, e0, self.cell_scale, self.cells.len() - 1);
-                let (a, b) = (self.cells[k] as usize, self.cells[k + 1] as usize);
-                a + self.edges[a..b].partition_point(|e| *e <= v)
-            }
-            _ => 0,
-        }
+        self.lookup().bucket(v)
     }
 
     /// The fixed-point offset `round((v - center)·2^F)` (ties to even, as CUDA's

@@ -260,12 +260,14 @@ impl Global {
     /// The update of a negative score `v` in bucket `b`.
     #[inline(always)]
     pub(super) fn neg_update_in(&self, b: usize, v: f64) -> f64 {
-        match b.min(self.coef.len() - 1) {
-            0 => 0.0,
-            b => {
-                let [a, s] = self.coef[b];
-                a + s * (v - self.plan.center)
-            }
+        let b = b.min(self.coef.len() - 1);
+        let [a, s] = self.coef[b];
+        // Bucket 0 is 0 whatever its coefficients (a select, not a branch).
+        let d = a + s * (v - self.plan.center);
+        if b == 0 {
+            0.0
+        } else {
+            d
         }
     }
 
