@@ -149,19 +149,17 @@ pub(super) fn cpu_bucket<T: Elem>(
             None => &mut acc.scratch[..xs.len()],
         };
         // Every score as a negative, then the other elements back out of the count and into
-        // bucket 0 (one compare per element for labels).
+        // bucket 0 (for labels, one element per row).
         acc.nonfinite += look.buckets(xs, ids);
         for (i, (xr, idr)) in (r0..r1).zip(xs.chunks(c).zip(ids.chunks_mut(c))) {
-            tg.roles(
+            tg.non_negatives(
                 NAME,
                 i,
                 c,
                 #[inline(always)]
-                |j, r| {
-                    if r != Role::Neg {
-                        acc.nonfinite -= !xr[j].to_f64().is_finite() as u64;
-                        idr[j] = 0;
-                    }
+                |j, _| {
+                    acc.nonfinite -= !xr[j].to_f64().is_finite() as u64;
+                    idr[j] = 0;
                 },
             )?;
         }
@@ -221,24 +219,27 @@ pub(super) fn cpu_update<T: Elem>(
         return Ok(out);
     }
     let rpc = rows_per_chunk(c);
+    // Rounded through the accumulator type, as the CUDA kernel does.
+    let round = |d: f64| T::from_acc(T::A::from_f64(d));
     let res: Vec<Result<()>> = out
         .par_chunks_mut(rpc * c)
         .enumerate()
         .map(|(ci, oc)| {
-            for (r, orow) in oc.chunks_mut(c).enumerate() {
+            let e0 = ci * rpc * c;
+            let xs = &x[e0..e0 + oc.len()];
+            // Every element as a negative, then the others (for labels, one per row).
+            if gl.nan {
+                oc.fill(round(f64::NAN));
+            } else {
+                gl.neg_updates(xs, ids.and_then(|d| d.get(e0..e0 + oc.len())), oc);
+            }
+            for (r, (orow, xr)) in oc.chunks_mut(c).zip(xs.chunks(c)).enumerate() {
                 let i = ci * rpc + r;
-                let xr = &x[i * c..(i + 1) * c];
-                let idr = ids.and_then(|d| d.get(i * c..(i + 1) * c));
                 let mut missing = None;
-                tg.roles(NAME, i, c, #[inline(always)] |j, role| {
+                tg.non_negatives(NAME, i, c, #[inline(always)] |j, role| {
                     let v = xr[j].to_f64();
-                    let d = match role {
-                        Role::Ignored => return,
-                        _ if gl.nan => f64::NAN,
-                        Role::Neg => match idr {
-                            Some(idr) => gl.neg_update_in(idr[j] as usize, v),
-                            None => gl.neg_update(v),
-                        },
+                    orow[j] = round(match role {
+                        Role::Pos if gl.nan => f64::NAN,
                         Role::Pos => match gl.pos_update(v) {
                             Some(d) => d,
                             None => {
@@ -246,9 +247,8 @@ pub(super) fn cpu_update<T: Elem>(
                                 return;
                             }
                         },
-                    };
-                    // Rounded through the accumulator type, as the CUDA kernel does.
-                    orow[j] = T::from_acc(T::A::from_f64(d));
+                        _ => 0.0,
+                    });
                 })?;
                 if let Some((v, j)) = missing {
                     bail!("{NAME}: positive score {v} at [{i}, {j}] is not among the global positives (ApGlobal from other inputs?)")

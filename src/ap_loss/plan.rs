@@ -19,12 +19,13 @@ pub(super) struct Plan {
     /// Empty when there is no positive or a positive is not finite.
     pub(super) edges: Vec<f64>,
     /// Search accelerator: the range `[edges[0], edges[last]]` cut into `cells.len() - 1`
-    /// equal cells; `cells[k]` = number of edges whose cell is `< k`. As the cell of a value is
-    /// a monotone function of it, a score in cell `k` has exactly `cells[k]` edges of lower
-    /// cells below it, and only the edges of its own cell are left to search: O(1) expected,
+    /// equal cells; `cells[k] >> 2` = number of edges whose cell is `< k`, `cells[k] & 3` the
+    /// number of edges in cell `k` (3: three or more). As the cell of a value is a monotone
+    /// function of it, a score in cell `k` has exactly `cells[k] >> 2` edges of lower cells
+    /// below it, and only the edges of its own cell are left to search: O(1) expected,
     /// O(log P) at worst, and exact whatever the rounding of the cell computation.
     pub(super) cells: Vec<u32>,
-    /// `edges` followed by two `+∞`: the two edges from `cells[k]` on can always be read.
+    /// `edges` followed by two `+∞`: the two edges from `cells[k] >> 2` on can always be read.
     pub(super) search: Vec<f64>,
     /// `number of cells / (edges[last] - edges[0])`.
     pub(super) cell_scale: f64,
@@ -91,8 +92,8 @@ impl Lookup<'_> {
         nonfinite
     }
 
-    /// [`Lookup::buckets`] eight scores at a time: the cell, the cell table, the two edges
-    /// after the cell's first (gathers) and their compares as in [`Lookup::bucket`]; a lane
+    /// [`Lookup::buckets`] eight scores at a time: the cell, its entry in the cell table, the
+    /// two edges from the cell's first on (gathers) and their compares as in [`Lookup::bucket`]; a lane
     /// whose cell holds more than two edges is looked up again alone.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
@@ -103,7 +104,7 @@ impl Lookup<'_> {
         let (last, zero) = (_mm512_set1_pd(self.last), _mm512_setzero_pd());
         let inf = _mm512_set1_pd(f64::INFINITY);
         let abs = _mm512_set1_epi64(i64::MAX);
-        let (one, two) = (_mm512_set1_epi64(1), _mm256_set1_epi32(2));
+        let (one, three) = (_mm512_set1_epi64(1), _mm256_set1_epi32(3));
         let mut nonfinite = 0u64;
         let mut e = 0;
         while e + 8 <= n {
@@ -121,23 +122,22 @@ impl Lookup<'_> {
             // on NaN, as its selects do), truncated.
             let t = _mm512_mul_pd(_mm512_sub_pd(v, lo), scale);
             let k = _mm512_cvttpd_epi32(_mm512_max_pd(_mm512_min_pd(t, last), zero));
-            // SAFETY: every lane's `k` is in `0..=last` (NaN included), so `k` and `k + 1`
-            // index `cells` (`last + 2` long, at least 2, below 2^31); `a <= edges.len()`, so
-            // `a` and `a + 1` index `search` (`edges.len() + 2` long).
-            let (a, b, e0, e1) = unsafe {
-                let cells = self.cells.as_ptr().cast::<i32>();
-                let a = _mm256_i32gather_epi32::<4>(cells, k);
-                let b = _mm256_i32gather_epi32::<4>(cells.add(1), k);
+            // SAFETY: every lane's `k` is in `0..=last` (NaN included), so it indexes `cells`
+            // (`last + 2` long, at least 2, below 2^31); `a = cells[k] >> 2 <= edges.len()`,
+            // so `a` and `a + 1` index `search` (`edges.len() + 2` long).
+            let (w, a, e0, e1) = unsafe {
+                let w = _mm256_i32gather_epi32::<4>(self.cells.as_ptr().cast(), k);
+                let a = _mm256_srli_epi32::<2>(w);
                 let s = self.search.as_ptr();
                 let e0 = _mm512_i32gather_pd::<8>(a, s.cast());
                 let e1 = _mm512_i32gather_pd::<8>(a, s.add(1).cast());
-                (a, b, e0, e1)
+                (w, a, e0, e1)
             };
             let r = _mm512_cvtepu32_epi64(a);
             let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e0, v), r, one);
             let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e1, v), r, one);
             let r = _mm512_cvtepi64_epi32(_mm512_maskz_mov_epi64(take, r));
-            let many = _mm256_cmpgt_epi32(_mm256_sub_epi32(b, a), two);
+            let many = _mm256_cmpeq_epi32(_mm256_and_si256(w, three), three);
             let slow = _mm256_movemask_ps(_mm256_castsi256_ps(many)) as u8 & take;
             let out = &mut ids[e..e + 8];
             // SAFETY: `out` holds 8 u32 (32 bytes; unaligned store).
@@ -161,15 +161,16 @@ impl Lookup<'_> {
             return 0;
         }
         let k = cell_of(v, self.lo, self.scale, self.last);
-        let (a, b) = match self.cells.get(k..k + 2) {
-            Some(&[a, b]) => (a as usize, b as usize),
+        let (w, next) = match self.cells.get(k..k + 2) {
+            Some(&[w, next]) => (w as usize, next as usize),
             _ => return 0, // not reached: `k < cells.len() - 1`
         };
+        let a = w >> 2;
         match self.search.get(a..a + 2) {
             // At most two edges in the cell (the common case): two compares, no branch. The
             // edges after the cell's lie in later cells, so above `v`.
-            Some(&[e0, e1]) if b - a <= 2 => a + (e0 <= v) as usize + (e1 <= v) as usize,
-            _ => a + self.search[a..b].partition_point(|e| *e <= v),
+            Some(&[e0, e1]) if w & 3 < 3 => a + (e0 <= v) as usize + (e1 <= v) as usize,
+            _ => a + self.search[a..next >> 2].partition_point(|e| *e <= v),
         }
     }
 }
@@ -202,6 +203,9 @@ impl Plan {
                 pos[k + 1]
             )
         }
+        if pos.len() >= 1 << 29 {
+            bail!("{NAME}: at most 2^29 - 1 positives, got {}", pos.len())
+        }
         let mut plan = Plan {
             delta,
             pos: pos.to_vec(),
@@ -230,18 +234,23 @@ impl Plan {
         // below the i64 limit of 2^63).
         let e = t.log2().ceil() as i32;
         let f = (61 - e).clamp(-1000, 1000);
-        // Two cells per edge on average: the cell table and the edges (16 bytes per edge)
+        // Four cells per edge on average: the cell table and the edges (24 bytes per edge)
         // stay in the L1 cache, and few cells hold more than two edges.
-        let ncell = 2 * edges.len();
+        let ncell = 4 * edges.len();
         plan.cell_scale = ncell as f64 / (hi - lo);
-        plan.cells = vec![0u32; ncell + 1];
+        let mut count = vec![0u32; ncell + 1];
         for &e in &edges {
-            let k = cell_of(e, lo, plan.cell_scale, (ncell - 1) as f64);
-            plan.cells[k + 1] += 1;
+            count[cell_of(e, lo, plan.cell_scale, (ncell - 1) as f64)] += 1;
         }
-        for k in 0..ncell {
-            plan.cells[k + 1] += plan.cells[k];
-        }
+        let mut below = 0u32;
+        plan.cells = count
+            .iter()
+            .map(|&k| {
+                let w = below << 2 | k.min(3);
+                below += k;
+                w
+            })
+            .collect();
         plan.search = edges.iter().copied().chain([f64::INFINITY; 2]).collect();
         plan.edges = edges;
         plan.center = center;
