@@ -52,6 +52,8 @@ pub(super) struct BucketAcc {
     bins: Vec<i128>,
     /// Bucket ids of one chunk when the caller records none.
     scratch: Vec<u32>,
+    /// The fixed-point offsets of one chunk.
+    offsets: Vec<i64>,
 }
 
 /// Scores per [`BucketAcc`] at most (counts below 2^31).
@@ -64,11 +66,12 @@ const CNT_SHIFT: u32 = 96;
 pub(super) type BucketResult = (u64, Vec<u64>, Vec<i128>);
 
 impl BucketAcc {
-    fn new(nb: usize, scratch: usize) -> Self {
+    fn new(nb: usize, chunk: usize, scratch: bool) -> Self {
         Self {
             nonfinite: 0,
             bins: vec![0; nb],
-            scratch: vec![0; scratch],
+            scratch: vec![0; if scratch { chunk } else { 0 }],
+            offsets: vec![0; chunk],
         }
     }
 
@@ -150,7 +153,8 @@ pub(super) fn cpu_bucket<T: Elem>(
         };
         // Every score as a negative, then the other elements back out of the count and into
         // bucket 0 (for labels, one element per row).
-        acc.nonfinite += look.buckets(xs, ids);
+        let q = &mut acc.offsets[..xs.len()];
+        acc.nonfinite += look.buckets(xs, ids, q);
         for (i, (xr, idr)) in (r0..r1).zip(xs.chunks(c).zip(ids.chunks_mut(c))) {
             tg.non_negatives(
                 NAME,
@@ -163,11 +167,9 @@ pub(super) fn cpu_bucket<T: Elem>(
                 },
             )?;
         }
-        for (&b, v) in ids.iter().zip(xs) {
-            let b = (b as usize).min(top);
-            // Inside some window (b < top): the offset enters the linear part of H.
-            let q = plan.quant(v.to_f64()) & -((b < top) as i64);
-            let bin = &mut acc.bins[b];
+        // Inside some window the offset enters the linear part of H (`q` is 0 elsewhere).
+        for (&b, &q) in ids.iter().zip(q.iter()) {
+            let bin = &mut acc.bins[(b as usize).min(top)];
             *bin = bin.wrapping_add((1 << CNT_SHIFT) + q as i128);
         }
         Ok(acc)
@@ -185,7 +187,7 @@ pub(super) fn cpu_bucket<T: Elem>(
                 .enumerate()
                 .with_min_len(min_chunks)
                 .try_fold(
-                    || BucketAcc::new(nb, 0),
+                    || BucketAcc::new(nb, chunk, false),
                     |acc, (k, ch)| body(acc, k0 + k, Some(ch)),
                 )
                 .map(unpack)
@@ -193,7 +195,10 @@ pub(super) fn cpu_bucket<T: Elem>(
             None => (k0..k1)
                 .into_par_iter()
                 .with_min_len(min_chunks)
-                .try_fold(|| BucketAcc::new(nb, chunk), |acc, ci| body(acc, ci, None))
+                .try_fold(
+                    || BucketAcc::new(nb, chunk, true),
+                    |acc, ci| body(acc, ci, None),
+                )
                 .map(unpack)
                 .try_reduce(zero, |a, b| Ok(merge(a, b)))?,
         };

@@ -60,31 +60,37 @@ pub(super) struct Lookup<'a> {
     last: f64,
     cells: &'a [u32],
     search: &'a [f64],
+    /// The top bucket (above every window), `edges.len()`.
+    top: usize,
+    plan: &'a Plan,
 }
 
 impl Lookup<'_> {
-    /// `ids[e]` = the bucket of `xs[e]`, 0 for a score that is not finite; returns the number
-    /// of those. AVX-512 (eight lookups at once, the same integer result) where the CPU has it
-    /// ([`cpu::simd`]).
+    /// `ids[e]` = the bucket of `xs[e]`, 0 for a score that is not finite, and `q[e]` its
+    /// fixed-point offset ([`Plan::quant`]) when inside some window (`0 < ids[e] < top`), else
+    /// 0; returns the number of scores that are not finite. AVX-512 (eight at once, the same
+    /// integer results) where the CPU has it ([`cpu::simd`]).
     #[inline(always)]
-    pub(super) fn buckets<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+    pub(super) fn buckets<T: Elem>(&self, xs: &[T], ids: &mut [u32], q: &mut [i64]) -> u64 {
         // (Without edges every bucket is 0; the gathers need a cell table of 32-bit indices.)
         #[cfg(target_arch = "x86_64")]
         if cpu::simd() == cpu::Simd::Avx512 && (2..=i32::MAX as usize).contains(&self.cells.len()) {
             // SAFETY: `simd` found AVX-512F on this CPU.
-            return unsafe { self.buckets_avx512(xs, ids) };
+            return unsafe { self.buckets_avx512(xs, ids, q) };
         }
-        self.buckets_scalar(xs, ids)
+        self.buckets_scalar(xs, ids, q)
     }
 
     #[inline(always)]
-    fn buckets_scalar<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+    fn buckets_scalar<T: Elem>(&self, xs: &[T], ids: &mut [u32], q: &mut [i64]) -> u64 {
         let mut nonfinite = 0;
-        for (id, x) in ids.iter_mut().zip(xs) {
+        for ((id, q), x) in ids.iter_mut().zip(q).zip(xs) {
             let v = x.to_f64();
             nonfinite += !v.is_finite() as u64;
-            *id = if v.is_finite() {
-                self.bucket(v) as u32
+            let b = if v.is_finite() { self.bucket(v) } else { 0 };
+            *id = b as u32;
+            *q = if 0 < b && b < self.top {
+                self.plan.quant(v)
             } else {
                 0
             };
@@ -97,9 +103,19 @@ impl Lookup<'_> {
     /// whose cell holds more than two edges is looked up again alone.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn buckets_avx512<T: Elem>(&self, xs: &[T], ids: &mut [u32]) -> u64 {
+    fn buckets_avx512<T: Elem>(&self, xs: &[T], ids: &mut [u32], q: &mut [i64]) -> u64 {
         use std::arch::x86_64::*;
-        let n = xs.len().min(ids.len());
+        let n = xs.len().min(ids.len()).min(q.len());
+        let (center, fixed) = (
+            _mm512_set1_pd(self.plan.center),
+            _mm512_set1_pd(self.plan.scale),
+        );
+        let top = _mm512_set1_epi64(self.top as i64);
+        let (two32, inv32) = (
+            _mm512_set1_pd(4294967296.0),
+            _mm512_set1_pd(1.0 / 4294967296.0),
+        );
+        let (two31, half) = (_mm512_set1_epi64(1 << 31), _mm512_set1_pd(2147483648.0));
         let (lo, scale) = (_mm512_set1_pd(self.lo), _mm512_set1_pd(self.scale));
         let (last, zero) = (_mm512_set1_pd(self.last), _mm512_setzero_pd());
         let inf = _mm512_set1_pd(f64::INFINITY);
@@ -136,22 +152,52 @@ impl Lookup<'_> {
             let r = _mm512_cvtepu32_epi64(a);
             let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e0, v), r, one);
             let r = _mm512_mask_add_epi64(r, _mm512_cmp_pd_mask::<_CMP_LE_OQ>(e1, v), r, one);
-            let r = _mm512_cvtepi64_epi32(_mm512_maskz_mov_epi64(take, r));
+            let r = _mm512_maskz_mov_epi64(take, r);
+            // `quant`: `round((v - center)·2^F)` ties to even, below 2^62 in magnitude inside
+            // the windows; to i64 without AVX-512DQ through its exact split `hi·2^32 + lo`.
+            let y = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_pd(_mm512_sub_pd(v, center), fixed),
+            );
+            let hi = _mm512_roundscale_pd::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_pd(y, inv32),
+            );
+            let lo = _mm512_sub_pd(_mm512_sub_pd(y, _mm512_mul_pd(hi, two32)), half);
+            let qv = _mm512_add_epi64(
+                _mm512_slli_epi64::<32>(_mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(hi))),
+                _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_cvttpd_epi32(lo)), two31),
+            );
+            let inside = _mm512_cmpgt_epi64_mask(r, _mm512_setzero_si512())
+                & _mm512_cmplt_epi64_mask(r, top);
+            // SAFETY: `q[e..e + 8]` holds 8 i64 (unaligned store).
+            unsafe {
+                _mm512_storeu_si512(
+                    q[e..e + 8].as_mut_ptr().cast(),
+                    _mm512_maskz_mov_epi64(inside, qv),
+                )
+            };
+            let r = _mm512_cvtepi64_epi32(r);
             let many = _mm256_cmpeq_epi32(_mm256_and_si256(w, three), three);
             let slow = _mm256_movemask_ps(_mm256_castsi256_ps(many)) as u8 & take;
             let out = &mut ids[e..e + 8];
             // SAFETY: `out` holds 8 u32 (32 bytes; unaligned store).
             unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), r) };
             if slow != 0 {
-                for (l, (o, v)) in out.iter_mut().zip(buf).enumerate() {
+                let qo = &mut q[e..e + 8];
+                for (l, ((o, qo), v)) in out.iter_mut().zip(qo).zip(buf).enumerate() {
                     if slow >> l & 1 == 1 {
-                        *o = self.bucket(v) as u32;
+                        let b = self.bucket(v);
+                        *o = b as u32;
+                        *qo = if 0 < b && b < self.top {
+                            self.plan.quant(v)
+                        } else {
+                            0
+                        };
                     }
                 }
             }
             e += 8;
         }
-        nonfinite + self.buckets_scalar(&xs[e..n], &mut ids[e..n])
+        nonfinite + self.buckets_scalar(&xs[e..n], &mut ids[e..n], &mut q[e..n])
     }
 
     /// The bucket of a finite score: the number of edges `<= v`.
@@ -273,6 +319,8 @@ impl Plan {
             last: self.cells.len().saturating_sub(2) as f64,
             cells: &self.cells,
             search: &self.search,
+            top: self.edges.len(),
+            plan: self,
         }
     }
 
