@@ -404,9 +404,32 @@ mod tests {
             probes.extend(plan.edges.iter().map(|e| e.next_down()));
             probes.extend((0..4000).map(|i| -5.0 + i as f64 * 0.016));
             probes.extend([f64::MAX, -f64::MAX, 1e-300]);
-            for v in probes {
+            for &v in &probes {
                 let want = plan.edges.partition_point(|e| *e <= v);
                 assert_eq!(plan.bucket(v), want, "v={v} delta={delta}");
+            }
+            // The batched lookup (AVX-512 where the CPU has it, odd length for the scalar
+            // tail), with non-finite scores and the offsets.
+            probes.extend([f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.05]);
+            let (mut ids, mut q) = (vec![7u32; probes.len()], vec![7i64; probes.len()]);
+            let nonfinite = plan.lookup().buckets(&probes, &mut ids, &mut q);
+            assert_eq!(nonfinite, 3);
+            let top = plan.edges.len();
+            for (e, &v) in probes.iter().enumerate() {
+                let want = match v.is_finite() {
+                    true => plan.edges.partition_point(|e| *e <= v),
+                    false => 0,
+                };
+                let want_q = if 0 < want && want < top {
+                    plan.quant(v)
+                } else {
+                    0
+                };
+                assert_eq!(
+                    (ids[e] as usize, q[e]),
+                    (want, want_q),
+                    "v={v} delta={delta}"
+                );
             }
         }
     }
