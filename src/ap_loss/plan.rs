@@ -103,6 +103,9 @@ impl Lookup<'_> {
     /// whose cell holds more than two edges is looked up again alone.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
+    // The AVX-512 intrinsics are stable since Rust 1.89, as is the `avx512f` target feature
+    // that `cpu::vectorized` already enables: this needs no newer compiler than the rest.
+    #[allow(clippy::incompatible_msrv)]
     fn buckets_avx512<T: Elem>(&self, xs: &[T], ids: &mut [u32], q: &mut [i64]) -> u64 {
         use std::arch::x86_64::*;
         let n = xs.len().min(ids.len()).min(q.len());
@@ -203,7 +206,8 @@ impl Lookup<'_> {
     /// The bucket of a finite score: the number of edges `<= v`.
     #[inline(always)]
     pub(super) fn bucket(&self, v: f64) -> usize {
-        if !(v >= self.lo) {
+        // Below the first edge, or no edge at all (`lo` NaN): bucket 0.
+        if v.partial_cmp(&self.lo).is_none_or(|o| o.is_lt()) {
             return 0;
         }
         let k = cell_of(v, self.lo, self.scale, self.last);
