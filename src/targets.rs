@@ -164,6 +164,32 @@ impl<'a, T: Elem> CpuTargets<'a, T> {
         Ok(())
     }
 
+    /// Calls `f(j, role)` for the columns `j` of row `i` that are not negative, as
+    /// [`CpuTargets::roles`] would (for a pass that first takes the whole row as negatives):
+    /// for labels only the label's column, or every column of an ignored row.
+    #[inline(always)]
+    pub(crate) fn non_negatives(
+        &self,
+        loss: &str,
+        i: usize,
+        c: usize,
+        mut f: impl FnMut(usize, Role),
+    ) -> Result<()> {
+        match self {
+            Self::U32(_) | Self::I64(_) => match decode_label(loss, self.label(loss, i)?, c)? {
+                RowLabel::Ignored => (0..c).for_each(|j| f(j, Role::Ignored)),
+                RowLabel::Class(k) if k < c => f(k, Role::Pos),
+                RowLabel::Class(_) => {}
+            },
+            _ => self.roles(loss, i, c, |j, r| {
+                if r != Role::Neg {
+                    f(j, r)
+                }
+            })?,
+        }
+        Ok(())
+    }
+
     /// Number of non-ignored rows.
     pub(crate) fn valid_rows(&self, loss: &str, n: usize, c: usize) -> Result<usize> {
         match self {

@@ -15,7 +15,10 @@
 //! and touch nothing. No N×P matrix, no sort of the negatives. On the CPU, `forward` of logits
 //! that track gradients is one training step: the bucket pass records each negative's bucket
 //! (in a per-thread workspace) and the update pass reuses it, and the backward only scales the
-//! saved update.
+//! saved update. Both CPU passes take a chunk's scores as negatives first (the bucket lookups,
+//! their fixed-point offsets and the updates eight at a time with AVX-512 where the CPU has it,
+//! the same integers and the same IEEE operations), then correct the few other elements; the
+//! bucket pass keeps each bucket's count and offset sum packed in one 128-bit integer.
 //!
 //! The bucket sums are integers (fixed point with a power-of-two scale chosen from the range of
 //! the positives), so merging partial results is exact and order-independent: the CPU result is
@@ -95,8 +98,9 @@ thread_local! {
 /// Every message starts with `ApLoss:`. A tensor on a Metal device (only the CPU and CUDA have
 /// kernels); `delta` not finite and `> 0`; logits not of rank 2 or not a float dtype; targets of
 /// another shape, dtype or device; a label outside `0..=C` and not `-1`; a dense target not in
-/// `{-1, 0, 1}`; in the sharded API, positives not sorted, statistics of different positives or
-/// `delta`, or a shard whose positives are missing from the global ones.
+/// `{-1, 0, 1}`; 2^29 positives or more, or rows of 2^31 classes or more; in the sharded API,
+/// positives not sorted, statistics of different positives or `delta`, or a shard whose
+/// positives are missing from the global ones.
 ///
 /// # Example
 ///
