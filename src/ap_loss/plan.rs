@@ -103,9 +103,6 @@ impl Lookup<'_> {
     /// whose cell holds more than two edges is looked up again alone.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    // The AVX-512 intrinsics are stable since Rust 1.89, as is the `avx512f` target feature
-    // that `cpu::vectorized` already enables: this needs no newer compiler than the rest.
-    #[allow(clippy::incompatible_msrv)]
     fn buckets_avx512<T: Elem>(&self, xs: &[T], ids: &mut [u32], q: &mut [i64]) -> u64 {
         use std::arch::x86_64::*;
         let n = xs.len().min(ids.len()).min(q.len());

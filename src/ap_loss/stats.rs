@@ -299,9 +299,6 @@ impl Global {
     /// bucket 0.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    // The AVX-512 intrinsics are stable since Rust 1.89, as is the `avx512f` target feature
-    // that `cpu::vectorized` already enables: this needs no newer compiler than the rest.
-    #[allow(clippy::incompatible_msrv)]
     fn neg_updates_avx512<T: Elem>(&self, xs: &[T], ids: &[u32], out: &mut [T]) -> usize {
         use std::arch::x86_64::*;
         let n = xs.len().min(ids.len()).min(out.len());
